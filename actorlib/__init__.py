@@ -1,0 +1,63 @@
+"""actorlib: actors for GPU workloads over ZeroMQ + msgpack, without a cluster daemon."""
+
+from . import exceptions as exceptions
+from .actor import ActorClass as ActorClass, ActorHandle as ActorHandle, ActorMethod as ActorMethod, remote as remote
+from .api import (
+    available_resources as available_resources,
+    cancel as cancel,
+    cluster_resources as cluster_resources,
+    get as get,
+    get_actor as get_actor,
+    init as init,
+    is_initialized as is_initialized,
+    kill as kill,
+    nodes as nodes,
+    shutdown as shutdown,
+    wait as wait,
+)
+from .context import RuntimeContext as RuntimeContext, get_gpu_ids as get_gpu_ids, get_runtime_context as get_runtime_context
+from .exceptions import (
+    ActorDiedError as ActorDiedError,
+    ActorLibError as ActorLibError,
+    AuthenticationError as AuthenticationError,
+    GetTimeoutError as GetTimeoutError,
+    PlacementGroupError as PlacementGroupError,
+    RemoteError as RemoteError,
+    SerializationError as SerializationError,
+    TaskCancelledError as TaskCancelledError,
+)
+from .object_ref import ObjectRef as ObjectRef, ObjectRefGenerator as ObjectRefGenerator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActorClass",
+    "ActorDiedError",
+    "ActorHandle",
+    "ActorLibError",
+    "ActorMethod",
+    "AuthenticationError",
+    "GetTimeoutError",
+    "ObjectRef",
+    "ObjectRefGenerator",
+    "PlacementGroupError",
+    "RemoteError",
+    "RuntimeContext",
+    "SerializationError",
+    "TaskCancelledError",
+    "available_resources",
+    "cancel",
+    "cluster_resources",
+    "exceptions",
+    "get",
+    "get_actor",
+    "get_gpu_ids",
+    "get_runtime_context",
+    "init",
+    "is_initialized",
+    "kill",
+    "nodes",
+    "remote",
+    "shutdown",
+    "wait",
+]

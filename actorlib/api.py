@@ -1,0 +1,197 @@
+"""The module-level API: ``init``, ``shutdown``, ``get``, ``wait``, ``cancel``, ``kill`` ..."""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from scheduler.resources import normalize_demand
+
+from . import runtime
+from .actor import ActorHandle
+from .driver import Driver
+from .exceptions import ActorLibError
+from .object_ref import ObjectRef, ObjectRefGenerator
+
+__all__ = [
+    "available_resources",
+    "cancel",
+    "cluster_resources",
+    "get",
+    "get_actor",
+    "init",
+    "is_initialized",
+    "kill",
+    "nodes",
+    "shutdown",
+    "wait",
+]
+
+_driver: Driver | None = None
+_lock = threading.Lock()
+
+
+def init(
+    address: str | None = None,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: int | None = None,
+    resources: dict[str, float] | None = None,
+    namespace: str = "default",
+    log_to_driver: bool = True,
+    ignore_reinit_error: bool = False,
+) -> dict[str, Any]:
+    """Start actorlib in this process: an embedded head and a local node.
+
+    ``num_gpus=N`` declares N logical GPUs (on any machine); by default the
+    GPUs the node can see are used. Returns a summary of the session.
+    """
+    global _driver
+    with _lock:
+        if _driver is not None:
+            if ignore_reinit_error:
+                return _summary()
+            raise ActorLibError("actorlib.init() was already called; call actorlib.shutdown() first")
+        if address is not None:
+            raise ValueError("connecting to a standalone head (address=...) is not supported yet; call init() without it")
+        if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 0):
+            raise ValueError(f"num_gpus must be a whole number >= 0, not {num_gpus!r}")
+        normalize_demand(num_cpus, None, resources)
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty string, not {namespace!r}")
+        driver = Driver()
+        driver.start_embedded(
+            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, namespace=namespace, log_to_driver=log_to_driver
+        )
+        _driver = driver
+        runtime.set_current(driver.rt)
+        return _summary()
+
+
+def _summary() -> dict[str, Any]:
+    rt = runtime.current()
+    return {"session_dir": rt.session_dir, "node_id": rt.node_id, "namespace": rt.namespace, "job_id": rt.job_id}
+
+
+def shutdown() -> None:
+    """Stop every actor this driver started, its node and its head. Safe to call twice."""
+    global _driver
+    with _lock:
+        driver, _driver = _driver, None
+        if driver is None:
+            return
+        if runtime.current_or_none() is driver.rt:
+            runtime.set_current(None)
+        driver.stop()
+
+
+atexit.register(shutdown)
+
+
+def is_initialized() -> bool:
+    return _driver is not None or (runtime.current_or_none() is not None and runtime.current().mode == "worker")
+
+
+def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value of a ref (or a list of values), waiting at most ``timeout`` seconds in all."""
+    rt = runtime.current()
+    if isinstance(refs, ObjectRef):
+        if not refs.done():
+            rt.check_can_block()
+        return refs._result(timeout)
+    if isinstance(refs, ObjectRefGenerator):
+        raise TypeError("get() takes ObjectRefs; iterate over an ObjectRefGenerator to get its items' refs")
+    if not isinstance(refs, list | tuple):
+        raise TypeError(f"get() takes an ObjectRef or a list of them, not {type(refs).__name__}")
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"get() takes ObjectRefs, not {type(r).__name__}")
+    if not all(r.done() for r in refs):
+        rt.check_can_block()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = []
+    for r in refs:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        out.append(r._result(left))
+    return out
+
+
+def wait(
+    refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until ``num_returns`` refs are done or ``timeout`` passes: ``(ready, not_ready)`` in order."""
+    refs = list(refs)
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"wait() takes ObjectRefs, not {type(r).__name__}")
+    if len({id(r) for r in refs}) != len(refs):
+        raise ValueError("wait() got the same ObjectRef twice")
+    if not 0 <= num_returns <= len(refs):
+        raise ValueError(f"num_returns={num_returns} must be between 0 and {len(refs)}")
+    rt = runtime.current()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = {r._fut: r for r in refs if not r.done()}
+    while len(refs) - len(pending) < num_returns and pending:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        rt.check_can_block()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = concurrent.futures.wait(list(pending), timeout=left, return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in done:
+            pending.pop(f, None)
+    ready = [r for r in refs if r.done()][: max(num_returns, 0)]
+    chosen = {id(r) for r in ready}
+    return ready, [r for r in refs if id(r) not in chosen]
+
+
+def cancel(ref: ObjectRef) -> None:
+    """Cancel a call: a queued one never runs; a running async one gets ``CancelledError``.
+
+    Its ``get`` then raises :class:`TaskCancelledError`. A sync method already
+    running cannot be interrupted and finishes normally.
+    """
+    if isinstance(ref, ObjectRefGenerator):
+        ref.close()
+        return
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"cancel() takes an ObjectRef, not {type(ref).__name__}")
+    if ref._cancel is not None and not ref.done():
+        runtime.current().call_soon(ref._cancel)
+
+
+def kill(actor: ActorHandle) -> None:
+    """Kill the actor's process now; its pending calls fail with :class:`ActorDiedError`."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() takes an actor handle, not {type(actor).__name__}")
+    rt = runtime.current()
+    rt.run(rt.control("kill_actor", actor_id=actor._actor_id))
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor called ``name`` (in this driver's namespace by default)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"actor name must be a non-empty string, not {name!r}")
+    rt = runtime.current()
+    info = rt.run(rt.control("get_actor", name=name, namespace=namespace or rt.namespace))
+    return ActorHandle(info["actor_id"], info["class_name"], info["methods"], info["name"], info["namespace"])
+
+
+def nodes() -> list[dict[str, Any]]:
+    """Every node: ``node_id``, ``alive``, ``address``, ``resources`` (totals) and ``available``."""
+    rt = runtime.current()
+    return rt.run(rt.control("nodes"))
+
+
+def cluster_resources() -> dict[str, float]:
+    rt = runtime.current()
+    return rt.run(rt.control("cluster_resources"))
+
+
+def available_resources() -> dict[str, float]:
+    rt = runtime.current()
+    return rt.run(rt.control("available_resources"))
+

@@ -1,0 +1,217 @@
+"""Calls from this process to one actor.
+
+::
+
+    RESOLVING ──▶ CONNECTED ──▶ DEAD
+        └────────────────────────▲
+
+RESOLVING: the head has not yet said where the actor lives (it may still be
+starting); calls queue. CONNECTED: calls go straight to the worker's socket.
+DEAD: every pending, queued and later call fails with ``ActorDiedError``.
+
+Calls leave in submission order. A call with ``ObjectRef`` arguments waits
+for them, and every later call to the same actor queues behind it, so a sync
+actor still runs its calls in the order they were made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from transport import EncodeError, Endpoint, Kind, TransportError, dumps
+
+from .exceptions import ActorDiedError, ActorLibError, SerializationError, TaskCancelledError
+from .object_ref import ObjectRef, StreamState
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["ActorConnection", "Call"]
+
+log = logging.getLogger(__name__)
+
+
+class ConnState(str, enum.Enum):
+    RESOLVING = "RESOLVING"
+    CONNECTED = "CONNECTED"
+    DEAD = "DEAD"
+
+
+class Call:
+    """One method call on its way out. ``sink`` is an ObjectRef or a StreamState."""
+
+    __slots__ = ("method", "args", "kwargs", "options", "frames", "sink", "req_id", "deps", "cancelled")
+
+    def __init__(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: Any,
+        frames: tuple[bytes, list[Any]] | None,
+        sink: ObjectRef | StreamState,
+        deps: bool,
+    ) -> None:
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+        self.frames = frames
+        self.sink = sink
+        self.req_id = 0
+        self.deps = deps
+        self.cancelled = False
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(self.sink, StreamState):
+            self.sink.fail(exc)
+        else:
+            self.sink._set_error(exc)
+
+    def deliver(self, msg: Any) -> None:
+        if isinstance(self.sink, StreamState):
+            self.sink.on_message(msg)
+        else:
+            self.sink._set_message(msg)
+
+
+def encode_call(method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Any) -> tuple[bytes, list[Any]]:
+    try:
+        return dumps([method, args, kwargs, options])
+    except EncodeError as exc:
+        raise SerializationError(f"could not serialize the arguments of {method}(): {exc}") from None
+
+
+class ActorConnection:
+    def __init__(self, rt: Runtime, actor_id: str, class_name: str) -> None:
+        self.rt = rt
+        self.actor_id = actor_id
+        self.class_name = class_name
+        self.state = ConnState.RESOLVING
+        self.endpoint: Endpoint | None = None
+        self._queue: deque[Call] = deque()
+        self._flushing = False
+        self._death: dict[str, Any] | None = None
+        self._inflight: dict[int, Call] = {}
+        self.created: asyncio.Future[None] | None = None  # set while this process is creating the actor
+        rt.loop.create_task(self._resolve())
+
+    # -- on the loop thread ------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        if self.state is ConnState.DEAD:
+            call.fail(self._died())
+        elif self.state is ConnState.CONNECTED and not self._queue and not call.deps:
+            self._send(call)
+        else:
+            self._queue.append(call)
+            if self.state is ConnState.CONNECTED and not self._flushing:
+                self._flushing = True
+                self.rt.loop.create_task(self._flush())
+
+    def _send(self, call: Call) -> None:
+        assert self.endpoint is not None and call.frames is not None
+        body, buffers = call.frames
+        try:
+            call.req_id = self.endpoint.request(Kind.CALL, body, buffers, sink=self._sink(call))
+        except TransportError as exc:
+            call.fail(ActorLibError(f"could not send {call.method}() to {self.class_name}: {exc}"))
+            return
+        self._inflight[call.req_id] = call
+
+    def _sink(self, call: Call) -> Any:
+        inflight = self._inflight
+
+        def sink(msg: Any) -> None:
+            if msg.kind != Kind.STREAM_ITEM:
+                inflight.pop(msg.req_id, None)
+            call.deliver(msg)
+
+        return sink
+
+    async def _resolve(self) -> None:
+        try:
+            if self.created is not None:
+                await self.created
+            info = await self.rt.control("resolve_actor", actor_id=self.actor_id)
+        except Exception as exc:  # creation refused, head gone ...
+            self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": str(exc)})
+            return
+        if info["state"] == "DEAD":
+            self.mark_dead(info.get("death") or {"actor_id": self.actor_id, "class_name": self.class_name})
+            return
+        if self.state is ConnState.DEAD:
+            return
+        self.endpoint = Endpoint.connect(info["address"], on_message=None, name=f"{self.class_name}:{self.actor_id[:8]}")
+        self.state = ConnState.CONNECTED
+        if self._queue and not self._flushing:
+            self._flushing = True
+            await self._flush()
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue and self.state is ConnState.CONNECTED:
+                call = self._queue[0]
+                if call.cancelled:
+                    self._queue.popleft()
+                    continue
+                if call.deps:
+                    try:
+                        await self._resolve_args(call)
+                    except BaseException as exc:
+                        self._queue.popleft()
+                        call.fail(exc)
+                        continue
+                self._queue.popleft()
+                if self.state is ConnState.CONNECTED:
+                    self._send(call)
+                else:
+                    call.fail(self._died())
+        finally:
+            self._flushing = False
+
+    async def _resolve_args(self, call: Call) -> None:
+        args = [await a if type(a) is ObjectRef else a for a in call.args]
+        kwargs = {k: (await v if type(v) is ObjectRef else v) for k, v in call.kwargs.items()}
+        call.frames = encode_call(call.method, tuple(args), kwargs, call.options)
+        call.deps = False
+
+    def cancel(self, call: Call) -> None:
+        if call.req_id == 0:  # not sent yet
+            call.cancelled = True
+            call.fail(TaskCancelledError(f"{self.class_name}.{call.method}() was cancelled before it was sent"))
+        elif self.endpoint is not None and not self.endpoint.closed and call.req_id in self._inflight:
+            self.endpoint.send(Kind.CANCEL, call.req_id, b"\xc0")
+
+    def send_credit(self, req_id: int, consumed: int) -> None:
+        if self.endpoint is not None and not self.endpoint.closed and req_id in self._inflight:
+            self.endpoint.send_value(Kind.STREAM_CREDIT, req_id, consumed)
+
+    def send_close(self, req_id: int) -> None:
+        if self.endpoint is not None and not self.endpoint.closed and self._inflight.pop(req_id, None) is not None:
+            self.endpoint.send(Kind.STREAM_CLOSE, req_id, b"\xc0")
+
+    def _died(self) -> ActorDiedError:
+        return ActorDiedError(self._death or {"actor_id": self.actor_id, "class_name": self.class_name})
+
+    def mark_dead(self, death: dict[str, Any]) -> None:
+        if self.state is ConnState.DEAD:
+            return
+        self.state = ConnState.DEAD
+        self._death = death
+        err = self._died()
+        inflight, self._inflight = self._inflight, {}
+        for call in inflight.values():
+            call.fail(err)
+        while self._queue:
+            self._queue.popleft().fail(err)
+        if self.endpoint is not None:
+            self.endpoint.pending.clear()
+            self.endpoint.close()
+
+    def close(self) -> None:
+        self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": "actorlib was shut down"})

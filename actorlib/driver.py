@@ -1,0 +1,123 @@
+"""A driver process's runtime: the background I/O thread and, in embedded mode, the cluster in it.
+
+``init()`` starts a thread running a uvloop event loop. In embedded mode that
+loop also hosts the head and the local node agent (whose fork server is a
+child process, and whose workers are that server's children), so nothing
+outlives the driver: ``shutdown()`` stops them in order, and if the driver
+dies without cleaning up, the kernel's parent-death signal takes the fork
+server and then every worker with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+
+import uvloop
+
+from scheduler import Head, NodeAgent, detect_gpu_ids, new_session_dir, remove_sockets
+
+from .exceptions import ActorLibError
+from .runtime import Runtime
+
+__all__ = ["Driver"]
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 15.0
+
+
+class Driver:
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, name="actorlib-io", daemon=True)
+        self._thread.start()
+        self._started.wait(_START_TIMEOUT)
+        assert self._thread.ident is not None
+        self.rt = Runtime(self.loop, self._thread.ident, mode="driver")
+        self.head: Head | None = None
+        self.node: NodeAgent | None = None
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+
+    def start_embedded(
+        self, *, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float] | None, namespace: str, log_to_driver: bool
+    ) -> None:
+        try:
+            self.rt.run(self._start_embedded(num_cpus, num_gpus, resources or {}, namespace, log_to_driver), _START_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _start_embedded(
+        self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float], namespace: str, log_to_driver: bool
+    ) -> None:
+        session_dir = new_session_dir()
+        self.head = Head(session_dir=session_dir, address=f"ipc://{session_dir}/sockets/head.sock")
+        self.head.start()
+        visible = detect_gpu_ids()
+        if num_gpus is None:
+            gpu_ids = visible
+        else:
+            gpu_ids = visible[:num_gpus] if len(visible) >= num_gpus else [str(i) for i in range(num_gpus)]
+        totals = {"CPU": float(os.cpu_count() or 1) if num_cpus is None else num_cpus, "GPU": len(gpu_ids), **resources}
+        self.node = NodeAgent(
+            head_address=self.head.address,
+            node_id=uuid.uuid4().hex,
+            resources=totals,
+            gpu_ids=gpu_ids,
+            session_dir=session_dir,
+            worker_preload=["actorlib.worker"],
+            worker_entry="actorlib.worker:main",
+            is_head_node=True,
+        )
+        await self.node.start()
+        rt = self.rt
+        rt.connect_head(self.head.address)
+        reply = await rt.control("register_driver", namespace=namespace, log_to_driver=log_to_driver)
+        rt.job_id = reply["job_id"]
+        rt.session_dir = reply["session_dir"]
+        rt.namespace = namespace
+        rt.node_id = self.node.node_id
+        rt.log_to_driver = log_to_driver
+
+    def stop(self) -> None:
+        """Stop everything this driver started, bounded in time; safe to call twice."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self.rt.run(self._stop(), _STOP_TIMEOUT)
+        except Exception as exc:
+            log.warning("actorlib shutdown did not finish cleanly: %s", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(_STOP_TIMEOUT)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def _stop(self) -> None:
+        rt = self.rt
+        if rt.head is not None and not rt.head.closed:
+            try:
+                await rt.control("driver_exit", timeout=_STOP_TIMEOUT / 3)
+            except (ActorLibError, asyncio.TimeoutError) as exc:
+                log.debug("driver_exit: %s", exc)
+        rt.close_connections()
+        if self.node is not None:
+            await self.node.stop()
+        if rt.head is not None:
+            rt.head.close()
+        if self.head is not None:
+            await self.head.stop()
+            remove_sockets(self.head.session_dir)
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,265 @@
+"""Futures for call results: :class:`ObjectRef` and :class:`ObjectRefGenerator`.
+
+An ``ObjectRef`` wraps a ``concurrent.futures.Future`` completed by the I/O
+loop with the raw response; the value is decoded by whoever first asks for it,
+in their own thread. It can be awaited from any event loop and waited on from
+any thread — except the runtime's own loop, where blocking would deadlock it.
+
+An ``ObjectRefGenerator`` yields one resolved ``ObjectRef`` per streamed item,
+in order. Items arrive in batches; the consumer grants the producer credit as
+it goes (the producer pauses ``window`` items ahead), and closing the
+generator (or dropping it) tells the producer to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from transport import DecodeError, Kind, Message, loads
+
+from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
+
+__all__ = ["ObjectRef", "ObjectRefGenerator"]
+
+_UNSET = object()
+
+
+class ObjectRef:
+    """The future result of one call. Users never construct one."""
+
+    __slots__ = ("_fut", "_value", "_lock", "_cancel", "_what", "__weakref__")
+
+    def __init__(self, what: str, cancel: Callable[[], None] | None = None) -> None:
+        self._fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._value: Any = _UNSET
+        self._lock = threading.Lock()
+        self._cancel = cancel
+        self._what = what
+
+    @classmethod
+    def resolved(cls, what: str, value: Any = None, error: BaseException | None = None) -> ObjectRef:
+        ref = cls(what)
+        if error is not None:
+            ref._fut.set_exception(error)
+        else:
+            ref._value = value
+            ref._fut.set_result(None)
+        return ref
+
+    # completion, from the I/O loop
+    def _set_message(self, msg: Message) -> None:
+        if not self._fut.done():
+            self._fut.set_result(msg)
+
+    def _set_error(self, exc: BaseException) -> None:
+        if not self._fut.done():
+            self._fut.set_exception(exc)
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+    def _result(self, timeout: float | None) -> Any:
+        if self._value is not _UNSET:
+            return self._value
+        try:
+            msg = self._fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise GetTimeoutError(f"{self._what} did not finish within {timeout} s") from None
+        return self._decode(msg)
+
+    def _decode(self, msg: Message | None) -> Any:
+        with self._lock:
+            if self._value is not _UNSET:
+                return self._value
+            assert msg is not None
+            try:
+                value = loads(msg.body, msg.buffers)
+            except DecodeError as exc:
+                raise SerializationError(f"could not deserialize the result of {self._what}: {exc}") from None
+            if msg.kind == Kind.ERROR:
+                raise error_from_record(value if isinstance(value, dict) else {"message": str(value)})
+            self._value = value
+            return value
+
+    def __await__(self) -> Any:
+        return self._aresult().__await__()
+
+    async def _aresult(self) -> Any:
+        if not self._fut.done():
+            await asyncio.wrap_future(self._fut)
+        return self._result(0)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"an ObjectRef ({self._what}) can only be passed as a top-level argument of a call; "
+            "get() its value to nest it in another value"
+        )
+
+    def __repr__(self) -> str:
+        state = "done" if self._fut.done() else "pending"
+        return f"ObjectRef({self._what}, {state})"
+
+
+class StreamState:
+    """The consumer's side of one stream, shared by the I/O loop and the consuming thread."""
+
+    def __init__(self, what: str, window: int, send_credit: Callable[[int], None], send_close: Callable[[], None]) -> None:
+        self.what = what
+        self.window = window
+        self._send_credit = send_credit
+        self._send_close = send_close
+        self._lock = threading.Lock()
+        self._items: deque[Any] = deque()
+        self._finished = False
+        self._error: BaseException | None = None
+        self._waiter: concurrent.futures.Future[None] | None = None
+        self._consumed = 0
+        self._credited = 0
+        self._closed = False
+
+    # from the I/O loop
+    def on_message(self, msg: Message) -> None:
+        error: BaseException | None = None
+        items: list[Any] = []
+        try:
+            value = loads(msg.body, msg.buffers)
+        except DecodeError as exc:
+            error = SerializationError(f"could not deserialize an item of {self.what}: {exc}")
+            value = None
+        if error is None:
+            if msg.kind == Kind.STREAM_ITEM:
+                items = value
+            elif msg.kind == Kind.ERROR:
+                error = error_from_record(value if isinstance(value, dict) else {"message": str(value)})
+        final = msg.kind != Kind.STREAM_ITEM or error is not None
+        self._push(items, error, final)
+
+    def fail(self, exc: BaseException) -> None:
+        self._push([], exc, True)
+
+    def _push(self, items: list[Any], error: BaseException | None, final: bool) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._items.extend(items)
+            if error is not None:
+                self._error = error
+            self._finished = final
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # from the consumer
+    def _take(self) -> tuple[bool, Any, concurrent.futures.Future[None] | None]:
+        """``(True, ref)`` for the next item, ``(False, None)`` at the end, or a waiter to wait on."""
+        with self._lock:
+            if self._items:
+                value = self._items.popleft()
+                self._consumed += 1
+                credit = self._consumed - self._credited >= max(1, self.window // 4)
+                if credit:
+                    self._credited = self._consumed
+            elif self._finished:
+                if self._error is not None:
+                    err, self._error = self._error, None
+                    return True, ObjectRef.resolved(self.what, error=err), None
+                return False, None, None
+            else:
+                if self._waiter is None:
+                    self._waiter = concurrent.futures.Future()
+                return False, None, self._waiter
+        if credit:
+            self._send_credit(self._consumed)
+        return True, ObjectRef.resolved(self.what, value), None
+
+    def next(self, timeout: float | None = None) -> ObjectRef:
+        while True:
+            ok, ref, waiter = self._take()
+            if ok:
+                return ref
+            if waiter is None:
+                raise StopIteration
+            try:
+                waiter.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise GetTimeoutError(f"no item of {self.what} within {timeout} s") from None
+
+    async def anext(self) -> ObjectRef:
+        while True:
+            ok, ref, waiter = self._take()
+            if ok:
+                return ref
+            if waiter is None:
+                raise StopAsyncIteration
+            await asyncio.wrap_future(waiter)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            finished = self._finished
+            self._finished = True
+            self._items.clear()
+        if not finished:
+            self._send_close()
+
+
+class ObjectRefGenerator:
+    """Iterate (sync or async) over a generator method's items as ObjectRefs, in order."""
+
+    def __init__(self, state: StreamState, check_thread: Callable[[], None]) -> None:
+        self._state = state
+        self._check_thread = check_thread
+
+    def __iter__(self) -> ObjectRefGenerator:
+        return self
+
+    def __next__(self) -> ObjectRef:
+        self._check_thread()
+        return self._state.next()
+
+    def next(self, timeout: float | None = None) -> ObjectRef:
+        """The next item's ref, waiting at most ``timeout`` seconds (``GetTimeoutError``)."""
+        self._check_thread()
+        return self._state.next(timeout)
+
+    def __aiter__(self) -> ObjectRefGenerator:
+        return self
+
+    async def __anext__(self) -> ObjectRef:
+        return await self._state.anext()
+
+    def close(self) -> None:
+        """Stop the stream: the producer is told to stop; items not yet read are dropped."""
+        self._state.close()
+
+    def __del__(self) -> None:
+        try:
+            self._state.close()
+        except Exception:
+            pass
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an ObjectRefGenerator cannot be sent to another process")
+
+    def __repr__(self) -> str:
+        return f"ObjectRefGenerator({self._state.what})"
+
+
+def check_not_blocking_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Raise if the caller would block ``loop``'s own thread (a deadlock)."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if running is loop:
+        raise ActorLibError(
+            "a blocking get() on the actor's own event loop would deadlock it "
+            "(this is an async actor method); use `await ref` instead"
+        )

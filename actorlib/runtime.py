@@ -1,0 +1,252 @@
+"""The per-process runtime: its event loop, its link to the head, its connections to actors.
+
+A driver runs the loop in a background thread ("actorlib-io"), so replies,
+streams and worker logs make progress whether or not the user is inside a
+call, and a blocking ``get`` works from a Jupyter cell whose own thread
+already runs an event loop. A worker runs the loop in its main thread.
+
+Calls submitted from another thread reach the loop through an inbox drained
+in batches: one wake-up for however many calls queued up meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from transport import Endpoint, RemoteFailure, TransportError, control_call
+from transport.control import ControlServer
+
+from .connection import ActorConnection, Call, encode_call
+from .exceptions import ActorLibError, InfeasibleError, SerializationError
+from .object_ref import ObjectRef, ObjectRefGenerator, StreamState, check_not_blocking_loop
+
+__all__ = ["Runtime", "current", "current_or_none", "set_current"]
+
+log = logging.getLogger(__name__)
+
+_current: Runtime | None = None
+_current_lock = threading.Lock()
+
+DEFAULT_STREAM_WINDOW = 1024
+
+
+def current() -> Runtime:
+    rt = _current
+    if rt is None:
+        raise ActorLibError("actorlib is not initialized: call actorlib.init() first")
+    return rt
+
+
+def current_or_none() -> Runtime | None:
+    return _current
+
+
+def set_current(rt: Runtime | None) -> None:
+    global _current
+    _current = rt
+
+
+class Runtime:
+    def __init__(self, loop: asyncio.AbstractEventLoop, loop_thread: int, *, mode: str) -> None:
+        self.loop = loop
+        self.loop_thread = loop_thread
+        self.mode = mode  # "driver" | "worker"
+        self.head: Endpoint | None = None
+        self.job_id = ""
+        self.namespace = "default"
+        self.session_dir = ""
+        self.node_id = ""
+        self.actor_id: str | None = None
+        self.actor_name: str | None = None
+        self.gpu_ids: list[str] = []
+        self.log_to_driver = True
+        self._conns: dict[str, ActorConnection] = {}
+        self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._inbox_scheduled = False
+        self._control = ControlServer(self, on_event=self._on_event)
+
+    # -- threads -------------------------------------------------------------
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self.loop_thread
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop, in order with other such calls, from any thread."""
+        if self.in_loop():
+            fn(*args)
+            return
+        self._inbox.append((fn, args))
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:
+                raise ActorLibError("actorlib has been shut down") from None
+
+    def _drain_inbox(self) -> None:
+        self._inbox_scheduled = False
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("error in a queued runtime operation")
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the loop and wait for it, from a thread that is not the loop's."""
+        if self.in_loop():
+            coro.close()
+            raise ActorLibError(
+                "this blocking actorlib call would deadlock the actor's event loop "
+                "(it was made from an async actor method); use its async form instead"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def check_can_block(self) -> None:
+        check_not_blocking_loop(self.loop)
+
+    # -- the head --------------------------------------------------------------
+
+    def connect_head(self, address: str) -> None:
+        self.head = Endpoint.connect(address, on_message=self._control.handle, name="head link")
+        self._control.attach(self.head)
+
+    async def control(self, op: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        """A control request to the head, with its errors turned into actorlib's."""
+        if self.head is None or self.head.closed:
+            raise ActorLibError("not connected to the head")
+        try:
+            return await control_call(self.head, op, timeout=timeout, **kwargs)
+        except RemoteFailure as exc:
+            kind = exc.record.get("type")
+            message = exc.record.get("message", str(exc))
+            if kind == "ValueError":
+                raise ValueError(message) from None
+            if kind == "ResourceError":
+                raise InfeasibleError(message) from None
+            raise ActorLibError(f"the head refused {op}: {message}") from None
+        except TransportError as exc:
+            raise ActorLibError(f"lost the head while doing {op}: {exc}") from None
+
+    def _on_event(self, peer: bytes | None, topic: str, payload: Any) -> None:
+        if topic == "actor_died":
+            conn = self._conns.get(payload.get("actor_id", ""))
+            if conn is not None:
+                conn.mark_dead(payload.get("death") or {})
+        elif topic == "log":
+            self._print_log(payload)
+
+    def _print_log(self, payload: dict[str, Any]) -> None:
+        if not self.log_to_driver:
+            return
+        out = sys.stderr if payload.get("stream") == "stderr" else sys.stdout
+        prefix = f"({payload.get('label')} pid={payload.get('pid')}) "
+        try:
+            out.write("".join(prefix + line + "\n" for line in payload.get("lines", [])))
+            out.flush()
+        except Exception:
+            pass
+
+    # -- actors ------------------------------------------------------------------
+
+    def connection(self, actor_id: str, class_name: str) -> ActorConnection:
+        """This process's connection to an actor (loop thread only)."""
+        conn = self._conns.get(actor_id)
+        if conn is None:
+            conn = self._conns[actor_id] = ActorConnection(self, actor_id, class_name)
+        return conn
+
+    def create_actor(self, spec: dict[str, Any], payload: Callable[[], Any]) -> None:
+        """Ask the head for an actor; ``payload()`` is awaited for the pickled class and arguments.
+
+        Blocks for the head's answer (so a taken name or an impossible demand
+        raises here), unless called on the loop thread, where it cannot block:
+        then a refusal fails the actor's calls instead.
+        """
+
+        async def create() -> None:
+            spec["payload"] = await payload()
+            await self.control("create_actor", spec=spec)
+
+        if self.in_loop():
+            conn = self.connection(spec["actor_id"], spec["class_name"])
+            conn.created = self.loop.create_task(create())
+            return
+        self.run(create())
+
+    def submit(
+        self,
+        actor_id: str,
+        class_name: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        stream_window: int | None = None,
+    ) -> ObjectRef | ObjectRefGenerator:
+        what = f"{class_name}.{method}()"
+        deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
+        options = None if stream_window is None else {"window": stream_window}
+        frames = None if deps else encode_call(method, args, kwargs, options)
+        result: ObjectRef | ObjectRefGenerator
+        if stream_window is None:
+            holder: list[Call] = []
+            sink: Any = ObjectRef(what, cancel=lambda: self._cancel(actor_id, holder))
+            result = sink
+        else:
+            holder = []
+            sink = StreamState(
+                what,
+                stream_window,
+                send_credit=lambda n: self.call_soon(self._credit, actor_id, holder, n),
+                send_close=lambda: self.call_soon(self._close_stream, actor_id, holder),
+            )
+            result = ObjectRefGenerator(sink, self.check_can_block)
+        call = Call(method, args, kwargs, options, frames, sink, deps)
+        holder.append(call)
+        self.call_soon(self._submit, actor_id, class_name, call)
+        return result
+
+    def _submit(self, actor_id: str, class_name: str, call: Call) -> None:
+        self.connection(actor_id, class_name).submit(call)
+
+    def _cancel(self, actor_id: str, holder: list[Call]) -> None:
+        conn = self._conns.get(actor_id)
+        if conn is not None and holder:
+            conn.cancel(holder[0])
+
+    def _credit(self, actor_id: str, holder: list[Call], consumed: int) -> None:
+        conn = self._conns.get(actor_id)
+        if conn is not None and holder:
+            conn.send_credit(holder[0].req_id, consumed)
+
+    def _close_stream(self, actor_id: str, holder: list[Call]) -> None:
+        conn = self._conns.get(actor_id)
+        if conn is None or not holder:
+            return
+        if holder[0].req_id == 0:
+            holder[0].cancelled = True
+        else:
+            conn.send_close(holder[0].req_id)
+
+    def close_connections(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+
+def encode_payload(obj: Any) -> bytes:
+    """Pickle an actor's class and constructor arguments into one opaque blob."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise SerializationError(f"could not serialize the actor's class or constructor arguments: {exc}") from None

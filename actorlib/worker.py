@@ -1,0 +1,416 @@
+"""The worker process: hosts one actor and serves its calls.
+
+The fork server calls :func:`main` in a fresh child. The worker asks the head
+for its class and constructor arguments, constructs the actor, binds its
+socket and reports ALIVE. Then:
+
+- sync methods (and sync generators) run one at a time, in arrival order, on
+  one dedicated thread, so a long call never stalls the event loop;
+- async methods (and async generators) run as tasks on the loop, at most
+  ``max_concurrency`` at once;
+- generators stream items in batches, at most ``window`` items ahead of what
+  the consumer has acknowledged, and stop when the consumer closes the stream;
+- CANCEL cancels a running async call, or a queued call before it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pickle
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import uvloop
+
+from transport import DecodeError, EncodeError, Endpoint, Kind, Message, dumps, loads
+
+from . import runtime as runtime_mod
+from .runtime import Runtime
+
+__all__ = ["main"]
+
+SYNC, ASYNC, GENERATOR, ASYNC_GENERATOR = 0, 1, 2, 3
+_FLUSH_AT = 256
+
+
+def method_kind(fn: Any) -> int:
+    if inspect.isasyncgenfunction(fn):
+        return ASYNC_GENERATOR
+    if inspect.isgeneratorfunction(fn):
+        return GENERATOR
+    if inspect.iscoroutinefunction(fn):
+        return ASYNC
+    return SYNC
+
+
+def error_record(exc: BaseException, actor: str, *, skip_frames: int = 0) -> dict[str, Any]:
+    """The ERROR body for an exception raised by user code."""
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        exc_bytes = cloudpickle.dumps(exc.with_traceback(None), protocol=5)
+        pickle.loads(exc_bytes)  # it must also come back
+    except Exception:
+        exc_bytes = None
+    cls = type(exc)
+    return {
+        "type": "task",
+        "class": cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}",
+        "message": str(exc),
+        "traceback": text,
+        "exc": exc_bytes,
+        "actor": actor,
+    }
+
+
+class _Producer:
+    """The producing side of one stream: batches items and respects the consumer's credit."""
+
+    def __init__(self, host: ActorHost, peer: bytes | None, req_id: int, window: int) -> None:
+        self.host = host
+        self.peer = peer
+        self.req_id = req_id
+        self.window = window
+        self.sent = 0
+        self.acked = 0
+        self.closed = False
+        self.batch: list[Any] = []
+        self.flush_scheduled = False
+        self.cond = threading.Condition()
+        self.credit_event = asyncio.Event()
+
+    # loop thread
+    def on_credit(self, consumed: int) -> None:
+        with self.cond:
+            self.acked = max(self.acked, consumed)
+            self.cond.notify_all()
+        self.credit_event.set()
+
+    def on_close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.credit_event.set()
+
+    def flush(self) -> None:
+        with self.cond:
+            items, self.batch = self.batch, []
+            self.flush_scheduled = False
+        if items and not self.closed:
+            self.host.send_value(Kind.STREAM_ITEM, self.req_id, items, self.peer)
+
+    # producer side (thread or loop)
+    def add(self, item: Any, from_thread: bool) -> None:
+        with self.cond:
+            self.batch.append(item)
+            self.sent += 1
+            schedule = not self.flush_scheduled
+            self.flush_scheduled = True
+        if schedule:
+            if from_thread:
+                self.host.loop.call_soon_threadsafe(self.flush)
+            else:
+                self.host.loop.call_soon(self.flush)
+
+    def wait_credit_sync(self) -> bool:
+        with self.cond:
+            while self.sent - self.acked >= self.window and not self.closed:
+                self.cond.wait()
+            return not self.closed
+
+    async def wait_credit(self) -> bool:
+        while self.sent - self.acked >= self.window and not self.closed:
+            self.credit_event.clear()
+            if len(self.batch) >= 1:
+                self.flush()
+            await self.credit_event.wait()
+        return not self.closed
+
+
+class ActorHost:
+    def __init__(self, rt: Runtime, config: dict[str, Any]) -> None:
+        self.rt = rt
+        self.loop = rt.loop
+        self.actor_id: str = config["actor_id"]
+        self.label = f"{config.get('name') or config.get('class_name', 'Actor')}(pid={os.getpid()})"
+        self.instance: Any = None
+        self.endpoint: Endpoint | None = None
+        self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
+        self._sync_jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._sync_thread = threading.Thread(target=self._sync_loop, name="actorlib-sync", daemon=True)
+        self._sem = asyncio.Semaphore(int(config.get("max_concurrency") or 1000))
+        self._tasks: dict[tuple[bytes | None, int], asyncio.Task[Any]] = {}
+        self._queued: set[tuple[bytes | None, int]] = set()
+        self._producers: dict[tuple[bytes | None, int], _Producer] = {}
+        self.stopped = asyncio.Event()
+
+    # -- the sync thread -----------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        while True:
+            job = self._sync_jobs.get()
+            if job is None:
+                return
+            job()
+
+    async def construct(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._sync_thread.start()
+        fut: asyncio.Future[Any] = self.loop.create_future()
+
+        def job() -> None:
+            try:
+                instance = cls(*args, **kwargs)
+            except BaseException as exc:
+                self.loop.call_soon_threadsafe(_settle, fut, None, exc)
+            else:
+                self.loop.call_soon_threadsafe(_settle, fut, instance, None)
+
+        self._sync_jobs.put(job)
+        self.instance = await fut
+
+    # -- sending ---------------------------------------------------------------
+
+    def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
+        """Encode and send (loop thread). A value that cannot be encoded becomes an ERROR."""
+        assert self.endpoint is not None
+        try:
+            body, buffers = dumps(value)
+        except EncodeError as exc:
+            kind = Kind.ERROR
+            body, buffers = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
+        try:
+            self.endpoint.send(kind, req_id, body, buffers, peer)
+        except Exception:
+            pass  # the caller is gone or we are closing
+
+    def _send_from_thread(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
+        try:
+            frames: Any = dumps(value)
+        except EncodeError as exc:
+            kind = Kind.ERROR
+            frames = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
+        self.loop.call_soon_threadsafe(self._send_frames, kind, req_id, frames, peer)
+
+    def _send_frames(self, kind: Kind, req_id: int, frames: tuple[bytes, list[Any]], peer: bytes | None) -> None:
+        if self.endpoint is not None:
+            try:
+                self.endpoint.send(kind, req_id, frames[0], frames[1], peer)
+            except Exception:
+                pass
+
+    # -- receiving ---------------------------------------------------------------
+
+    def on_message(self, msg: Message) -> None:
+        key = (msg.peer, msg.req_id)
+        if msg.kind == Kind.CALL:
+            self._on_call(msg)
+        elif msg.kind == Kind.STREAM_CREDIT:
+            producer = self._producers.get(key)
+            if producer is not None:
+                try:
+                    consumed = loads(msg.body, allow_pickle=False)
+                except DecodeError:
+                    return
+                if type(consumed) is int:
+                    producer.on_credit(consumed)
+        elif msg.kind == Kind.STREAM_CLOSE:
+            producer = self._producers.pop(key, None)
+            if producer is not None:
+                producer.on_close()
+        elif msg.kind == Kind.CANCEL:
+            self._on_cancel(key)
+        else:
+            self._reply_error(msg, "ProtocolError", f"{msg.kind.name} is not accepted by an actor")
+
+    def _reply_error(self, msg: Message, type_: str, message: str) -> None:
+        self.send_value(Kind.ERROR, msg.req_id, {"type": type_, "message": message}, msg.peer)
+
+    def _lookup(self, name: str) -> tuple[Callable[..., Any], int] | None:
+        found = self._methods.get(name)
+        if found is None:
+            if not isinstance(name, str) or name.startswith("__"):
+                return None
+            fn = getattr(self.instance, name, None)
+            if fn is None or not callable(fn):
+                return None
+            found = self._methods[name] = (fn, method_kind(fn))
+        return found
+
+    def _on_call(self, msg: Message) -> None:
+        try:
+            method, args, kwargs, options = loads(msg.body, msg.buffers)
+            if not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
+                raise DecodeError("arguments must be a list and a map")
+        except (DecodeError, ValueError) as exc:
+            self.send_value(
+                Kind.ERROR, msg.req_id, {"type": "serialization", "message": f"could not deserialize a call: {exc}"}, msg.peer
+            )
+            return
+        found = self._lookup(method)
+        if found is None:
+            err = AttributeError(f"actor {type(self.instance).__name__} has no method {method!r}")
+            self.send_value(Kind.ERROR, msg.req_id, error_record(err, self.label), msg.peer)
+            return
+        fn, kind = found
+        key = (msg.peer, msg.req_id)
+        if kind == SYNC:
+            self._queued.add(key)
+            self._sync_jobs.put(lambda: self._run_sync(key, fn, args, kwargs))
+        elif kind == ASYNC:
+            self._tasks[key] = self.loop.create_task(self._run_async(key, fn, args, kwargs))
+        else:
+            window = (options or {}).get("window") or runtime_mod.DEFAULT_STREAM_WINDOW
+            producer = self._producers[key] = _Producer(self, msg.peer, msg.req_id, int(window))
+            if kind == GENERATOR:
+                self._queued.add(key)
+                self._sync_jobs.put(lambda: self._run_generator(key, producer, fn, args, kwargs))
+            else:
+                self._tasks[key] = self.loop.create_task(self._run_async_generator(key, producer, fn, args, kwargs))
+
+    def _on_cancel(self, key: tuple[bytes | None, int]) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            task.cancel()
+        elif key in self._queued:
+            self._queued.discard(key)
+            self.send_value(Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0])
+            producer = self._producers.pop(key, None)
+            if producer is not None:
+                producer.on_close()
+
+    # -- running calls -----------------------------------------------------------
+
+    def _run_sync(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        if key not in self._queued:
+            return  # cancelled while queued
+        self._queued.discard(key)
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._send_from_thread(Kind.ERROR, key[1], error_record(exc, self.label, skip_frames=1), key[0])
+        else:
+            self._send_from_thread(Kind.RESULT, key[1], value, key[0])
+
+    async def _run_async(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        try:
+            async with self._sem:
+                value = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            self.send_value(Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled"}, key[0])
+        except BaseException as exc:
+            self.send_value(Kind.ERROR, key[1], error_record(exc, self.label, skip_frames=1), key[0])
+        else:
+            self.send_value(Kind.RESULT, key[1], value, key[0])
+        finally:
+            self._tasks.pop(key, None)
+
+    def _run_generator(self, key: tuple[bytes | None, int], p: _Producer, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        if key not in self._queued:
+            return
+        self._queued.discard(key)
+        error: dict[str, Any] | None = None
+        try:
+            gen = fn(*args, **kwargs)
+            try:
+                for item in gen:
+                    p.add(item, from_thread=True)
+                    if not p.wait_credit_sync():
+                        break
+            finally:
+                gen.close()
+        except BaseException as exc:
+            error = error_record(exc, self.label, skip_frames=1)
+        self.loop.call_soon_threadsafe(self._finish_stream, key, p, error)
+
+    async def _run_async_generator(
+        self, key: tuple[bytes | None, int], p: _Producer, fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        error: dict[str, Any] | None = None
+        try:
+            async with self._sem:
+                agen = fn(*args, **kwargs)
+                try:
+                    async for item in agen:
+                        p.add(item, from_thread=False)
+                        if len(p.batch) >= _FLUSH_AT:
+                            p.flush()
+                        if not await p.wait_credit():
+                            break
+                finally:
+                    await agen.aclose()
+        except asyncio.CancelledError:
+            error = {"type": "cancelled", "message": "the stream was cancelled"}
+        except BaseException as exc:
+            error = error_record(exc, self.label, skip_frames=1)
+        finally:
+            self._tasks.pop(key, None)
+        self._finish_stream(key, p, error)
+
+    def _finish_stream(self, key: tuple[bytes | None, int], p: _Producer, error: dict[str, Any] | None) -> None:
+        p.flush()
+        if self._producers.pop(key, None) is None:
+            return  # closed by the consumer: it expects nothing more
+        if error is not None:
+            self.send_value(Kind.ERROR, p.req_id, error, p.peer)
+        else:
+            self.send_value(Kind.STREAM_END, p.req_id, None, p.peer)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+async def _serve(config: dict[str, Any]) -> int:
+    loop = asyncio.get_running_loop()
+    rt = Runtime(loop, threading.get_ident(), mode="worker")
+    rt.actor_id = config["actor_id"]
+    rt.actor_name = config.get("name")
+    rt.node_id = config.get("node_id", "")
+    rt.job_id = config.get("job_id", "")
+    rt.namespace = config.get("namespace", "default")
+    rt.session_dir = config.get("session_dir", "")
+    rt.gpu_ids = list(config.get("gpu_ids") or [])
+    rt.connect_head(config["head_address"])
+    runtime_mod.set_current(rt)
+    host = ActorHost(rt, config)
+    hello = await rt.control("worker_hello", actor_id=rt.actor_id, pid=os.getpid())
+    try:
+        cls, args, kwargs = pickle.loads(hello["payload"])
+        await host.construct(cls, args, kwargs)
+    except BaseException as exc:
+        traceback.print_exc()
+        await rt.control("actor_failed", actor_id=rt.actor_id, error=_plain(error_record(exc, host.label)))
+        return 1
+    host.endpoint = Endpoint.bind(config["bind_address"], on_message=host.on_message, name=host.label)
+    await rt.control("actor_ready", actor_id=rt.actor_id, address=host.endpoint.address)
+    await host.stopped.wait()
+    return 0
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """The control plane carries no pickles: drop the pickled exception."""
+    return {k: v for k, v in record.items() if k != "exc"}
+
+
+def main(config: dict[str, Any]) -> None:
+    """Entry point, called by the fork server in the new child."""
+    sys.path[:] = list(dict.fromkeys([*config.get("sys_path", []), *sys.path]))
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = loop.run_until_complete(_serve(config))
+    raise SystemExit(code)

@@ -1,0 +1,95 @@
+"""The actor table's rows: what was asked (:class:`ActorSpec`) and what is (:class:`ActorRecord`)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .resources import Allocation
+
+__all__ = ["ActorRecord", "ActorSpec", "ActorState"]
+
+
+class ActorState(str, enum.Enum):
+    """An actor's lifecycle.
+
+    ::
+
+        PENDING ──▶ STARTING ──▶ ALIVE ──▶ DEAD
+           │           │                    ▲
+           │           └────────────────────┤  (constructor raised, worker died)
+           └────────────────────────────────┘  (killed while waiting)
+
+    PENDING: waiting for resources. STARTING: a worker process is running the
+    constructor. ALIVE: serving calls at ``address``. DEAD is final.
+    """
+
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    ALIVE = "ALIVE"
+    DEAD = "DEAD"
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """How the driver asked for the actor. ``payload`` is opaque: the head never unpickles it."""
+
+    actor_id: str
+    class_name: str
+    methods: dict[str, int]
+    payload: bytes
+    demand: dict[str, float]
+    owner: str  # job id of the driver that created it
+    name: str | None = None
+    namespace: str = "default"
+    lifetime: str | None = None
+    max_concurrency: int = 1000
+    env_vars: dict[str, str] = field(default_factory=dict)
+    sys_path: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any], owner: str) -> ActorSpec:
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "owner"}
+        return cls(owner=owner, **fields)
+
+    def public(self) -> dict[str, Any]:
+        """What a handle needs; no payload."""
+        return {
+            "actor_id": self.actor_id,
+            "class_name": self.class_name,
+            "methods": self.methods,
+            "name": self.name,
+            "namespace": self.namespace,
+        }
+
+
+@dataclass
+class ActorRecord:
+    spec: ActorSpec
+    state: ActorState = ActorState.PENDING
+    node_id: str | None = None
+    pid: int | None = None
+    address: str | None = None
+    allocation: Allocation | None = None
+    death: dict[str, Any] | None = None
+    kill_requested: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, state: ActorState) -> None:
+        self.state = state
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def view(self) -> dict[str, Any]:
+        return {
+            **self.spec.public(),
+            "state": self.state.value,
+            "node_id": self.node_id,
+            "pid": self.pid,
+            "address": self.address,
+            "death": self.death,
+            "resources": self.spec.demand,
+            "gpu_ids": list(self.allocation.gpu_ids) if self.allocation else [],
+        }

@@ -1,0 +1,380 @@
+"""The head: the cluster's control plane.
+
+It holds the node table, the actor table and the named-actor directory,
+places actors on nodes, and tells the interested parties when an actor's
+state changes. It never relays a method call or a result, and never unpickles
+anything: actor classes and constructor arguments pass through as opaque bytes.
+
+Peers speak to it over one ROUTER socket with CONTROL requests (``op_*``
+below) and EVENT messages (``worker_exited``, ``log`` from node agents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport import ControlError, ControlServer, Endpoint, RemoteFailure, control_call, send_event
+
+from .actors import ActorRecord, ActorSpec, ActorState
+from .resources import NodePool, to_float
+
+__all__ = ["Head"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    peer: bytes
+    address: str
+    hostname: str
+    pool: NodePool
+    is_head_node: bool
+    alive: bool = True
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "alive": self.alive,
+            "address": self.address,
+            "hostname": self.hostname,
+            "resources": to_float(self.pool.total),
+            "available": to_float(self.pool.free) if self.alive else {},
+            "is_head_node": self.is_head_node,
+        }
+
+
+@dataclass
+class DriverRecord:
+    job_id: str
+    peer: bytes
+    namespace: str
+    log_to_driver: bool
+    actors: set[str] = field(default_factory=set)
+
+
+class Head:
+    def __init__(self, *, session_dir: str, address: str) -> None:
+        self.session_dir = session_dir
+        self._bind_address = address
+        self.nodes: dict[str, NodeRecord] = {}
+        self.actors: dict[str, ActorRecord] = {}
+        self.named: dict[tuple[str, str], str] = {}
+        self.drivers: dict[bytes, DriverRecord] = {}
+        self._watchers: dict[str, set[bytes]] = {}
+        self._pending: list[str] = []  # actor ids waiting for resources, in arrival order
+        self._control = ControlServer(self, on_event=self._on_event)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.endpoint: Endpoint | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.endpoint is not None
+        return self.endpoint.address
+
+    def start(self) -> None:
+        self.endpoint = Endpoint.bind(self._bind_address, on_message=self._control.handle, name="head")
+        self._control.attach(self.endpoint)
+
+    async def stop(self) -> None:
+        self._control.cancel_all()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close()
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- registration ---------------------------------------------------
+
+    async def op_register_node(
+        self,
+        peer: bytes,
+        node_id: str,
+        resources: dict[str, float],
+        gpu_ids: list[str],
+        address: str,
+        hostname: str,
+        is_head_node: bool = False,
+        forkserver_pid: int = 0,
+    ) -> dict[str, Any]:
+        try:
+            pool = NodePool(resources, gpu_ids)
+        except ValueError as exc:
+            raise ControlError("ValueError", str(exc)) from None
+        self.nodes[node_id] = NodeRecord(node_id, peer, address, hostname, pool, is_head_node)
+        log.info("node %s registered: %s", node_id[:8], resources)
+        self._schedule()
+        return {"session_dir": self.session_dir}
+
+    async def op_register_driver(self, peer: bytes, namespace: str, log_to_driver: bool = True) -> dict[str, Any]:
+        job_id = uuid.uuid4().hex[:8]
+        self.drivers[peer] = DriverRecord(job_id, peer, namespace, log_to_driver)
+        return {"job_id": job_id, "session_dir": self.session_dir}
+
+    async def op_driver_exit(self, peer: bytes, timeout: float = 10.0) -> int:
+        """The driver is leaving: kill the actors it owns (detached ones stay)."""
+        driver = self.drivers.pop(peer, None)
+        if driver is None:
+            return 0
+        doomed = [
+            self.actors[a]
+            for a in driver.actors
+            if a in self.actors and self.actors[a].spec.lifetime != "detached" and self.actors[a].state != ActorState.DEAD
+        ]
+        for record in doomed:
+            self._kill(record, "its driver exited")
+        await self._wait_dead(doomed, timeout)
+        return len(doomed)
+
+    # -- actors ----------------------------------------------------------
+
+    async def op_create_actor(self, peer: bytes, spec: dict[str, Any]) -> dict[str, Any]:
+        driver = self.drivers.get(peer)
+        owner = driver.job_id if driver else spec.get("owner", "")
+        try:
+            s = ActorSpec.from_wire(spec, owner=owner)
+            if not isinstance(s.demand, dict) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in s.demand.items()
+            ):
+                raise TypeError(f"bad demand {s.demand!r}")
+        except (TypeError, KeyError) as exc:
+            raise ControlError("ValueError", f"malformed actor spec: {exc}") from None
+        if s.actor_id in self.actors:
+            raise ControlError("ValueError", f"actor id {s.actor_id} already exists")
+        if s.name is not None:
+            key = (s.namespace, s.name)
+            other = self.named.get(key)
+            if other is not None and self.actors[other].state != ActorState.DEAD:
+                raise ControlError(
+                    "ValueError", f"the name {s.name!r} is already taken in namespace {s.namespace!r}"
+                )
+        if not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
+            raise ControlError("ResourceError", self._infeasible_text(s))
+        record = ActorRecord(s)
+        self.actors[s.actor_id] = record
+        if s.name is not None:
+            self.named[(s.namespace, s.name)] = s.actor_id
+        if driver is not None:
+            driver.actors.add(s.actor_id)
+        self._watchers.setdefault(s.actor_id, set()).add(peer)
+        self._pending.append(s.actor_id)
+        self._schedule()
+        return {"actor_id": s.actor_id, "state": record.state.value}
+
+    def _infeasible_text(self, s: ActorSpec) -> str:
+        totals: dict[str, float] = {}
+        for n in self.nodes.values():
+            if n.alive:
+                for k, v in to_float(n.pool.total).items():
+                    totals[k] = totals.get(k, 0) + v
+        largest = [to_float(n.pool.total) for n in self.nodes.values() if n.alive]
+        return (
+            f"actor {s.class_name} can never be placed: it needs {s.demand or '{}'}, "
+            f"but no node has that much (nodes: {largest}; cluster totals: {totals})"
+        )
+
+    def _schedule(self) -> None:
+        still: list[str] = []
+        for actor_id in self._pending:
+            record = self.actors.get(actor_id)
+            if record is None or record.state != ActorState.PENDING:
+                continue
+            node = next((n for n in self.nodes.values() if n.alive and n.pool.fits(record.spec.demand)), None)
+            if node is None:
+                still.append(actor_id)
+                continue
+            record.allocation = node.pool.reserve(record.spec.demand)
+            record.node_id = node.node_id
+            record.set_state(ActorState.STARTING)
+            self._spawn_task(self._start(record, node))
+        self._pending = still
+
+    async def _start(self, record: ActorRecord, node: NodeRecord) -> None:
+        s = record.spec
+        assert self.endpoint is not None and record.allocation is not None
+        env = {
+            "CUDA_VISIBLE_DEVICES": ",".join(record.allocation.gpu_ids),
+            "ACTORLIB_ACTOR_ID": s.actor_id,
+            "ACTORLIB_NODE_ID": node.node_id,
+            **s.env_vars,
+        }
+        sockets = os.path.join(self.session_dir, "sockets")
+        config = {
+            "head_address": self.address,
+            "actor_id": s.actor_id,
+            "node_id": node.node_id,
+            "job_id": s.owner,
+            "namespace": s.namespace,
+            "name": s.name,
+            "class_name": s.class_name,
+            "session_dir": self.session_dir,
+            "bind_address": f"ipc://{sockets}/{s.actor_id[:16]}.sock",
+            "gpu_ids": record.allocation.gpu_ids,
+            "sys_path": s.sys_path,
+            "max_concurrency": s.max_concurrency,
+        }
+        label = f"{s.name or s.class_name}"
+        try:
+            reply = await control_call(
+                self.endpoint, "spawn_worker", peer=node.peer, actor_id=s.actor_id, label=label, env=env, config=config
+            )
+        except (RemoteFailure, OSError) as exc:
+            self._mark_dead(record, {"reason": f"the worker could not be started on node {node.node_id[:8]}: {exc}"})
+            return
+        if record.state == ActorState.DEAD:  # killed while spawning
+            await self._kill_pid(node, reply["pid"])
+            return
+        record.pid = reply["pid"]
+        if record.kill_requested:
+            await self._kill_pid(node, record.pid)
+
+    async def op_worker_hello(self, peer: bytes, actor_id: str, pid: int) -> dict[str, Any]:
+        record = self._record(actor_id)
+        record.pid = pid
+        return {"payload": record.spec.payload}
+
+    async def op_actor_ready(self, peer: bytes, actor_id: str, address: str) -> None:
+        record = self._record(actor_id)
+        if record.state != ActorState.STARTING:
+            return
+        record.address = address
+        record.set_state(ActorState.ALIVE)
+
+    async def op_actor_failed(self, peer: bytes, actor_id: str, error: dict[str, Any]) -> None:
+        record = self._record(actor_id)
+        self._mark_dead(record, {"reason": "the actor's constructor raised", "init_error": error})
+
+    async def op_resolve_actor(self, peer: bytes, actor_id: str) -> dict[str, Any]:
+        """Answer once the actor is ALIVE or DEAD; the asker then hears of its death."""
+        record = self._record(actor_id)
+        self._watchers.setdefault(actor_id, set()).add(peer)
+        while record.state in (ActorState.PENDING, ActorState.STARTING):
+            await record.changed.wait()
+        return record.view()
+
+    async def op_get_actor(self, peer: bytes, name: str, namespace: str) -> dict[str, Any]:
+        actor_id = self.named.get((namespace, name))
+        if actor_id is None or self.actors[actor_id].state == ActorState.DEAD:
+            raise ControlError("ValueError", f"no actor named {name!r} in namespace {namespace!r}")
+        return self.actors[actor_id].spec.public()
+
+    async def op_kill_actor(self, peer: bytes, actor_id: str) -> bool:
+        record = self._record(actor_id)
+        if record.state == ActorState.DEAD:
+            return False
+        self._kill(record, "killed by actorlib.kill()")
+        return True
+
+    async def op_list_actors(self, peer: bytes) -> list[dict[str, Any]]:
+        return [r.view() for r in self.actors.values()]
+
+    async def op_nodes(self, peer: bytes) -> list[dict[str, Any]]:
+        return [n.view() for n in self.nodes.values()]
+
+    async def op_cluster_resources(self, peer: bytes) -> dict[str, float]:
+        return self._sum(lambda n: n.pool.total)
+
+    async def op_available_resources(self, peer: bytes) -> dict[str, float]:
+        return self._sum(lambda n: n.pool.free)
+
+    def _sum(self, which: Any) -> dict[str, float]:
+        units: dict[str, int] = {}
+        for n in self.nodes.values():
+            if n.alive:
+                for k, v in which(n).items():
+                    units[k] = units.get(k, 0) + v
+        return to_float(units)
+
+    # -- deaths ----------------------------------------------------------
+
+    def _record(self, actor_id: str) -> ActorRecord:
+        record = self.actors.get(actor_id)
+        if record is None:
+            raise ControlError("ValueError", f"no actor with id {actor_id}")
+        return record
+
+    def _kill(self, record: ActorRecord, reason: str) -> None:
+        record.kill_requested = True
+        if record.state == ActorState.PENDING:
+            self._mark_dead(record, {"reason": reason})
+            return
+        record.death = {"reason": reason}
+        node = self.nodes.get(record.node_id or "")
+        if node is not None and record.pid is not None:
+            self._spawn_task(self._kill_pid(node, record.pid))
+
+    async def _kill_pid(self, node: NodeRecord, pid: int) -> None:
+        assert self.endpoint is not None
+        try:
+            await control_call(self.endpoint, "kill_worker", peer=node.peer, pid=pid, timeout=10)
+        except (RemoteFailure, asyncio.TimeoutError) as exc:
+            log.warning("could not kill worker %d on node %s: %s", pid, node.node_id[:8], exc)
+
+    async def _wait_dead(self, records: list[ActorRecord], timeout: float) -> None:
+        async def one(r: ActorRecord) -> None:
+            while r.state != ActorState.DEAD:
+                await r.changed.wait()
+
+        if records:
+            await asyncio.wait([asyncio.ensure_future(one(r)) for r in records], timeout=timeout)
+
+    def _mark_dead(self, record: ActorRecord, death: dict[str, Any]) -> None:
+        if record.state == ActorState.DEAD:
+            return
+        previous = record.death or {}
+        record.death = {
+            "class_name": record.spec.class_name,
+            "name": record.spec.name,
+            "actor_id": record.spec.actor_id,
+            "pid": record.pid,
+            "node_id": record.node_id,
+            **death,
+            **({"reason": previous["reason"]} if "reason" in previous else {}),
+        }
+        record.address = None
+        if record.allocation is not None and record.node_id in self.nodes:
+            self.nodes[record.node_id].pool.release(record.allocation)
+        record.allocation = None
+        record.set_state(ActorState.DEAD)
+        if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
+            del self.named[(record.spec.namespace, record.spec.name)]
+        assert self.endpoint is not None
+        for peer in self._watchers.pop(record.spec.actor_id, set()):
+            send_event(self.endpoint, "actor_died", {"actor_id": record.spec.actor_id, "death": record.death}, peer)
+        self._schedule()
+
+    def _on_event(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
+        if topic == "worker_exited":
+            record = self.actors.get(payload.get("actor_id", ""))
+            if record is None or record.pid != payload.get("pid"):
+                return
+            self._mark_dead(
+                record,
+                {
+                    "reason": "the worker process died",
+                    "exit_code": payload.get("exit_code"),
+                    "signal": payload.get("signal"),
+                    "host": payload.get("host"),
+                    "stderr_tail": payload.get("stderr_tail", []),
+                },
+            )
+        elif topic == "log":
+            record = self.actors.get(payload.get("actor_id", ""))
+            if record is None:
+                return
+            for driver in self.drivers.values():
+                if driver.job_id == record.spec.owner and driver.log_to_driver:
+                    assert self.endpoint is not None
+                    send_event(self.endpoint, "log", payload, driver.peer)
+        else:
+            log.warning("head: unknown event %r from %r", topic, peer)

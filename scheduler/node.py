@@ -1,0 +1,215 @@
+"""The node agent: one per node; spawns and watches that node's workers.
+
+It registers the node's resources with the head, forks workers through its
+fork server when the head asks, reads their stdout/stderr pipes (each line
+goes to the worker's log file and, as a ``log`` event, to the head), and
+reports every worker's exit with its code or signal and the last lines it
+wrote to stderr.
+
+In embedded mode the agent is a set of asyncio tasks in the driver's
+background loop; otherwise it runs as a process of its own
+(``python -m scheduler.node``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport import ControlServer, Endpoint, control_call, send_event
+
+from .forkserver import ForkServer
+
+__all__ = ["NodeAgent"]
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 20
+
+
+@dataclass
+class _Worker:
+    actor_id: str
+    label: str
+    pid: int
+    out_file: Any
+    err_file: Any
+    fds: list[int] = field(default_factory=list)  # [stdout, stderr], fixed
+    open_fds: set[int] = field(default_factory=set)
+    partial: dict[int, bytes] = field(default_factory=dict)
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES))
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        *,
+        head_address: str,
+        node_id: str,
+        resources: dict[str, float],
+        gpu_ids: list[str],
+        session_dir: str,
+        worker_preload: list[str],
+        worker_entry: str,
+        host: str = "127.0.0.1",
+        is_head_node: bool = False,
+    ) -> None:
+        self.node_id = node_id
+        self.head_address = head_address
+        self.resources = resources
+        self.gpu_ids = gpu_ids
+        self.session_dir = session_dir
+        self.log_dir = os.path.join(session_dir, "logs")
+        self.host = host
+        self.is_head_node = is_head_node
+        self._workers: dict[int, _Worker] = {}
+        self._forkserver = ForkServer(preload=worker_preload, entry=worker_entry, on_exit=self._on_exit)
+        self._control = ControlServer(self)
+        self._head: Endpoint | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._forkserver.start()
+        self._head = Endpoint.connect(self.head_address, on_message=self._control.handle, name=f"node {self.node_id[:8]}")
+        self._control.attach(self._head)
+        await control_call(
+            self._head,
+            "register_node",
+            node_id=self.node_id,
+            resources=self.resources,
+            gpu_ids=self.gpu_ids,
+            address=self.host,
+            hostname=socket.gethostname(),
+            is_head_node=self.is_head_node,
+            forkserver_pid=self._forkserver.pid,
+        )
+
+    async def stop(self) -> None:
+        """Kill every worker (through the fork server) and close. Bounded in time."""
+        await self._forkserver.stop()
+        for pid in list(self._workers):
+            self._finish(pid, None)
+        self._control.cancel_all()
+        if self._head is not None:
+            self._head.close()
+        self._stopped.set()
+
+    # -- requests from the head ---------------------------------------
+
+    async def op_spawn_worker(
+        self, peer: bytes | None, actor_id: str, label: str, env: dict[str, str], config: dict[str, Any]
+    ) -> dict[str, Any]:
+        pid, out_fd, err_fd = await self._forkserver.spawn(env, config)
+        base = os.path.join(self.log_dir, f"worker-{actor_id[:12]}-{pid}")
+        w = _Worker(actor_id, label, pid, open(base + ".out", "ab", buffering=0), open(base + ".err", "ab", buffering=0))
+        self._workers[pid] = w
+        loop = asyncio.get_running_loop()
+        for fd in (out_fd, err_fd):
+            os.set_blocking(fd, False)
+            w.fds.append(fd)
+            w.open_fds.add(fd)
+            loop.add_reader(fd, self._on_output, w, fd)
+        return {"pid": pid, "log_prefix": base}
+
+    async def op_kill_worker(self, peer: bytes | None, pid: int, sig: int = int(signal.SIGKILL)) -> bool:
+        if pid not in self._workers:
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    # -- worker output and exits ----------------------------------------
+
+    def _on_output(self, w: _Worker, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_fd(w, fd)
+            return
+        self._lines(w, fd, data)
+
+    def _lines(self, w: _Worker, fd: int, data: bytes, *, final: bool = False) -> None:
+        is_err = fd == w.fds[1]
+        (w.err_file if is_err else w.out_file).write(data)
+        buf = w.partial.pop(fd, b"") + data
+        *lines, rest = buf.split(b"\n")
+        if rest and final:
+            lines.append(rest)
+        elif rest:
+            w.partial[fd] = rest
+        if not lines:
+            return
+        text = [line.decode("utf-8", "replace") for line in lines]
+        if is_err:
+            w.tail.extend(text)
+        if self._head is not None and not self._head.closed:
+            payload = {"actor_id": w.actor_id, "label": w.label, "pid": w.pid, "stream": "stderr" if is_err else "stdout", "lines": text}
+            try:
+                send_event(self._head, "log", payload)
+            except Exception as exc:
+                log.debug("could not forward worker output: %s", exc)
+
+    def _close_fd(self, w: _Worker, fd: int) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(fd)
+        except Exception:
+            pass
+        if fd in w.open_fds:
+            w.open_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _drain(self, w: _Worker) -> None:
+        for fd in sorted(w.open_fds):
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except (BlockingIOError, OSError):
+                    break
+                if not data:
+                    break
+                self._lines(w, fd, data)
+            if w.partial.get(fd):
+                self._lines(w, fd, b"", final=True)
+            self._close_fd(w, fd)
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        self._finish(pid, status)
+
+    def _finish(self, pid: int, status: int | None) -> None:
+        w = self._workers.pop(pid, None)
+        if w is None:
+            return
+        self._drain(w)
+        w.out_file.close()
+        w.err_file.close()
+        if status is None or self._head is None or self._head.closed:
+            return
+        payload = {
+            "actor_id": w.actor_id,
+            "pid": pid,
+            "exit_code": status if status >= 0 else None,
+            "signal": -status if status < 0 else None,
+            "stderr_tail": list(w.tail),
+            "node_id": self.node_id,
+            "host": self.host,
+        }
+        try:
+            send_event(self._head, "worker_exited", payload)
+        except Exception as exc:
+            log.warning("could not report the exit of worker %d: %s", pid, exc)

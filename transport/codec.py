@@ -1,0 +1,122 @@
+"""Values to bytes and back: msgpack for plain data, out-of-band frames for arrays.
+
+``dumps(obj)`` returns ``(body, buffers)``: ``body`` is msgpack, ``buffers`` is a
+list of buffer objects (memoryviews, pickle buffers) that travel as frames of
+their own and are never copied into ``body``. ``loads(body, buffers)`` is the
+inverse; arrays it returns are views on the received frames.
+
+- Plain data (None, bool, int, float, str, bytes, list, dict) is msgpack.
+- Tuples, numpy arrays and CPU torch tensors are msgpack extension types; an
+  array's or tensor's memory is one out-of-band buffer.
+- Anything else goes through cloudpickle (protocol 5), whose out-of-band
+  buffers join the same list, so classes defined in ``__main__`` or a notebook
+  cell work.
+
+torch and numpy are never imported here: a value can only be a tensor if
+torch is already loaded in this process, and a received tensor imports torch
+only then.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+from .exceptions import DecodeError, EncodeError
+
+__all__ = ["dumps", "loads"]
+
+# Extension type codes. Explicit values: they are part of the wire format.
+_EXT_TUPLE = 1
+_EXT_PICKLE = 2
+_EXT_NDARRAY = 3
+_EXT_TENSOR = 4
+
+
+def dumps(obj: Any, *, allow_pickle: bool = True) -> tuple[bytes, list[Any]]:
+    """Encode ``obj``; raise :class:`EncodeError` naming what could not be encoded."""
+    buffers: list[Any] = []
+
+    def default(o: Any) -> msgpack.ExtType:
+        t = type(o)
+        if t is tuple:
+            return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), default))
+        np = sys.modules.get("numpy")
+        if np is not None and t is np.ndarray and o.dtype.kind not in "OV":
+            arr = o if o.flags.c_contiguous else np.ascontiguousarray(o)
+            buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
+            meta = [arr.dtype.str, list(arr.shape), len(buffers) - 1]
+            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta, None))
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(o, torch.Tensor) and _plain_cpu_tensor(o, torch):
+            flat = o.detach().contiguous().reshape(-1).view(torch.uint8)
+            buffers.append(memoryview(flat.numpy()))
+            meta = [str(o.dtype).removeprefix("torch."), list(o.shape), len(buffers) - 1]
+            return msgpack.ExtType(_EXT_TENSOR, _pack(meta, None))
+        if not allow_pickle:
+            raise EncodeError(f"cannot encode a {t.__qualname__} here (plain data only)")
+        first = len(buffers)
+        try:
+            data = cloudpickle.dumps(o, protocol=5, buffer_callback=buffers.append)
+        except Exception as exc:
+            raise EncodeError(f"cannot serialize {t.__module__}.{t.__qualname__}: {exc}") from exc
+        return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None))
+
+    try:
+        return _pack(obj, default), buffers
+    except EncodeError:
+        raise
+    except Exception as exc:  # msgpack's own errors: int too large, recursion ...
+        raise EncodeError(f"cannot encode value of type {type(obj).__qualname__}: {exc}") from exc
+
+
+def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bool = True) -> Any:  # type: ignore[assignment]
+    """Decode what :func:`dumps` made; raise :class:`DecodeError` on anything malformed."""
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == _EXT_TUPLE:
+            return tuple(_unpack(data, ext_hook))
+        if code == _EXT_NDARRAY:
+            import numpy as np
+
+            dtype, shape, index = _unpack(data, None)
+            return np.frombuffer(buffers[index], dtype=np.uint8).view(np.dtype(dtype)).reshape(shape)
+        if code == _EXT_TENSOR:
+            import torch
+
+            dtype, shape, index = _unpack(data, None)
+            buf = buffers[index]
+            if len(buf) == 0:
+                return torch.empty(shape, dtype=getattr(torch, dtype))
+            flat = torch.frombuffer(buf, dtype=torch.uint8)
+            return flat.view(getattr(torch, dtype)).reshape(shape)
+        if code == _EXT_PICKLE:
+            if not allow_pickle:
+                raise DecodeError("a pickled value arrived where only plain data is accepted")
+            payload, first, count = _unpack(data, None)
+            return pickle.loads(payload, buffers=buffers[first : first + count])
+        raise DecodeError(f"unknown extension type {code}")
+
+    try:
+        return _unpack(body, ext_hook)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _plain_cpu_tensor(t: Any, torch: Any) -> bool:
+    return t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized and not t.is_nested
+
+
+def _pack(obj: Any, default: Any) -> bytes:
+    return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+
+
+def _unpack(data: bytes | memoryview, ext_hook: Any) -> Any:
+    kwargs = {"ext_hook": ext_hook} if ext_hook is not None else {}
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, **kwargs)

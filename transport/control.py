@@ -1,0 +1,115 @@
+"""Control-plane requests: named operations with keyword arguments.
+
+A CONTROL message's body is ``[op, kwargs]`` in plain data (never pickles:
+the control plane carries user code only as opaque bytes). A
+:class:`ControlServer` maps ``op`` to ``target.op_<op>(peer, **kwargs)``,
+runs it as a task and answers RESULT, or ERROR with ``{"type", "message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from . import codec
+from .endpoint import Endpoint, RemoteFailure
+from .exceptions import DecodeError, TransportError
+from .protocol import Kind, Message
+
+__all__ = ["ControlError", "ControlServer", "control_call", "send_event"]
+
+log = logging.getLogger(__name__)
+
+
+class ControlError(Exception):
+    """Raised by an ``op_*`` handler to answer with a typed error."""
+
+    def __init__(self, type_: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.type = type_
+        self.extra = extra
+
+
+class ControlServer:
+    def __init__(self, target: Any, *, on_event: Any = None) -> None:
+        self._target = target
+        self._on_event = on_event
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.endpoint: Endpoint | None = None
+
+    def attach(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def handle(self, msg: Message) -> None:
+        """``on_message`` for the endpoint."""
+        ep = self.endpoint
+        assert ep is not None
+        if msg.kind == Kind.EVENT:
+            if self._on_event is not None:
+                try:
+                    topic, payload = codec.loads(msg.body, msg.buffers, allow_pickle=False)
+                except (DecodeError, ValueError, TypeError) as exc:
+                    log.warning("%s: malformed event from %r: %s", ep.name, msg.peer, exc)
+                    return
+                self._on_event(msg.peer, topic, payload)
+            return
+        if msg.kind != Kind.CONTROL:
+            ep.reply_error(msg.req_id, {"type": "ProtocolError", "message": f"{msg.kind.name} not accepted here"}, msg.peer)
+            return
+        try:
+            op, kwargs = codec.loads(msg.body, msg.buffers, allow_pickle=False)
+            handler = getattr(self._target, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise ControlError("ValueError", f"unknown control operation {op!r}")
+            if not isinstance(kwargs, dict):
+                raise ControlError("ValueError", "control arguments must be a map")
+        except (DecodeError, ValueError, TypeError) as exc:
+            ep.reply_error(msg.req_id, {"type": "ProtocolError", "message": str(exc)}, msg.peer)
+            return
+        except ControlError as exc:
+            ep.reply_error(msg.req_id, {"type": exc.type, "message": str(exc), **exc.extra}, msg.peer)
+            return
+        task = asyncio.get_running_loop().create_task(self._run(handler, msg, kwargs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, handler: Any, msg: Message, kwargs: dict[str, Any]) -> None:
+        ep = self.endpoint
+        assert ep is not None
+        try:
+            result = await handler(msg.peer, **kwargs)
+        except ControlError as exc:
+            record = {"type": exc.type, "message": str(exc), **exc.extra}
+        except TypeError as exc:
+            record = {"type": "ValueError", "message": f"bad arguments to {handler.__name__}: {exc}"}
+        except Exception as exc:
+            log.exception("control operation %s failed", handler.__name__)
+            record = {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
+        else:
+            try:
+                body, buffers = codec.dumps(result, allow_pickle=False)
+                ep.send(Kind.RESULT, msg.req_id, body, buffers, msg.peer)
+            except TransportError as exc:
+                log.debug("%s: could not answer %s: %s", ep.name, handler.__name__, exc)
+            return
+        try:
+            ep.reply_error(msg.req_id, record, msg.peer)
+        except TransportError as exc:
+            log.debug("%s: could not answer %s: %s", ep.name, handler.__name__, exc)
+
+    def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def control_call(
+    endpoint: Endpoint, op: str, *, peer: bytes | None = None, timeout: float | None = None, **kwargs: Any
+) -> Any:
+    """Send a CONTROL request and return its result; ERROR raises :class:`RemoteFailure`."""
+    return await endpoint.call(Kind.CONTROL, [op, kwargs], peer=peer, timeout=timeout, allow_pickle=False)
+
+
+def send_event(endpoint: Endpoint, topic: str, payload: Any, peer: bytes | None = None) -> None:
+    body, buffers = codec.dumps([topic, payload], allow_pickle=False)
+    endpoint.send(Kind.EVENT, 0, body, buffers, peer)

@@ -1,0 +1,307 @@
+"""One ZeroMQ socket speaking the protocol, driven by an asyncio loop.
+
+An :class:`Endpoint` is either *bound* (a ROUTER: many peers, each message
+carries the sender's routing id) or *connected* (a DEALER: one peer). Both
+sides can send requests and both can answer them: responses are routed by
+``req_id`` to the sink registered when the request went out; everything else
+goes to the ``on_message`` handler.
+
+The socket is read straight from the loop's reader callback (no future per
+message) and drained without blocking, so a burst of messages costs one
+wake-up. All methods must be called on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from . import codec
+from .exceptions import ConnectionClosedError, ProtocolError, TransportError
+from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, encode_header, peek_request
+
+__all__ = ["Endpoint", "RemoteFailure", "shared_context"]
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Message], None]
+
+_DRAIN_BATCH = 512
+_context: zmq.Context | None = None
+_context_pid = 0
+
+
+def shared_context() -> zmq.Context:
+    """This process's ZeroMQ context (a fresh one after ``fork``)."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        _context = zmq.Context()
+        _context_pid = os.getpid()
+    return _context
+
+
+class RemoteFailure(TransportError):
+    """The peer answered a request with an ERROR message; ``record`` is its body."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record.get("message", "remote error"))
+        self.record = record
+
+
+class Endpoint:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        *,
+        routed: bool,
+        on_message: Callable[[Message], None] | None,
+        name: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._sock = sock
+        self._routed = routed
+        self._on_message = on_message
+        self.name = name
+        self._loop = loop or asyncio.get_running_loop()
+        self._ids = itertools.count(1)
+        self.pending: dict[int, Sink] = {}
+        self._closed = False
+        self._drain_scheduled = False
+        self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
+        # Edge-triggered FD: anything already queued must be read now.
+        self._schedule_drain()
+        self.address: str = ""
+
+    # -- construction ---------------------------------------------------
+
+    @classmethod
+    def bind(
+        cls,
+        address: str,
+        *,
+        on_message: Callable[[Message], None] | None,
+        name: str,
+        max_message_size: int = -1,
+    ) -> Endpoint:
+        """Bind a ROUTER. ``tcp://HOST:0`` picks a port from the OS; see ``.address``."""
+        sock = _socket(zmq.ROUTER, max_message_size)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            if address.startswith("tcp://") and address.endswith(":0"):
+                port = sock.bind_to_random_port(address[: -len(":0")])
+                bound = f"{address[: -len(':0')]}:{port}"
+            else:
+                sock.bind(address)
+                bound = address
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"cannot bind {address}: {exc}") from exc
+        ep = cls(sock, routed=True, on_message=on_message, name=name)
+        ep.address = bound
+        return ep
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        *,
+        on_message: Callable[[Message], None] | None,
+        name: str,
+        max_message_size: int = -1,
+    ) -> Endpoint:
+        """Connect a DEALER to one peer. Messages queue until the peer is there."""
+        sock = _socket(zmq.DEALER, max_message_size)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"cannot connect to {address}: {exc}") from exc
+        ep = cls(sock, routed=False, on_message=on_message, name=name)
+        ep.address = address
+        return ep
+
+    # -- sending --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def send(
+        self,
+        kind: Kind,
+        req_id: int,
+        body: bytes,
+        buffers: Sequence[Any] = (),
+        peer: bytes | None = None,
+    ) -> None:
+        self.send_frames([encode_header(kind, req_id, body), *buffers], peer)
+
+    def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None = None) -> None:
+        body, buffers = codec.dumps(value)
+        self.send(kind, req_id, body, buffers, peer)
+
+    def send_frames(self, frames: list[Any], peer: bytes | None = None) -> None:
+        """Send an already-encoded message. Raises :class:`ConnectionClosedError`."""
+        if self._closed:
+            raise ConnectionClosedError(f"{self.name} is closed", by_us=True)
+        if self._routed:
+            if peer is None:
+                raise ValueError("a bound endpoint needs the peer to send to")
+            frames = [peer, *frames]
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                log.debug("%s: peer %r is gone; message dropped", self.name, peer)
+                return
+            raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
+        # A send can swallow the socket's read edge: look again.
+        if not self._drain_scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_drain()
+
+    def request(
+        self,
+        kind: Kind,
+        body: bytes,
+        buffers: Sequence[Any] = (),
+        *,
+        sink: Sink,
+        peer: bytes | None = None,
+    ) -> int:
+        """Send a request whose responses go to ``sink``; returns its id."""
+        req_id = self.next_id()
+        self.pending[req_id] = sink
+        try:
+            self.send(kind, req_id, body, buffers, peer)
+        except BaseException:
+            self.pending.pop(req_id, None)
+            raise
+        return req_id
+
+    async def call(
+        self,
+        kind: Kind,
+        value: Any,
+        *,
+        peer: bytes | None = None,
+        timeout: float | None = None,
+        allow_pickle: bool = True,
+    ) -> Any:
+        """Request/response with one final answer: returns the decoded RESULT.
+
+        An ERROR answer raises :class:`RemoteFailure` with the error record.
+        """
+        fut: asyncio.Future[Message] = self._loop.create_future()
+
+        def sink(msg: Message) -> None:
+            if not fut.done():
+                fut.set_result(msg)
+
+        body, buffers = codec.dumps(value, allow_pickle=allow_pickle)
+        req_id = self.request(kind, body, buffers, sink=sink, peer=peer)
+        try:
+            msg = await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(req_id, None)
+        result = codec.loads(msg.body, msg.buffers, allow_pickle=allow_pickle)
+        if msg.kind == Kind.ERROR:
+            raise RemoteFailure(result if isinstance(result, dict) else {"message": str(result)})
+        return result
+
+    def reply_error(self, req_id: int, record: dict[str, Any], peer: bytes | None) -> None:
+        body, buffers = codec.dumps(record, allow_pickle=False)
+        self.send(Kind.ERROR, req_id, body, buffers, peer)
+
+    # -- receiving ------------------------------------------------------
+
+    def _schedule_drain(self) -> None:
+        self._drain_scheduled = True
+        self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        self._drain_scheduled = False
+        if self._closed:
+            return
+        sock = self._sock
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.warning("%s: receive failed: %s", self.name, exc)
+                return
+            self._dispatch(frames)
+            if self._closed:
+                return
+        self._schedule_drain()  # more waiting: yield to the loop, then go on
+
+    def _dispatch(self, frames: list[Any]) -> None:
+        peer = None
+        if self._routed:
+            peer = frames[0].bytes
+            frames = frames[1:]
+        try:
+            msg = decode(frames, peer)
+        except ProtocolError as exc:
+            self._refuse(frames, peer, exc)
+            return
+        try:
+            if msg.kind in RESPONSE_KINDS:
+                sink = self.pending.pop(msg.req_id, None) if msg.kind in FINAL_KINDS else self.pending.get(msg.req_id)
+                if sink is not None:
+                    sink(msg)
+            elif msg.kind == Kind.PING:
+                self.send(Kind.PONG, msg.req_id, b"\xc0", (), peer)
+            elif self._on_message is not None:
+                self._on_message(msg)
+        except Exception:
+            log.exception("%s: error while handling a %s message", self.name, msg.kind.name)
+
+    def _refuse(self, frames: list[Any], peer: bytes | None, exc: ProtocolError) -> None:
+        log.warning("%s: dropped a malformed message from %r: %s", self.name, peer, exc)
+        found = peek_request(frames)
+        if found is not None and found[0] in (Kind.CALL, Kind.CONTROL):
+            try:
+                self.reply_error(found[1], {"type": "ProtocolError", "message": str(exc)}, peer)
+            except TransportError:
+                pass
+
+    # -- teardown -------------------------------------------------------
+
+    def fail_pending(self, make_message: Callable[[int], Message]) -> None:
+        """Answer every outstanding request locally (e.g. with an error)."""
+        pending, self.pending = self.pending, {}
+        for req_id, sink in pending.items():
+            try:
+                sink(make_message(req_id))
+            except Exception:
+                log.exception("%s: error while failing request %d", self.name, req_id)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
+        except Exception:
+            pass
+        self._sock.close(linger=0)
+
+
+def _socket(kind: int, max_message_size: int) -> zmq.Socket:
+    sock = shared_context().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    return sock

@@ -1,0 +1,115 @@
+"""The wire format, with no I/O.
+
+A message is a ZeroMQ multipart message: one header frame, then zero or more
+raw buffer frames. The header is msgpack ``[version, kind, req_id, body]``
+where ``body`` is itself bytes made by :mod:`transport.codec` — so the
+envelope can always be read (and a malformed request answered) without
+running any of the body's decoding, which may unpickle user classes.
+
+Kinds, and which way they go (caller → callee, callee → caller):
+
+======================  ==========  ==============================================
+kind                    direction   body
+======================  ==========  ==============================================
+CALL            1       →           [method, args, kwargs, options]
+RESULT          2       ←  final    value
+ERROR           3       ←  final    error record (dict)
+STREAM_ITEM     4       ←           list of items (a batch), in order
+STREAM_END      5       ←  final    None
+STREAM_CREDIT   6       →           items consumed so far (int)
+STREAM_CLOSE    7       →           None: the consumer is gone; stop producing
+CANCEL          8       →           None: cancel request ``req_id``
+PING            9       →           None
+PONG            10      ←  final    None
+CONTROL         11      →           [op, kwargs]: control-plane request
+EVENT           12      either way  [topic, payload]: one-way notification
+======================  ==========  ==============================================
+
+``req_id`` is chosen by the side that sends the request; every response
+carries the request's id back. Messages that refer to an earlier request
+(credit, close, cancel) carry that request's id too.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import msgpack
+
+from .exceptions import ProtocolError
+
+__all__ = ["VERSION", "Kind", "Message", "encode_header", "decode", "FINAL_KINDS", "RESPONSE_KINDS"]
+
+VERSION = 1
+
+
+class Kind(IntEnum):
+    CALL = 1
+    RESULT = 2
+    ERROR = 3
+    STREAM_ITEM = 4
+    STREAM_END = 5
+    STREAM_CREDIT = 6
+    STREAM_CLOSE = 7
+    CANCEL = 8
+    PING = 9
+    PONG = 10
+    CONTROL = 11
+    EVENT = 12
+
+
+RESPONSE_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.STREAM_ITEM, Kind.STREAM_END, Kind.PONG})
+FINAL_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.PONG})
+_KINDS = {int(k): k for k in Kind}
+
+
+class Message(NamedTuple):
+    kind: Kind
+    req_id: int
+    body: bytes
+    buffers: list[Any]
+    peer: bytes | None  # the sender's routing id, on a ROUTER socket
+
+
+def encode_header(kind: Kind, req_id: int, body: bytes) -> bytes:
+    return msgpack.packb((VERSION, kind, req_id, body), use_bin_type=True)
+
+
+def decode(frames: list[Any], peer: bytes | None = None) -> Message:
+    """Read the envelope of a received multipart message.
+
+    ``frames`` are ``zmq.Frame`` objects or bytes. Raises :class:`ProtocolError`
+    for anything that is not a well-formed message of this version.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    head = frames[0]
+    raw = head.bytes if hasattr(head, "bytes") else head
+    try:
+        envelope = msgpack.unpackb(raw, raw=False, use_list=False)
+    except Exception as exc:
+        raise ProtocolError(f"header is not msgpack: {exc}") from exc
+    if type(envelope) is not tuple or len(envelope) != 4:
+        raise ProtocolError("header is not a 4-element array")
+    version, kind, req_id, body = envelope
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not {VERSION}")
+    k = _KINDS.get(kind) if type(kind) is int else None
+    if k is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if type(req_id) is not int or type(body) is not bytes:
+        raise ProtocolError("request id must be an int and body bytes")
+    buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames[1:]]
+    return Message(k, req_id, body, buffers, peer)
+
+
+def peek_request(frames: list[Any]) -> tuple[int, int] | None:
+    """Best-effort ``(kind, req_id)`` of a message that failed to decode, to answer it."""
+    try:
+        envelope = msgpack.unpackb(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
+        if isinstance(envelope, list | tuple) and len(envelope) >= 3 and type(envelope[2]) is int:
+            return envelope[1], envelope[2]
+    except Exception:
+        pass
+    return None
