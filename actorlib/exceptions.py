@@ -37,7 +37,7 @@ class RemoteError(ActorLibError):
     """User code raised in an actor; ``cause`` is the original exception (when it could travel)."""
 
     def __init__(self, class_name: str, message: str, traceback_text: str, *, actor: str = "", cause: BaseException | None = None) -> None:
-        super().__init__(message)
+        Exception.__init__(self, message)  # never the user class's __init__, which may want other arguments
         self.class_name = class_name
         self.message = message
         self.traceback_text = traceback_text
@@ -76,8 +76,8 @@ def make_remote_error(
     err = cls.__new__(cls)
     RemoteError.__init__(err, class_name, message, traceback_text, actor=actor, cause=cause)
     if cause is not None and cls is not RemoteError:
-        for key, value in getattr(cause, "__dict__", {}).items():
-            err.__dict__.setdefault(key, value)
+        ours = {"class_name", "message", "traceback_text", "actor", "cause"}
+        err.__dict__.update({k: v for k, v in getattr(cause, "__dict__", {}).items() if k not in ours})
     return err
 
 

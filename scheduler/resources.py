@@ -31,15 +31,17 @@ def normalize_demand(
 ) -> dict[str, float]:
     """Validate a demand and return it as ``{name: amount}``; raise ``ValueError`` naming the bad part."""
     demand: dict[str, float] = {}
-    for name, amount in (("CPU", num_cpus), ("GPU", num_gpus), *(resources or {}).items()):
+    given = [("CPU", "num_cpus", num_cpus), ("GPU", "num_gpus", num_gpus)]
+    given += [(name, f"resources[{name!r}]", amount) for name, amount in (resources or {}).items()]
+    for name, label, amount in given:
         if amount is None:
             continue
         if not isinstance(name, str) or not name:
             raise ValueError(f"resource names must be non-empty strings, not {name!r}")
         if isinstance(amount, bool) or not isinstance(amount, int | float) or not math.isfinite(amount) or amount < 0:
-            raise ValueError(f"resource {name!r} must be a finite number >= 0, not {amount!r}")
+            raise ValueError(f"{label} must be a finite number >= 0, not {amount!r}")
         if amount and abs(to_units(amount) - amount * UNIT) > 1e-6:
-            raise ValueError(f"resource {name!r}={amount} is finer than 1/{UNIT}")
+            raise ValueError(f"{label}={amount} is finer than 1/{UNIT}")
         if name == "GPU" and amount > 1 and amount != int(amount):
             raise ValueError(f"num_gpus={amount}: more than one GPU must be a whole number")
         if amount:

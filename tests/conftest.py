@@ -1,0 +1,71 @@
+"""Fixtures that own what they start: a cluster per module, and a check that no process is left."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import actorlib
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """Every living descendant of ``pid`` (default: this process), read from /proc."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def assert_no_descendants(timeout: float = 10.0) -> None:
+    wait_for(lambda: not descendants(), timeout, what=f"child processes {sorted(descendants())} to exit")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """An embedded cluster with 4 CPUs and 4 logical GPUs, shared by a test module."""
+    actorlib.init(num_cpus=4, num_gpus=4)
+    try:
+        yield actorlib
+    finally:
+        actorlib.shutdown()
+        assert_no_descendants()
+
+
+@pytest.fixture
+def fresh():
+    """No cluster running before or after the test; the test calls init() itself."""
+    actorlib.shutdown()
+    yield actorlib
+    actorlib.shutdown()
+    assert_no_descendants()

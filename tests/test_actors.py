@@ -1,0 +1,369 @@
+"""The core runtime end to end: real worker processes, real sockets."""
+
+import asyncio
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from actorlib.exceptions import ActorDiedError, ActorLibError, GetTimeoutError, RemoteError, SerializationError, TaskCancelledError
+
+
+class Boom(Exception):
+    def __init__(self, code):
+        super().__init__(f"boom {code}")
+        self.code = code
+
+
+def make_classes(actorlib):
+    @actorlib.remote
+    class Counter:
+        def __init__(self, start=0):
+            self.n = start
+            self.log = []
+
+        def incr(self, by=1):
+            self.n += by
+            self.log.append(by)
+            return self.n
+
+        def history(self):
+            return self.log
+
+        def slow_incr(self, delay, by=1):
+            time.sleep(delay)
+            return self.incr(by)
+
+        async def wait_then(self, delay, value):
+            await asyncio.sleep(delay)
+            return value
+
+        async def sleep_forever(self):
+            await asyncio.sleep(3600)
+
+        def fail(self, code):
+            raise Boom(code)
+
+        def echo(self, *args, **kwargs):
+            return args, kwargs
+
+        def pid(self):
+            return os.getpid()
+
+        def gen(self, n):
+            yield from range(n)
+
+        async def agen(self, n, delay=0.0):
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                yield i
+
+        def gen_fail(self, n):
+            yield from range(n)
+            raise ValueError("mid-stream")
+
+        async def counted_gen(self, n):
+            self.produced = 0
+            for i in range(n):
+                self.produced = i + 1
+                yield i
+
+        async def produced_count(self):
+            return getattr(self, "produced", 0)
+
+        def context(self):
+            import actorlib as al
+
+            ctx = al.get_runtime_context()
+            return ctx.get_actor_id(), ctx.get_actor_name(), ctx.namespace, ctx.get_node_id(), al.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        def call_other(self, handle, x):
+            import actorlib as al
+
+            return al.get(handle.incr.remote(x), timeout=30)
+
+        async def call_other_async(self, handle, x):
+            return await handle.incr.remote(x)
+
+        async def blocking_get_in_async(self, handle):
+            import actorlib as al
+
+            try:
+                al.get(handle.incr.remote(1))
+            except ActorLibError as exc:
+                return str(exc)
+            return "no error"
+
+        def torch_loaded(self):
+            import sys
+
+            return "torch" in sys.modules
+
+        def exit_now(self, code):
+            import sys
+
+            print("about to exit", file=sys.stderr, flush=True)
+            os._exit(code)
+
+    return Counter
+
+
+@pytest.fixture(scope="module")
+def Counter(cluster):
+    return make_classes(cluster)
+
+
+def test_sync_and_async_calls(cluster, Counter):
+    c = Counter.remote(10)
+    assert cluster.get(c.incr.remote(), timeout=30) == 11
+    assert cluster.get([c.incr.remote(2), c.incr.remote(3)], timeout=30) == [13, 16]
+
+    async def main():
+        return await c.wait_then.remote(0.01, "ok"), await c.incr.remote()
+
+    assert asyncio.run(main()) == ("ok", 17)
+
+
+def test_sync_methods_run_in_call_order(cluster, Counter):
+    c = Counter.remote()
+    refs = [c.slow_incr.remote(0.01 if i % 3 == 0 else 0, i) for i in range(30)]
+    cluster.get(refs, timeout=60)
+    assert cluster.get(c.history.remote(), timeout=30) == list(range(30))
+
+
+def test_async_methods_run_concurrently_up_to_max_concurrency(cluster, Counter):
+    c = Counter.remote()
+    t0 = time.monotonic()
+    assert cluster.get([c.wait_then.remote(0.5, i) for i in range(20)], timeout=60) == list(range(20))
+    assert time.monotonic() - t0 < 5  # 20 x 0.5 s would be 10 s in sequence
+    limited = Counter.options(max_concurrency=2).remote()
+    cluster.get(limited.incr.remote(), timeout=30)
+    t0 = time.monotonic()
+    cluster.get([limited.wait_then.remote(0.3, i) for i in range(4)], timeout=60)
+    assert time.monotonic() - t0 >= 0.55  # two rounds of two
+
+
+def test_remote_error_is_instance_of_user_class_with_traceback(cluster, Counter):
+    c = Counter.remote()
+    with pytest.raises(Boom) as info:
+        cluster.get(c.fail.remote(7), timeout=30)
+    err = info.value
+    assert isinstance(err, RemoteError) and err.code == 7
+    assert "raise Boom(code)" in err.traceback_text and "boom 7" in str(err)
+    # the actor keeps serving
+    assert cluster.get(c.incr.remote(), timeout=30) == 1
+
+
+def test_wait_and_get_timeout(cluster, Counter):
+    c = Counter.remote()
+    fast, slow = c.wait_then.remote(0, "fast"), c.wait_then.remote(30, "slow")
+    ready, pending = cluster.wait([slow, fast], num_returns=1, timeout=20)
+    assert ready == [fast] and pending == [slow]
+    with pytest.raises(GetTimeoutError):
+        cluster.get(slow, timeout=0.2)
+    ready, pending = cluster.wait([slow], timeout=0.1)
+    assert ready == [] and pending == [slow]
+    cluster.cancel(slow)
+
+
+def test_object_ref_arguments_are_resolved_first(cluster, Counter):
+    a, b = Counter.remote(), Counter.remote(100)
+    slow = a.wait_then.remote(0.3, 5)
+    out = b.echo.remote(slow, 1, k=a.incr.remote())
+    assert cluster.get(out, timeout=30) == ((5, 1), {"k": 1})
+    # order is kept: a call behind one that waits on a ref runs after it
+    r1 = b.incr.remote(a.wait_then.remote(0.3, 1))
+    r2 = b.incr.remote(1000)
+    assert cluster.get([r1, r2], timeout=30) == [101, 1101]
+    # an error in the argument fails the call with that error
+    with pytest.raises(Boom):
+        cluster.get(b.echo.remote(a.fail.remote(3)), timeout=30)
+
+
+def test_handles_pass_to_other_actors(cluster, Counter):
+    a, b = Counter.remote(), Counter.remote()
+    assert cluster.get(b.call_other.remote(a, 5), timeout=30) == 5
+    assert cluster.get(b.call_other_async.remote(a, 5), timeout=30) == 10
+    assert "await" in cluster.get(b.blocking_get_in_async.remote(a), timeout=30)
+
+
+def test_generators_stream_in_order_sync_and_async(cluster, Counter):
+    c = Counter.remote()
+    assert [cluster.get(r) for r in c.gen.remote(5000)] == list(range(5000))
+    assert [cluster.get(r) for r in c.agen.remote(300)] == list(range(300))
+
+    async def consume():
+        return [await r async for r in c.agen.remote(50, 0.001)]
+
+    assert asyncio.run(consume()) == list(range(50))
+    assert list(c.gen.remote(0)) == []
+
+
+def test_generator_exception_surfaces_on_next_item(cluster, Counter):
+    c = Counter.remote()
+    gen = c.gen_fail.remote(3)
+    assert [cluster.get(next(gen)) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="mid-stream"):
+        cluster.get(next(gen))
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_generator_backpressure_pauses_the_producer(cluster, Counter):
+    c = Counter.remote()
+    gen = c.counted_gen.options(generator_backpressure=8).remote(10_000)
+    assert cluster.get(next(gen), timeout=30) == 0
+    time.sleep(0.3)  # give a runaway producer the chance to run ahead
+    produced = cluster.get(c.produced_count.remote(), timeout=30)
+    assert produced <= 8 + 1, produced
+    gen.close()
+    # after close the actor is still fine and the producer stopped
+    time.sleep(0.1)
+    assert cluster.get(c.produced_count.remote(), timeout=30) <= 10
+
+
+def test_cancel_running_async_call_and_queued_call(cluster, Counter):
+    c = Counter.remote()
+    ref = c.sleep_forever.remote()
+    time.sleep(0.2)
+    cluster.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        cluster.get(ref, timeout=30)
+    busy = c.slow_incr.remote(0.5)
+    queued = c.incr.remote(100)
+    cluster.cancel(queued)
+    with pytest.raises(TaskCancelledError):
+        cluster.get(queued, timeout=30)
+    assert cluster.get(busy, timeout=30) == 1
+
+
+def test_kill_fails_pending_and_later_calls(cluster, Counter):
+    c = Counter.remote()
+    pid = cluster.get(c.pid.remote(), timeout=30)
+    pending = c.sleep_forever.remote()
+    t0 = time.monotonic()
+    cluster.kill(c)
+    with pytest.raises(ActorDiedError) as info:
+        cluster.get(pending, timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert info.value.pid == pid and "kill" in str(info.value)
+    with pytest.raises(ActorDiedError):
+        cluster.get(c.incr.remote(), timeout=30)
+
+
+def test_worker_death_reports_exit_code_and_stderr(cluster, Counter):
+    c = Counter.remote()
+    pid = cluster.get(c.pid.remote(), timeout=30)
+    with pytest.raises(ActorDiedError) as info:
+        cluster.get(c.exit_now.remote(3), timeout=30)
+    err = info.value
+    assert err.pid == pid and err.exit_code == 3 and "about to exit" in "\n".join(err.stderr_tail)
+    assert "exit_code=3" in str(err)
+
+
+def test_constructor_failure_is_actor_died_with_traceback(cluster):
+    @cluster.remote
+    class Bad:
+        def __init__(self):
+            raise RuntimeError("cannot start")
+
+        def f(self):
+            return 1
+
+    b = Bad.remote()
+    with pytest.raises(ActorDiedError, match="cannot start"):
+        cluster.get(b.f.remote(), timeout=30)
+
+
+def test_named_actors_and_runtime_context(cluster, Counter):
+    c = Counter.options(name="counter-a").remote(1)
+    with pytest.raises(ValueError, match="already taken"):
+        Counter.options(name="counter-a").remote()
+    same = cluster.get_actor("counter-a")
+    assert cluster.get(same.incr.remote(), timeout=30) == 2
+    with pytest.raises(ValueError, match="no actor named"):
+        cluster.get_actor("counter-a", namespace="elsewhere")
+    actor_id, name, ns, node_id, gpus, cvd = cluster.get(c.context.remote(), timeout=30)
+    assert name == "counter-a" and ns == "default" and len(actor_id) == 32 and node_id
+    assert gpus == [] and cvd == ""
+    g = Counter.options(num_gpus=1).remote()
+    _, _, _, _, gpus, cvd = cluster.get(g.context.remote(), timeout=30)
+    assert len(gpus) == 1 and cvd == str(gpus[0])
+    cluster.kill(c)
+    wait = time.monotonic() + 10
+    while time.monotonic() < wait:
+        try:
+            cluster.get_actor("counter-a")
+        except ValueError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("a dead actor's name was not released")
+
+
+def test_bad_input_errors_at_the_call_site(cluster, Counter):
+    c = Counter.remote()
+    with pytest.raises(SerializationError, match="lock"):
+        c.echo.remote(threading.Lock())
+    with pytest.raises(AttributeError, match="'Counter' has no method 'nope'"):
+        c.nope.remote()
+    with pytest.raises(TypeError, match="unknown actor option"):
+        Counter.options(gpus=1)
+    with pytest.raises(ValueError, match="num_gpus"):
+        Counter.options(num_gpus=-1)
+    with pytest.raises(TypeError, match=r"\.remote"):
+        Counter()
+    with pytest.raises(TypeError, match=r"\.remote"):
+        c.incr()
+    with pytest.raises(ValueError, match="never be placed"):
+        Counter.options(num_gpus=64).remote()
+    with pytest.raises(SerializationError, match="top-level"):
+        c.echo.remote([c.incr.remote()])
+
+
+def test_garbage_on_a_worker_socket_leaves_it_serving(cluster, Counter):
+    c = Counter.remote()
+    cluster.get(c.incr.remote(), timeout=30)
+    info = [a for a in cluster.api.runtime.current().run(cluster.api.runtime.current().control("list_actors")) if a["actor_id"] == c._actor_id][0]
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(info["address"])
+    try:
+        for frames in ([b"\xff" * 64], [b""], [b"\x94\x01\x01\x05\xc4\x03abc"], [os.urandom(1000), os.urandom(10)]):
+            raw.send_multipart(frames)
+        assert raw.poll(10_000), "the CALL with a bad body was not answered"
+        assert raw.recv_multipart()
+    finally:
+        raw.close()
+    assert cluster.get(c.incr.remote(), timeout=30) == 2
+
+
+def test_arrays_and_tensors_round_trip_through_an_actor(cluster, Counter):
+    import torch
+
+    c = Counter.remote()
+    arr = np.random.default_rng(0).random((256, 256))
+    t = torch.arange(1000, dtype=torch.bfloat16)
+    (a2, t2), _ = cluster.get(c.echo.remote(arr, t), timeout=30)
+    assert np.array_equal(a2, arr) and torch.equal(t2, t)
+
+
+def test_workers_do_not_import_torch(cluster, Counter):
+    c = Counter.remote()
+    assert cluster.get(c.torch_loaded.remote(), timeout=30) is False
+
+
+def test_blocking_get_inside_a_running_loop_like_jupyter(cluster, Counter):
+    c = Counter.remote()
+
+    async def cell():
+        # a notebook cell: the thread runs a loop, and a blocking get still works
+        value = cluster.get(c.incr.remote(), timeout=30)
+        return value, await c.incr.remote()
+
+    assert asyncio.run(cell()) == (1, 2)

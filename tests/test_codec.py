@@ -1,0 +1,110 @@
+import pickle
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from transport import DecodeError, EncodeError, Kind, ProtocolError, dumps, loads
+from transport.protocol import VERSION, decode, encode_header
+
+
+def roundtrip(value):
+    body, buffers = dumps(value)
+    return loads(body, [memoryview(bytearray(b)) for b in buffers])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, 0, -(2**63), 2**64 - 1, 1.5, "héllo", b"\x00\xff", [1, [2, "x"]], {"a": {1: None}}, (1, (2, [3])), ()],
+)
+def test_plain_data_round_trips_exactly(value):
+    out = roundtrip(value)
+    assert out == value and type(out) is type(value)
+
+
+def test_numpy_array_travels_out_of_band_without_copy():
+    arr = np.arange(1_000_000, dtype=np.float32).reshape(1000, 1000)
+    body, buffers = dumps({"x": arr})
+    assert len(body) < 200 and len(buffers) == 1
+    recv_buf = memoryview(bytearray(buffers[0]))
+    out = loads(body, [recv_buf])["x"]
+    assert out.dtype == arr.dtype and out.shape == arr.shape and np.array_equal(out, arr)
+    assert np.shares_memory(out, np.frombuffer(recv_buf, dtype=np.uint8))
+
+
+def test_non_contiguous_and_zero_size_arrays():
+    arr = np.arange(20).reshape(4, 5)[:, ::2]
+    assert np.array_equal(roundtrip(arr), arr)
+    empty = np.zeros((0, 3), dtype=np.int16)
+    out = roundtrip(empty)
+    assert out.shape == (0, 3) and out.dtype == np.int16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.float16])
+def test_torch_tensors_out_of_band(dtype):
+    t = (torch.arange(24) % 2).to(dtype).reshape(2, 3, 4)
+    body, buffers = dumps(t)
+    assert len(buffers) == 1
+    out = loads(body, [memoryview(bytearray(buffers[0]))])
+    assert out.dtype == dtype and out.shape == t.shape and torch.equal(out, t)
+
+
+def test_torch_tensor_with_grad_and_empty():
+    t = torch.ones(3, requires_grad=True)
+    assert torch.equal(roundtrip(t), torch.ones(3))
+    assert roundtrip(torch.empty(0, 4)).shape == (0, 4)
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+    def __eq__(self, other):
+        return isinstance(other, Point) and other.x == self.x
+
+
+def test_objects_go_through_cloudpickle_with_oob_buffers():
+    def local_fn(y):
+        return y * 2
+
+    body, buffers = dumps([Point(3), local_fn, pickle.PickleBuffer(b"x" * 100)])
+    out = loads(body, buffers)
+    assert out[0] == Point(3) and out[1](4) == 8
+
+
+def test_unpicklable_value_names_its_type():
+    with pytest.raises(EncodeError, match="lock"):
+        dumps({"k": threading.Lock()})
+
+
+def test_plain_only_refuses_pickles_both_ways():
+    with pytest.raises(EncodeError):
+        dumps(Point(1), allow_pickle=False)
+    body, buffers = dumps(Point(1))
+    with pytest.raises(DecodeError):
+        loads(body, buffers, allow_pickle=False)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\xc1", b"\xd4\x63\x00", b"\x92\x01", b"\xc7\x05\x03abcde"])
+def test_garbage_is_a_decode_error(garbage):
+    with pytest.raises(DecodeError):
+        loads(garbage, [])
+
+
+def test_header_round_trip_and_protocol_errors():
+    msg = decode([encode_header(Kind.CALL, 7, b"\x90"), b"buf"])
+    assert msg.kind is Kind.CALL and msg.req_id == 7 and msg.body == b"\x90" and msg.buffers == [b"buf"]
+    bad = [
+        [],
+        [b"not msgpack \xc1"],
+        [msgpack.packb([VERSION + 1, 1, 1, b""])],
+        [msgpack.packb([VERSION, 99, 1, b""])],
+        [msgpack.packb([VERSION, 1, "x", b""])],
+        [msgpack.packb([VERSION, 1])],
+        [msgpack.packb({"a": 1})],
+    ]
+    for frames in bad:
+        with pytest.raises(ProtocolError):
+            decode(frames)

@@ -1,0 +1,92 @@
+import asyncio
+
+import numpy as np
+import pytest
+import zmq
+
+from transport import ControlError, ControlServer, Endpoint, Kind, RemoteFailure, control_call, dumps, loads, shared_context
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class Echo:
+    async def op_echo(self, peer, value):
+        return value
+
+    async def op_fail(self, peer):
+        raise ControlError("ValueError", "no good")
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:0", "ipc"])
+def test_control_round_trip_and_errors(address, tmp_path):
+    async def main():
+        addr = f"ipc://{tmp_path}/s.sock" if address == "ipc" else address
+        server = ControlServer(Echo())
+        ep = Endpoint.bind(addr, on_message=server.handle, name="server")
+        server.attach(ep)
+        if address != "ipc":
+            assert not ep.address.endswith(":0")
+        client = Endpoint.connect(ep.address, on_message=None, name="client")
+        try:
+            assert await control_call(client, "echo", value={"a": [1, 2]}) == {"a": [1, 2]}
+            with pytest.raises(RemoteFailure, match="no good"):
+                await control_call(client, "fail")
+            with pytest.raises(RemoteFailure, match="unknown control operation"):
+                await control_call(client, "nope")
+            with pytest.raises(RemoteFailure, match="bad arguments"):
+                await control_call(client, "echo", wrong=1)
+            # ping is answered by the endpoint itself
+            pong = await client.call(Kind.PING, None, timeout=5)
+            assert pong is None
+        finally:
+            client.close()
+            ep.close()
+
+    run(main())
+
+
+def test_malformed_messages_are_dropped_and_requests_answered(tmp_path):
+    async def main():
+        server = ControlServer(Echo())
+        ep = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=server.handle, name="server")
+        server.attach(ep)
+        raw = shared_context().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(ep.address)
+        try:
+            for frames in ([b"garbage"], [b"\x94\x63\x01\x01\xc4\x00"], [b""], [b"\x94\x01\x0b\x05\xc4\x01\xc1"]):
+                raw.send_multipart(frames)
+            client = Endpoint.connect(ep.address, on_message=None, name="client")
+            assert await control_call(client, "echo", value=3, timeout=10) == 3
+            client.close()
+            # the last garbage was a CONTROL request with a bad body: it was answered
+            frames = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, raw.recv_multipart), 10)
+            assert frames
+        finally:
+            raw.close()
+            ep.close()
+
+    run(main())
+
+
+def test_large_buffers_stream_through_zero_copy(tmp_path):
+    async def main():
+        got = asyncio.get_running_loop().create_future()
+
+        def on_message(msg):
+            got.set_result(loads(msg.body, msg.buffers))
+
+        ep = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=on_message, name="server")
+        client = Endpoint.connect(ep.address, on_message=None, name="client")
+        payload = np.ones(8 << 20, dtype=np.uint8)
+        body, buffers = dumps(payload)
+        assert len(buffers) == 1
+        client.send(Kind.CALL, 1, body, buffers)
+        value = await asyncio.wait_for(got, 10)
+        assert value.shape == (8 << 20,) and value.sum() == 8 << 20
+        client.close()
+        ep.close()
+
+    run(main())
