@@ -51,7 +51,9 @@ def _validate_options(options: dict[str, Any]) -> dict[str, Any]:
     if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
         raise ValueError(f"max_concurrency must be an int >= 1, not {mc!r}")
     env = options.get("env_vars")
-    if env is not None and (not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+    if env is not None and (
+        not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
         raise ValueError("env_vars must be a dict of str to str")
     for key in ("max_restarts", "max_task_retries"):
         if options.get(key, 0) not in (0, None):
@@ -150,7 +152,9 @@ class ActorClass(Generic[T]):
 class ActorHandle:
     """A reference to a running actor. Serializable: another actor that receives it can call it."""
 
-    def __init__(self, actor_id: str, class_name: str, methods: dict[str, int], name: str | None = None, namespace: str = "default") -> None:
+    def __init__(
+        self, actor_id: str, class_name: str, methods: dict[str, int], name: str | None = None, namespace: str = "default"
+    ) -> None:
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
@@ -208,4 +212,3 @@ class ActorMethod:
 
     def __repr__(self) -> str:
         return f"ActorMethod({self._handle._class_name}.{self._name})"
-

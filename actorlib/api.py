@@ -194,4 +194,3 @@ def cluster_resources() -> dict[str, float]:
 def available_resources() -> dict[str, float]:
     rt = runtime.current()
     return rt.run(rt.control("available_resources"))
-

@@ -18,7 +18,7 @@ import uuid
 
 import uvloop
 
-from scheduler import Head, NodeAgent, detect_gpu_ids, new_session_dir, remove_sockets
+from scheduler import Head, NodeAgent, detect_gpu_ids, new_session_dir, remove_sockets, socket_dir
 
 from .exceptions import ActorLibError
 from .runtime import Runtime
@@ -49,7 +49,13 @@ class Driver:
         self.loop.run_forever()
 
     def start_embedded(
-        self, *, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float] | None, namespace: str, log_to_driver: bool
+        self,
+        *,
+        num_cpus: float | None,
+        num_gpus: int | None,
+        resources: dict[str, float] | None,
+        namespace: str,
+        log_to_driver: bool,
     ) -> None:
         try:
             self.rt.run(self._start_embedded(num_cpus, num_gpus, resources or {}, namespace, log_to_driver), _START_TIMEOUT)
@@ -61,7 +67,7 @@ class Driver:
         self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float], namespace: str, log_to_driver: bool
     ) -> None:
         session_dir = new_session_dir()
-        self.head = Head(session_dir=session_dir, address=f"ipc://{session_dir}/sockets/head.sock")
+        self.head = Head(session_dir=session_dir, address=f"ipc://{socket_dir(session_dir)}/head.sock")
         self.head.start()
         visible = detect_gpu_ids()
         if num_gpus is None:

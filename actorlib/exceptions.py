@@ -36,7 +36,9 @@ class ActorLibError(Exception):
 class RemoteError(ActorLibError):
     """User code raised in an actor; ``cause`` is the original exception (when it could travel)."""
 
-    def __init__(self, class_name: str, message: str, traceback_text: str, *, actor: str = "", cause: BaseException | None = None) -> None:
+    def __init__(
+        self, class_name: str, message: str, traceback_text: str, *, actor: str = "", cause: BaseException | None = None
+    ) -> None:
         Exception.__init__(self, message)  # never the user class's __init__, which may want other arguments
         self.class_name = class_name
         self.message = message

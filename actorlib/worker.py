@@ -283,7 +283,9 @@ class ActorHost:
             task.cancel()
         elif key in self._queued:
             self._queued.discard(key)
-            self.send_value(Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0])
+            self.send_value(
+                Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
+            )
             producer = self._producers.pop(key, None)
             if producer is not None:
                 producer.on_close()

@@ -161,11 +161,9 @@ class ForkServer:
         proc = self._proc
         if proc is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while proc.poll() is None and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        if proc.poll() is None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait, timeout)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
@@ -309,4 +307,3 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
             sys.stderr.flush()
         finally:
             os._exit(code)
-

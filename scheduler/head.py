@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from transport import ControlError, ControlServer, Endpoint, RemoteFailure, cont
 
 from .actors import ActorRecord, ActorSpec, ActorState
 from .resources import NodePool, to_float
+from .session import socket_dir
 
 __all__ = ["Head"]
 
@@ -155,9 +155,7 @@ class Head:
             key = (s.namespace, s.name)
             other = self.named.get(key)
             if other is not None and self.actors[other].state != ActorState.DEAD:
-                raise ControlError(
-                    "ValueError", f"the name {s.name!r} is already taken in namespace {s.namespace!r}"
-                )
+                raise ControlError("ValueError", f"the name {s.name!r} is already taken in namespace {s.namespace!r}")
         if not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
             raise ControlError("ResourceError", self._infeasible_text(s))
         record = ActorRecord(s)
@@ -208,7 +206,7 @@ class Head:
             "ACTORLIB_NODE_ID": node.node_id,
             **s.env_vars,
         }
-        sockets = os.path.join(self.session_dir, "sockets")
+        sockets = socket_dir(self.session_dir)
         config = {
             "head_address": self.address,
             "actor_id": s.actor_id,

@@ -108,7 +108,7 @@ class NodeAgent:
     ) -> dict[str, Any]:
         pid, out_fd, err_fd = await self._forkserver.spawn(env, config)
         base = os.path.join(self.log_dir, f"worker-{actor_id[:12]}-{pid}")
-        w = _Worker(actor_id, label, pid, open(base + ".out", "ab", buffering=0), open(base + ".err", "ab", buffering=0))
+        w = _Worker(actor_id, label, pid, *_open_logs(base))
         self._workers[pid] = w
         loop = asyncio.get_running_loop()
         for fd in (out_fd, err_fd):
@@ -156,7 +156,13 @@ class NodeAgent:
         if is_err:
             w.tail.extend(text)
         if self._head is not None and not self._head.closed:
-            payload = {"actor_id": w.actor_id, "label": w.label, "pid": w.pid, "stream": "stderr" if is_err else "stdout", "lines": text}
+            payload = {
+                "actor_id": w.actor_id,
+                "label": w.label,
+                "pid": w.pid,
+                "stream": "stderr" if is_err else "stdout",
+                "lines": text,
+            }
             try:
                 send_event(self._head, "log", payload)
             except Exception as exc:
@@ -213,3 +219,8 @@ class NodeAgent:
             send_event(self._head, "worker_exited", payload)
         except Exception as exc:
             log.warning("could not report the exit of worker %d: %s", pid, exc)
+
+
+def _open_logs(base: str) -> tuple[Any, Any]:
+    """The worker's two log files, unbuffered (opening a local file does not stall the loop)."""
+    return open(base + ".out", "ab", buffering=0), open(base + ".err", "ab", buffering=0)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import zmq
 
-from actorlib.exceptions import ActorDiedError, ActorLibError, GetTimeoutError, RemoteError, SerializationError, TaskCancelledError
+from actorlib.exceptions import (
+    ActorDiedError,
+    ActorLibError,
+    GetTimeoutError,
+    RemoteError,
+    SerializationError,
+    TaskCancelledError,
+)
 
 
 class Boom(Exception):
@@ -79,7 +86,14 @@ def make_classes(actorlib):
             import actorlib as al
 
             ctx = al.get_runtime_context()
-            return ctx.get_actor_id(), ctx.get_actor_name(), ctx.namespace, ctx.get_node_id(), al.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+            return (
+                ctx.get_actor_id(),
+                ctx.get_actor_name(),
+                ctx.namespace,
+                ctx.get_node_id(),
+                al.get_gpu_ids(),
+                os.environ.get("CUDA_VISIBLE_DEVICES"),
+            )
 
         def call_other(self, handle, x):
             import actorlib as al
@@ -328,7 +342,11 @@ def test_bad_input_errors_at_the_call_site(cluster, Counter):
 def test_garbage_on_a_worker_socket_leaves_it_serving(cluster, Counter):
     c = Counter.remote()
     cluster.get(c.incr.remote(), timeout=30)
-    info = [a for a in cluster.api.runtime.current().run(cluster.api.runtime.current().control("list_actors")) if a["actor_id"] == c._actor_id][0]
+    info = [
+        a
+        for a in cluster.api.runtime.current().run(cluster.api.runtime.current().control("list_actors"))
+        if a["actor_id"] == c._actor_id
+    ][0]
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from . import codec
-from .endpoint import Endpoint, RemoteFailure
+from .endpoint import Endpoint
 from .exceptions import DecodeError, TransportError
 from .protocol import Kind, Message
 

@@ -1,0 +1,211 @@
+"""actorlib's benchmark runner: workloads W1, W2, W4, W5 and W6 of DESIGN.md.
+
+Prints one JSON object per line, e.g.
+``{"system": "actorlib", "workload": "W1", "metric": "p50_us", "value": 142.0, "unit": "us"}``.
+
+    python benchmarks/run.py                 # every workload, full size
+    python benchmarks/run.py -w W1,W6        # some of them
+    python benchmarks/run.py --tiny          # a quick check that the runner works
+
+Timings are medians over ``--repeat`` rounds. Compare systems side by side in
+one run on one machine; absolute figures move between machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import actorlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@actorlib.remote
+class Bench:
+    def ping(self) -> int:
+        return 1
+
+    async def aping(self) -> int:
+        return 1
+
+    def consume(self, arr: Any) -> int:
+        return int(arr.nbytes)
+
+    def produce(self, nbytes: int) -> Any:
+        return np.ones(nbytes, dtype=np.uint8)
+
+    def stream(self, n: int) -> Any:
+        yield from range(n)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def record(workload: str, metric: str, value: float, unit: str, **extra: Any) -> dict[str, Any]:
+    return {"system": "actorlib", "workload": workload, "metric": metric, "value": round(value, 2), "unit": unit, **extra}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def w1(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    for _ in range(size["w1_warmup"]):
+        actorlib.get(actor.ping.remote())
+    lat = []
+    for _ in range(size["w1_calls"]):
+        t0 = time.perf_counter()
+        actorlib.get(actor.ping.remote())
+        lat.append((time.perf_counter() - t0) * 1e6)
+    return [record("W1", "p50_us", percentile(lat, 0.5), "us"), record("W1", "p99_us", percentile(lat, 0.99), "us")]
+
+
+def w2(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    total, window = size["w2_calls"], size["w2_inflight"]
+
+    async def drive() -> float:
+        sem = asyncio.Semaphore(window)
+
+        async def one() -> None:
+            async with sem:
+                await actor.aping.remote()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(total)))
+        return time.perf_counter() - t0
+
+    asyncio.run(drive())  # warm-up
+    elapsed = asyncio.run(drive())
+    return [record("W2", "calls_per_s", total / elapsed, "calls/s")]
+
+
+def w4(size: dict[str, int]) -> list[dict[str, Any]]:
+    script = textwrap.dedent(
+        """
+        import time
+        t0 = time.perf_counter()
+        import os, actorlib
+        @actorlib.remote
+        class A:
+            def pid(self):
+                return os.getpid()
+        actorlib.init(num_cpus=4)
+        pids = actorlib.get([A.remote().pid.remote() for _ in range(4)], timeout=60)
+        assert len(set(pids)) == 4
+        print(time.perf_counter() - t0, flush=True)
+        actorlib.shutdown()
+        """
+    )
+    inproc, wall = [], []
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for _ in range(size["w4_rounds"]):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, check=True)
+        wall.append(time.perf_counter() - t0)
+        inproc.append(float(out.stdout.strip().splitlines()[-1]))
+    return [
+        record("W4", "in_process_s", statistics.median(inproc), "s"),
+        record("W4", "whole_process_s", statistics.median(wall), "s"),
+    ]
+
+
+def w5(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    nbytes = size["w5_bytes"]
+    arr = np.ones(nbytes, dtype=np.uint8)
+    actorlib.get(actor.consume.remote(arr))
+    actorlib.get(actor.produce.remote(nbytes))
+    ins, outs = [], []
+    for _ in range(size["w5_rounds"]):
+        t0 = time.perf_counter()
+        actorlib.get(actor.consume.remote(arr))
+        ins.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        back = actorlib.get(actor.produce.remote(nbytes))
+        outs.append(time.perf_counter() - t0)
+        assert back.nbytes == nbytes
+    mib = nbytes / (1 << 20)
+    return [
+        record("W5", "in_mib_per_s", mib / statistics.median(ins), "MiB/s"),
+        record("W5", "out_mib_per_s", mib / statistics.median(outs), "MiB/s"),
+    ]
+
+
+def w6(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    n = size["w6_items"]
+    rates = []
+    for _ in range(size["w6_rounds"]):
+        t0 = time.perf_counter()
+        count = sum(1 for _ in actor.stream.remote(n))
+        rates.append(count / (time.perf_counter() - t0))
+        assert count == n
+    return [record("W6", "items_per_s", statistics.median(rates), "items/s")]
+
+
+FULL = {
+    "w1_warmup": 200,
+    "w1_calls": 3000,
+    "w2_calls": 20_000,
+    "w2_inflight": 1000,
+    "w4_rounds": 3,
+    "w5_bytes": 64 << 20,
+    "w5_rounds": 5,
+    "w6_items": 10_000,
+    "w6_rounds": 3,
+}
+TINY = {
+    "w1_warmup": 5,
+    "w1_calls": 20,
+    "w2_calls": 200,
+    "w2_inflight": 50,
+    "w4_rounds": 1,
+    "w5_bytes": 1 << 20,
+    "w5_rounds": 1,
+    "w6_items": 100,
+    "w6_rounds": 1,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-w", "--workloads", default="W1,W2,W4,W5,W6")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the runner, measures nothing")
+    args = parser.parse_args(argv)
+    size = TINY if args.tiny else FULL
+    chosen = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    known = {"W1", "W2", "W4", "W5", "W6"}
+    if not set(chosen) <= known:
+        parser.error(f"unknown workloads {sorted(set(chosen) - known)}; known: {sorted(known)}")
+    print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}), flush=True)
+    emit: Callable[[list[dict[str, Any]]], None] = lambda rows: [print(json.dumps(r), flush=True) for r in rows]  # noqa: E731
+    if "W4" in chosen:
+        emit(w4(size))
+    rest = [w for w in chosen if w != "W4"]
+    if rest:
+        actorlib.init(num_cpus=2)
+        try:
+            actor = Bench.remote()
+            actorlib.get(actor.pid.remote(), timeout=60)
+            table = {"W1": w1, "W2": w2, "W5": w5, "W6": w6}
+            for w in rest:
+                emit(table[w](actor, size))
+        finally:
+            actorlib.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Starting, stopping, fate sharing and worker output: each test owns its processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from .conftest import assert_no_descendants, descendants, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(tmp_path, body: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(body))
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACTORLIB_TMPDIR": str(tmp_path / "sessions")}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_shutdown_leaves_nothing_and_init_works_again(fresh):
+    actorlib = fresh
+
+    @actorlib.remote
+    class A:
+        def pid(self):
+            return os.getpid()
+
+    for _ in range(2):
+        actorlib.init(num_cpus=2)
+        assert actorlib.is_initialized()
+        pids = actorlib.get([A.remote().pid.remote() for _ in range(3)], timeout=30)
+        assert set(pids) <= descendants()
+        actorlib.shutdown()
+        assert not actorlib.is_initialized()
+        assert_no_descendants(timeout=5)
+    actorlib.shutdown()  # twice is fine
+
+
+def test_double_init_is_a_clear_error(fresh):
+    fresh.init(num_cpus=1)
+    with pytest.raises(fresh.ActorLibError, match="already"):
+        fresh.init()
+    assert fresh.init(ignore_reinit_error=True)["session_dir"]
+
+
+def test_calls_before_init_say_so(fresh):
+    @fresh.remote
+    class A:
+        pass
+
+    with pytest.raises(fresh.ActorLibError, match="init"):
+        A.remote()
+
+
+def test_driver_sigkill_takes_every_worker_within_5_seconds(tmp_path):
+    script = tmp_path / "victim.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time, actorlib
+            actorlib.init(num_cpus=2)
+            @actorlib.remote
+            class A:
+                def pid(self):
+                    return os.getpid()
+            actors = [A.remote() for _ in range(3)]
+            print(" ".join(str(p) for p in actorlib.get([a.pid.remote() for a in actors], timeout=60)), flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACTORLIB_TMPDIR": str(tmp_path / "sessions")}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        worker_pids = [int(p) for p in line.split()]
+        assert len(worker_pids) == 3
+        everything = descendants(proc.pid)
+        assert set(worker_pids) <= everything
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        t0 = time.monotonic()
+        wait_for(
+            lambda: not any(os.path.exists(f"/proc/{p}") and _alive(p) for p in everything), 5, what="orphaned workers to die"
+        )
+        assert time.monotonic() - t0 <= 5
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert_no_descendants()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_output_reaches_the_driver_and_the_log_files(tmp_path):
+    out = run_script(
+        tmp_path,
+        """
+        import sys, glob, os, actorlib
+        info = actorlib.init(num_cpus=1)
+        @actorlib.remote
+        class Talker:
+            def say(self, text):
+                print(text)
+                print("to stderr", text, file=sys.stderr)
+                return os.getpid()
+        t = Talker.options(name="talker").remote()
+        pid = actorlib.get(t.say.remote("hello there"), timeout=30)
+        u = Talker.remote()
+        pid2 = actorlib.get(u.say.remote("second"), timeout=30)
+        print("PIDS", pid, pid2, flush=True)
+        actorlib.shutdown()
+        logs = sorted(glob.glob(os.path.join(info["session_dir"], "logs", "*")))
+        print("LOGS", " ".join(os.path.basename(p) for p in logs))
+        print("CONTENT", open([p for p in logs if p.endswith(".out") and str(pid) in p][0]).read().strip())
+        """,
+    )
+    assert out.returncode == 0, out.stderr
+    pid, pid2 = out.stdout.split("PIDS ")[1].split()[:2]
+    assert f"(talker pid={pid}) hello there" in out.stdout
+    assert f"(Talker pid={pid2}) second" in out.stdout
+    assert f"(talker pid={pid}) to stderr hello there" in out.stderr
+    assert "CONTENT hello there" in out.stdout
+    assert f"-{pid}.err" in out.stdout
+
+
+def test_log_to_driver_false_keeps_output_in_files_only(tmp_path):
+    out = run_script(
+        tmp_path,
+        """
+        import actorlib
+        actorlib.init(num_cpus=1, log_to_driver=False)
+        @actorlib.remote
+        class Talker:
+            def say(self):
+                print("quiet please")
+        actorlib.get(Talker.remote().say.remote(), timeout=30)
+        actorlib.shutdown()
+        print("END")
+        """,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "quiet please" not in out.stdout and "END" in out.stdout
+
+
+def test_classes_and_functions_from_main_work(tmp_path):
+    out = run_script(
+        tmp_path,
+        """
+        import actorlib
+
+        def helper(x):
+            return x * 3
+
+        class Payload:
+            def __init__(self, v):
+                self.v = v
+
+        @actorlib.remote
+        class UsesMain:
+            def run(self, p):
+                return helper(p.v)
+
+        actorlib.init(num_cpus=1)
+        print("RESULT", actorlib.get(UsesMain.remote().run.remote(Payload(14)), timeout=30))
+        """,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "RESULT 42" in out.stdout
