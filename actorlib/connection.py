@@ -12,6 +12,11 @@ DEAD: every pending, queued and later call fails with ``ActorDiedError``.
 Calls leave in submission order. A call with ``ObjectRef`` arguments waits
 for them, and every later call to the same actor queues behind it, so a sync
 actor still runs its calls in the order they were made.
+
+A call made from another thread goes straight onto the socket when nothing
+is ahead of it (:meth:`ActorConnection.try_direct`); otherwise it is posted
+to the loop and counted in ``posted`` until the loop has taken it, so no
+later call can overtake it. ``lock`` guards that decision.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -98,30 +104,58 @@ class ActorConnection:
         self._death: dict[str, Any] | None = None
         self._inflight: dict[int, Call] = {}
         self.created: asyncio.Future[None] | None = None  # set while this process is creating the actor
+        self.lock = threading.Lock()
+        self.posted = 0  # calls handed to the loop from other threads, not yet submitted
         rt.loop.create_task(self._resolve())
 
     # -- on the loop thread ------------------------------------------------
 
-    def submit(self, call: Call) -> None:
-        if self.state is ConnState.DEAD:
-            call.fail(self._died())
-        elif self.state is ConnState.CONNECTED and not self._queue and not call.deps:
+    def try_direct(self, call: Call) -> bool:
+        """From a caller's thread: send now if nothing is ahead of this call; else False."""
+        with self.lock:
+            if self.state is not ConnState.CONNECTED or self._queue or self._flushing or self.posted or call.deps:
+                return False
             self._send(call)
-        else:
-            self._queue.append(call)
-            if self.state is ConnState.CONNECTED and not self._flushing:
-                self._flushing = True
-                self.rt.loop.create_task(self._flush())
+            return True
+
+    def post(self) -> None:
+        """A caller's thread is about to hand a call to the loop."""
+        with self.lock:
+            self.posted += 1
+
+    def submit_posted(self, call: Call) -> None:
+        with self.lock:
+            self.posted -= 1
+        self.submit(call)
+
+    def submit(self, call: Call) -> None:
+        """Loop thread."""
+        with self.lock:
+            if self.state is ConnState.DEAD:
+                pass
+            elif self.state is ConnState.CONNECTED and not self._queue and not call.deps and not self._flushing:
+                self._send(call)
+                return
+            else:
+                self._queue.append(call)
+                if self.state is ConnState.CONNECTED and not self._flushing:
+                    self._flushing = True
+                    self.rt.loop.create_task(self._flush())
+                return
+        call.fail(self._died())
 
     def _send(self, call: Call) -> None:
-        assert self.endpoint is not None and call.frames is not None
+        """Put one encoded call on the socket (any thread, under ``lock``)."""
+        ep = self.endpoint
+        assert ep is not None and call.frames is not None
         body, buffers = call.frames
+        req_id = call.req_id = ep.next_id()
+        self._inflight[req_id] = call
         try:
-            call.req_id = self.endpoint.request(Kind.CALL, body, buffers, sink=self._sink(call))
+            ep.request(Kind.CALL, body, buffers, sink=self._sink(call), req_id=req_id)
         except TransportError as exc:
+            self._inflight.pop(req_id, None)
             call.fail(ActorLibError(f"could not send {call.method}() to {self.class_name}: {exc}"))
-            return
-        self._inflight[call.req_id] = call
 
     def _sink(self, call: Call) -> Any:
         inflight = self._inflight
@@ -144,35 +178,41 @@ class ActorConnection:
         if info["state"] == "DEAD":
             self.mark_dead(info.get("death") or {"actor_id": self.actor_id, "class_name": self.class_name})
             return
-        if self.state is ConnState.DEAD:
-            return
-        self.endpoint = Endpoint.connect(info["address"], on_message=None, name=f"{self.class_name}:{self.actor_id[:8]}")
-        self.state = ConnState.CONNECTED
-        if self._queue and not self._flushing:
-            self._flushing = True
+        with self.lock:
+            if self.state is ConnState.DEAD:
+                return
+            self.endpoint = Endpoint.connect(info["address"], on_message=None, name=f"{self.class_name}:{self.actor_id[:8]}")
+            self.state = ConnState.CONNECTED
+            flush = bool(self._queue) and not self._flushing
+            if flush:
+                self._flushing = True
+        if flush:
             await self._flush()
 
     async def _flush(self) -> None:
         try:
-            while self._queue and self.state is ConnState.CONNECTED:
-                call = self._queue[0]
-                if call.cancelled:
-                    self._queue.popleft()
-                    continue
-                if call.deps:
-                    try:
-                        await self._resolve_args(call)
-                    except BaseException as exc:
+            while True:
+                with self.lock:
+                    if not self._queue or self.state is not ConnState.CONNECTED:
+                        break
+                    call = self._queue[0]
+                    if not call.deps or call.cancelled:
                         self._queue.popleft()
-                        call.fail(exc)
+                        if not call.cancelled:
+                            self._send(call)
                         continue
-                self._queue.popleft()
-                if self.state is ConnState.CONNECTED:
-                    self._send(call)
-                else:
-                    call.fail(self._died())
+                try:
+                    await self._resolve_args(call)
+                except BaseException as exc:
+                    with self.lock:
+                        self._queue.popleft()
+                    call.fail(exc)
         finally:
-            self._flushing = False
+            with self.lock:
+                self._flushing = False
+                leftover = self.state is not ConnState.CONNECTED and bool(self._queue)
+            if leftover and self.state is ConnState.DEAD:
+                self._fail_queue()
 
     async def _resolve_args(self, call: Call) -> None:
         args = [await a if type(a) is ObjectRef else a for a in call.args]
@@ -199,19 +239,28 @@ class ActorConnection:
         return ActorDiedError(self._death or {"actor_id": self.actor_id, "class_name": self.class_name})
 
     def mark_dead(self, death: dict[str, Any]) -> None:
-        if self.state is ConnState.DEAD:
-            return
-        self.state = ConnState.DEAD
-        self._death = death
+        with self.lock:
+            if self.state is ConnState.DEAD:
+                return
+            self.state = ConnState.DEAD
+            self._death = death
+            inflight, self._inflight = self._inflight, {}
         err = self._died()
-        inflight, self._inflight = self._inflight, {}
         for call in inflight.values():
             call.fail(err)
-        while self._queue:
-            self._queue.popleft().fail(err)
+        self._fail_queue()
         if self.endpoint is not None:
             self.endpoint.pending.clear()
             self.endpoint.close()
+
+    def _fail_queue(self) -> None:
+        err = self._died()
+        while True:
+            with self.lock:
+                if not self._queue:
+                    return
+                call = self._queue.popleft()
+            call.fail(err)
 
     def close(self) -> None:
         self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": "actorlib was shut down"})

@@ -211,11 +211,23 @@ class Runtime:
             result = ObjectRefGenerator(sink, self.check_can_block)
         call = Call(method, args, kwargs, options, frames, sink, deps)
         holder.append(call)
-        self.call_soon(self._submit, actor_id, class_name, call)
+        if self.in_loop():
+            self.connection(actor_id, class_name).submit(call)
+            return result
+        conn = self._conns.get(actor_id)
+        if conn is not None:
+            if conn.try_direct(call):
+                return result
+            conn.post()
+        self.call_soon(self._submit_posted, actor_id, class_name, call, conn is not None)
         return result
 
-    def _submit(self, actor_id: str, class_name: str, call: Call) -> None:
-        self.connection(actor_id, class_name).submit(call)
+    def _submit_posted(self, actor_id: str, class_name: str, call: Call, counted: bool) -> None:
+        conn = self.connection(actor_id, class_name)
+        if counted:
+            conn.submit_posted(call)
+        else:
+            conn.submit(call)
 
     def _cancel(self, actor_id: str, holder: list[Call]) -> None:
         conn = self._conns.get(actor_id)

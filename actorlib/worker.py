@@ -194,19 +194,17 @@ class ActorHost:
             pass  # the caller is gone or we are closing
 
     def _send_from_thread(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
+        """Encode and send from the sync thread, straight onto the socket (no hop to the loop)."""
         try:
-            frames: Any = dumps(value)
+            body, buffers = dumps(value)
         except EncodeError as exc:
             kind = Kind.ERROR
-            frames = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
-        self.loop.call_soon_threadsafe(self._send_frames, kind, req_id, frames, peer)
-
-    def _send_frames(self, kind: Kind, req_id: int, frames: tuple[bytes, list[Any]], peer: bytes | None) -> None:
+            body, buffers = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
         if self.endpoint is not None:
             try:
-                self.endpoint.send(kind, req_id, frames[0], frames[1], peer)
+                self.endpoint.send(kind, req_id, body, buffers, peer)
             except Exception:
-                pass
+                pass  # the caller is gone or we are closing
 
     # -- receiving ---------------------------------------------------------------
 

@@ -8,7 +8,10 @@ goes to the ``on_message`` handler.
 
 The socket is read straight from the loop's reader callback (no future per
 message) and drained without blocking, so a burst of messages costs one
-wake-up. All methods must be called on the loop's thread.
+wake-up. Sending is allowed from any thread: every use of the socket holds
+one lock (ZeroMQ allows a socket to move between threads across a full memory
+barrier), so a caller's thread sends without waking the loop. Everything
+else must be called on the loop's thread.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,6 +73,8 @@ class Endpoint:
         self._on_message = on_message
         self.name = name
         self._loop = loop or asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.pending: dict[int, Sink] = {}
         self._closed = False
@@ -150,22 +156,24 @@ class Endpoint:
         self.send(kind, req_id, body, buffers, peer)
 
     def send_frames(self, frames: list[Any], peer: bytes | None = None) -> None:
-        """Send an already-encoded message. Raises :class:`ConnectionClosedError`."""
-        if self._closed:
-            raise ConnectionClosedError(f"{self.name} is closed", by_us=True)
+        """Send an already-encoded message, from any thread. Raises :class:`ConnectionClosedError`."""
         if self._routed:
             if peer is None:
                 raise ValueError("a bound endpoint needs the peer to send to")
             frames = [peer, *frames]
-        try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                log.debug("%s: peer %r is gone; message dropped", self.name, peer)
-                return
-            raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
-        # A send can swallow the socket's read edge: look again.
-        if not self._drain_scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        with self._lock:
+            if self._closed:
+                raise ConnectionClosedError(f"{self.name} is closed", by_us=True)
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    log.debug("%s: peer %r is gone; message dropped", self.name, peer)
+                    return
+                raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
+            # A send can swallow the socket's read edge: look again.
+            readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        if readable and not self._drain_scheduled:
             self._schedule_drain()
 
     def request(
@@ -176,9 +184,11 @@ class Endpoint:
         *,
         sink: Sink,
         peer: bytes | None = None,
+        req_id: int | None = None,
     ) -> int:
-        """Send a request whose responses go to ``sink``; returns its id."""
-        req_id = self.next_id()
+        """Send a request whose responses go to ``sink``; returns its id (``next_id()`` unless given)."""
+        if req_id is None:
+            req_id = self.next_id()
         self.pending[req_id] = sink
         try:
             self.send(kind, req_id, body, buffers, peer)
@@ -225,16 +235,22 @@ class Endpoint:
 
     def _schedule_drain(self) -> None:
         self._drain_scheduled = True
-        self._loop.call_soon(self._on_readable)
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(self._on_readable)
+        else:
+            self._loop.call_soon_threadsafe(self._on_readable)
 
     def _on_readable(self) -> None:
         self._drain_scheduled = False
         if self._closed:
             return
-        sock = self._sock
+        sock, lock = self._sock, self._lock
         for _ in range(_DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                with lock:
+                    if self._closed:
+                        return
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -288,14 +304,16 @@ class Endpoint:
                 log.exception("%s: error while failing request %d", self.name, req_id)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
-        except Exception:
-            pass
-        self._sock.close(linger=0)
+        """Close the socket (loop thread)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
+            except Exception:
+                pass
+            self._sock.close(linger=0)
 
 
 def _socket(kind: int, max_message_size: int) -> zmq.Socket:
