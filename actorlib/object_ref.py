@@ -91,7 +91,7 @@ class ObjectRef:
 
     async def _aresult(self) -> Any:
         if not self._fut.done():
-            await asyncio.wrap_future(self._fut)
+            await _loop_future(self._fut)
         return self._result(0)
 
     def __reduce__(self) -> Any:
@@ -196,7 +196,7 @@ class StreamState:
                 return ref
             if waiter is None:
                 raise StopAsyncIteration
-            await asyncio.wrap_future(waiter)
+            await _loop_future(waiter)
 
     def close(self) -> None:
         with self._lock:
@@ -250,6 +250,66 @@ class ObjectRefGenerator:
 
     def __repr__(self) -> str:
         return f"ObjectRefGenerator({self._state.what})"
+
+
+def _loop_future(cf: concurrent.futures.Future[Any]) -> asyncio.Future[None]:
+    """An asyncio future on the running loop that completes when ``cf`` does.
+
+    Unlike ``asyncio.wrap_future``, completions that happen in a burst on
+    another loop's thread reach this loop in one wake-up (see :class:`_Waker`).
+    """
+    loop = asyncio.get_running_loop()
+    afut: asyncio.Future[None] = loop.create_future()
+    cf.add_done_callback(lambda _: _waker.wake(loop, afut))
+    return afut
+
+
+def _set_done(afuts: list[asyncio.Future[None]]) -> None:
+    for afut in afuts:
+        if not afut.done():
+            afut.set_result(None)
+
+
+class _Waker:
+    """Wakes futures of other loops, one ``call_soon_threadsafe`` per loop per burst."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+
+    def wake(self, loop: asyncio.AbstractEventLoop, afut: asyncio.Future[None]) -> None:
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            _set_done([afut])
+            return
+        if here is None:  # not on a loop: nothing to batch with
+            _call_in(loop, [afut])
+            return
+        with self._lock:
+            batch = self._pending.get(loop)
+            if batch is None:
+                self._pending[loop] = [afut]
+                here.call_soon(self._flush, loop)
+            else:
+                batch.append(afut)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch = self._pending.pop(loop, [])
+        _call_in(loop, batch)
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, afuts: list[asyncio.Future[None]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_set_done, afuts)
+    except RuntimeError:
+        pass  # that loop is closed: nobody is waiting any more
+
+
+_waker = _Waker()
 
 
 def check_not_blocking_loop(loop: asyncio.AbstractEventLoop) -> None:

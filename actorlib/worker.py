@@ -16,6 +16,7 @@ socket and reports ALIVE. Then:
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import os
 import pickle
@@ -148,7 +149,9 @@ class ActorHost:
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
         self._sync_jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._sync_thread = threading.Thread(target=self._sync_loop, name="actorlib-sync", daemon=True)
-        self._sem = asyncio.Semaphore(int(config.get("max_concurrency") or 1000))
+        self._max_concurrency = int(config.get("max_concurrency") or 1000)
+        self._running = 0  # async calls running on the loop
+        self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
         self._tasks: dict[tuple[bytes | None, int], asyncio.Task[Any]] = {}
         self._queued: set[tuple[bytes | None, int]] = set()
         self._producers: dict[tuple[bytes | None, int], _Producer] = {}
@@ -265,7 +268,7 @@ class ActorHost:
             self._queued.add(key)
             self._sync_jobs.put(lambda: self._run_sync(key, fn, args, kwargs))
         elif kind == ASYNC:
-            self._tasks[key] = self.loop.create_task(self._run_async(key, fn, args, kwargs))
+            self._start_async(key, self._run_async(key, fn, args, kwargs))
         else:
             window = (options or {}).get("window") or runtime_mod.DEFAULT_STREAM_WINDOW
             producer = self._producers[key] = _Producer(self, msg.peer, msg.req_id, int(window))
@@ -273,12 +276,35 @@ class ActorHost:
                 self._queued.add(key)
                 self._sync_jobs.put(lambda: self._run_generator(key, producer, fn, args, kwargs))
             else:
-                self._tasks[key] = self.loop.create_task(self._run_async_generator(key, producer, fn, args, kwargs))
+                self._start_async(key, self._run_async_generator(key, producer, fn, args, kwargs))
+
+    def _start_async(self, key: tuple[bytes | None, int], coro: Any) -> None:
+        """Run an async call now, or queue it while ``max_concurrency`` calls are running."""
+        if self._running >= self._max_concurrency:
+            self._waiting.append((key, coro))
+            return
+        self._running += 1
+        task = self._tasks[key] = self.loop.create_task(coro)
+        task.add_done_callback(self._async_done)
+
+    def _async_done(self, task: asyncio.Task[Any]) -> None:
+        self._running -= 1
+        while self._waiting and self._running < self._max_concurrency:
+            key, coro = self._waiting.popleft()
+            self._start_async(key, coro)
 
     def _on_cancel(self, key: tuple[bytes | None, int]) -> None:
         task = self._tasks.get(key)
+        waiting = next((item for item in self._waiting if item[0] == key), None)
         if task is not None:
             task.cancel()
+        elif waiting is not None:
+            self._waiting.remove(waiting)
+            waiting[1].close()
+            self.send_value(
+                Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
+            )
+            self._producers.pop(key, None)
         elif key in self._queued:
             self._queued.discard(key)
             self.send_value(
@@ -303,8 +329,7 @@ class ActorHost:
 
     async def _run_async(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         try:
-            async with self._sem:
-                value = await fn(*args, **kwargs)
+            value = await fn(*args, **kwargs)
         except asyncio.CancelledError:
             self.send_value(Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled"}, key[0])
         except BaseException as exc:
@@ -337,17 +362,16 @@ class ActorHost:
     ) -> None:
         error: dict[str, Any] | None = None
         try:
-            async with self._sem:
-                agen = fn(*args, **kwargs)
-                try:
-                    async for item in agen:
-                        p.add(item, from_thread=False)
-                        if len(p.batch) >= _FLUSH_AT:
-                            p.flush()
-                        if not await p.wait_credit():
-                            break
-                finally:
-                    await agen.aclose()
+            agen = fn(*args, **kwargs)
+            try:
+                async for item in agen:
+                    p.add(item, from_thread=False)
+                    if len(p.batch) >= _FLUSH_AT:
+                        p.flush()
+                    if not await p.wait_credit():
+                        break
+            finally:
+                await agen.aclose()
         except asyncio.CancelledError:
             error = {"type": "cancelled", "message": "the stream was cancelled"}
         except BaseException as exc:

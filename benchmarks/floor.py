@@ -63,9 +63,16 @@ def main(calls: int = 3000, warmup: int = 200, nbytes: int = 64 << 20, rounds: i
             ins.append(t1 - t0)
             outs.append(time.perf_counter() - t1)
         mib = nbytes / (1 << 20)
-        rows += [("W5", "in_mib_per_s", mib / statistics.median(ins[1:]), "MiB/s"), ("W5", "out_mib_per_s", mib / statistics.median(outs[1:]), "MiB/s")]
+        rows += [
+            ("W5", "in_mib_per_s", mib / statistics.median(ins[1:]), "MiB/s"),
+            ("W5", "out_mib_per_s", mib / statistics.median(outs[1:]), "MiB/s"),
+        ]
         for workload, metric, value, unit in rows:
-            print(json.dumps({"system": "floor-blocking", "workload": workload, "metric": metric, "value": round(value, 2), "unit": unit}))
+            print(
+                json.dumps(
+                    {"system": "floor-blocking", "workload": workload, "metric": metric, "value": round(value, 2), "unit": unit}
+                )
+            )
         sock.send(msgpack.packb(["stop", 0]))
         server.wait(timeout=30)
     finally:

@@ -250,7 +250,13 @@ class Endpoint:
                 with lock:
                     if self._closed:
                         return
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    # Header frames are small: copy them (cheaper than a Frame);
+                    # buffer frames stay zero-copy.
+                    frames = [sock.recv(zmq.NOBLOCK)]
+                    if self._routed:
+                        frames.append(sock.recv(zmq.NOBLOCK))
+                    while sock.get(zmq.RCVMORE):
+                        frames.append(sock.recv(zmq.NOBLOCK, copy=False))
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -264,7 +270,7 @@ class Endpoint:
     def _dispatch(self, frames: list[Any]) -> None:
         peer = None
         if self._routed:
-            peer = frames[0].bytes
+            peer = frames[0]
             frames = frames[1:]
         try:
             msg = decode(frames, peer)
