@@ -27,6 +27,12 @@ from .exceptions import (
     TaskCancelledError as TaskCancelledError,
 )
 from .object_ref import ObjectRef as ObjectRef, ObjectRefGenerator as ObjectRefGenerator
+from .placement_group import (
+    PlacementGroup as PlacementGroup,
+    placement_group as placement_group,
+    placement_group_table as placement_group_table,
+    remove_placement_group as remove_placement_group,
+)
 
 __version__ = "0.1.0"
 
@@ -40,6 +46,7 @@ __all__ = [
     "GetTimeoutError",
     "ObjectRef",
     "ObjectRefGenerator",
+    "PlacementGroup",
     "PlacementGroupError",
     "RemoteError",
     "RuntimeContext",
@@ -57,7 +64,10 @@ __all__ = [
     "is_initialized",
     "kill",
     "nodes",
+    "placement_group",
+    "placement_group_table",
     "remote",
+    "remove_placement_group",
     "shutdown",
     "wait",
 ]

@@ -11,6 +11,7 @@ from scheduler.resources import normalize_demand
 
 from . import runtime
 from .object_ref import ObjectRef
+from .placement_group import PlacementGroup
 from .worker import ASYNC_GENERATOR, GENERATOR, method_kind
 
 __all__ = ["ActorClass", "ActorHandle", "ActorMethod", "remote"]
@@ -58,8 +59,16 @@ def _validate_options(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("max_restarts", "max_task_retries"):
         if options.get(key, 0) not in (0, None):
             raise ValueError(f"{key} other than 0 is not supported yet")
-    if options.get("placement_group") is not None:
-        raise ValueError("placement groups are not supported yet")
+    pg = options.get("placement_group")
+    if pg is not None and not isinstance(pg, PlacementGroup):
+        raise TypeError(f"placement_group must be a PlacementGroup, not {type(pg).__name__}")
+    index = options.get("bundle_index", -1)
+    if isinstance(index, bool) or not isinstance(index, int) or index < -1:
+        raise ValueError(f"bundle_index must be an int >= -1, not {index!r}")
+    if pg is None and index != -1:
+        raise ValueError("bundle_index needs a placement_group")
+    if pg is not None and index >= pg.bundle_count:
+        raise ValueError(f"bundle_index {index} is out of range for a placement group of {pg.bundle_count} bundles")
     exe = options.get("py_executable")
     if exe is not None and exe != sys.executable:
         raise ValueError("py_executable other than this interpreter is not supported yet")
@@ -141,6 +150,8 @@ class ActorClass(Generic[T]):
             "max_concurrency": o["max_concurrency"] or 1000,
             "env_vars": o["env_vars"] or {},
             "sys_path": [p for p in sys.path if isinstance(p, str)],
+            "placement_group": o["placement_group"].id if o["placement_group"] is not None else None,
+            "bundle_index": o["bundle_index"],
         }
         rt.create_actor(spec, payload)
         return ActorHandle(actor_id, class_name, self._methods, o["name"], namespace)

@@ -72,6 +72,13 @@ def init(
         return _summary()
 
 
+def driver() -> Driver:
+    """This process's driver (for :mod:`actorlib.testing`)."""
+    if _driver is None:
+        raise ActorLibError("actorlib is not initialized: call actorlib.init() first")
+    return _driver
+
+
 def _summary() -> dict[str, Any]:
     rt = runtime.current()
     return {"session_dir": rt.session_dir, "node_id": rt.node_id, "namespace": rt.namespace, "job_id": rt.job_id}

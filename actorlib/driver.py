@@ -11,14 +11,17 @@ server and then every worker with it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
+import subprocess
+import sys
 import threading
 import uuid
 
 import uvloop
 
-from scheduler import Head, NodeAgent, detect_gpu_ids, new_session_dir, remove_sockets, socket_dir
+from scheduler import Head, NodeAgent, new_session_dir, remove_sockets, socket_dir
+from scheduler.resources import node_resources
 
 from .exceptions import ActorLibError
 from .runtime import Runtime
@@ -42,6 +45,7 @@ class Driver:
         self.rt = Runtime(self.loop, self._thread.ident, mode="driver")
         self.head: Head | None = None
         self.node: NodeAgent | None = None
+        self.extra_nodes: dict[str, subprocess.Popen[bytes]] = {}
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -69,12 +73,7 @@ class Driver:
         session_dir = new_session_dir()
         self.head = Head(session_dir=session_dir, address=f"ipc://{socket_dir(session_dir)}/head.sock")
         self.head.start()
-        visible = detect_gpu_ids()
-        if num_gpus is None:
-            gpu_ids = visible
-        else:
-            gpu_ids = visible[:num_gpus] if len(visible) >= num_gpus else [str(i) for i in range(num_gpus)]
-        totals = {"CPU": float(os.cpu_count() or 1) if num_cpus is None else num_cpus, "GPU": len(gpu_ids), **resources}
+        totals, gpu_ids = node_resources(num_cpus, num_gpus, resources)
         self.node = NodeAgent(
             head_address=self.head.address,
             node_id=uuid.uuid4().hex,
@@ -94,6 +93,32 @@ class Driver:
         rt.namespace = namespace
         rt.node_id = self.node.node_id
         rt.log_to_driver = log_to_driver
+
+    def add_node(self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float] | None) -> str:
+        """Start another node agent, as a process of its own, and wait until it has joined."""
+        if self.head is None:
+            raise ActorLibError("add_node() needs the embedded head of actorlib.init()")
+        return self.rt.run(self._add_node(num_cpus, num_gpus, resources or {}), _START_TIMEOUT)
+
+    async def _add_node(self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float]) -> str:
+        assert self.head is not None
+        node_id = uuid.uuid4().hex
+        cmd = [sys.executable, "-m", "scheduler", "node", "--head", self.head.address, "--session-dir", self.head.session_dir]
+        cmd += ["--node-id", node_id, "--resources", json.dumps(resources), "--die-with-parent"]
+        if num_cpus is not None:
+            cmd += ["--num-cpus", str(num_cpus)]
+        if num_gpus is not None:
+            cmd += ["--num-gpus", str(num_gpus)]
+        self.extra_nodes[node_id] = _spawn(cmd)
+        await asyncio.wait_for(self.head.wait_for_node(node_id), _START_TIMEOUT)
+        return node_id
+
+    def remove_node(self, node_id: str, timeout: float = _STOP_TIMEOUT) -> None:
+        """Stop a node started by :meth:`add_node` (its workers die with it)."""
+        proc = self.extra_nodes.pop(node_id, None)
+        if proc is None:
+            raise ValueError(f"no node {node_id} was added by this driver")
+        _terminate(proc, timeout)
 
     def stop(self) -> None:
         """Stop everything this driver started, bounded in time; safe to call twice."""
@@ -116,6 +141,12 @@ class Driver:
             except (ActorLibError, asyncio.TimeoutError) as exc:
                 log.debug("driver_exit: %s", exc)
         rt.close_connections()
+        procs, self.extra_nodes = list(self.extra_nodes.values()), {}
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:  # node agents exit in milliseconds; this blocks only a stopping loop
+            _terminate(proc, _STOP_TIMEOUT / 3)
         if self.node is not None:
             await self.node.stop()
         if rt.head is not None:
@@ -127,3 +158,19 @@ class Driver:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL once ``timeout`` passes; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Start a node agent process (a fork+exec: quick enough to do on the loop)."""
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .resources import Allocation
+from .resources import Allocation, NodePool
 
 __all__ = ["ActorRecord", "ActorSpec", "ActorState"]
 
@@ -48,6 +48,8 @@ class ActorSpec:
     max_concurrency: int = 1000
     env_vars: dict[str, str] = field(default_factory=dict)
     sys_path: list[str] = field(default_factory=list)
+    placement_group: str | None = None
+    bundle_index: int = -1
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], owner: str) -> ActorSpec:
@@ -73,6 +75,7 @@ class ActorRecord:
     pid: int | None = None
     address: str | None = None
     allocation: Allocation | None = None
+    pool: NodePool | None = None  # where ``allocation`` came from: a node, or a placement-group bundle
     death: dict[str, Any] | None = None
     kill_requested: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)

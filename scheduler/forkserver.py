@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -161,11 +162,19 @@ class ForkServer:
         proc = self._proc
         if proc is None:
             return
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, proc.wait, timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def wait() -> None:  # a thread of its own: executors refuse work while Python exits
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            loop.call_soon_threadsafe(lambda: exited.done() or exited.set_result(None))
+
+        threading.Thread(target=wait, name="forkserver-reaper", daemon=True).start()
+        await exited
 
 
 # --------------------------------------------------------------- server side

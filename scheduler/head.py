@@ -20,6 +20,7 @@ from typing import Any
 from transport import ControlError, ControlServer, Endpoint, RemoteFailure, control_call, send_event
 
 from .actors import ActorRecord, ActorSpec, ActorState
+from .placement import Bundle, PlacementGroupRecord, PlacementGroupState, infeasibility, place, validate_bundles
 from .resources import NodePool, to_float
 from .session import socket_dir
 
@@ -69,6 +70,9 @@ class Head:
         self.drivers: dict[bytes, DriverRecord] = {}
         self._watchers: dict[str, set[bytes]] = {}
         self._pending: list[str] = []  # actor ids waiting for resources, in arrival order
+        self.pgs: dict[str, PlacementGroupRecord] = {}
+        self._pending_pgs: list[str] = []  # placement groups waiting for resources, in arrival order
+        self._node_joined = asyncio.Event()
         self._control = ControlServer(self, on_event=self._on_event)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.endpoint: Endpoint | None = None
@@ -113,8 +117,15 @@ class Head:
             raise ControlError("ValueError", str(exc)) from None
         self.nodes[node_id] = NodeRecord(node_id, peer, address, hostname, pool, is_head_node)
         log.info("node %s registered: %s", node_id[:8], resources)
+        self._node_joined.set()
+        self._node_joined = asyncio.Event()
         self._schedule()
         return {"session_dir": self.session_dir}
+
+    async def wait_for_node(self, node_id: str) -> None:
+        """Return once ``node_id`` has registered (callers bound this with a timeout)."""
+        while node_id not in self.nodes:
+            await self._node_joined.wait()
 
     async def op_register_driver(self, peer: bytes, namespace: str, log_to_driver: bool = True) -> dict[str, Any]:
         job_id = uuid.uuid4().hex[:8]
@@ -156,8 +167,7 @@ class Head:
             other = self.named.get(key)
             if other is not None and self.actors[other].state != ActorState.DEAD:
                 raise ControlError("ValueError", f"the name {s.name!r} is already taken in namespace {s.namespace!r}")
-        if not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
-            raise ControlError("ResourceError", self._infeasible_text(s))
+        self._check_placeable(s)
         record = ActorRecord(s)
         self.actors[s.actor_id] = record
         if s.name is not None:
@@ -168,6 +178,28 @@ class Head:
         self._pending.append(s.actor_id)
         self._schedule()
         return {"actor_id": s.actor_id, "state": record.state.value}
+
+    def _check_placeable(self, s: ActorSpec) -> None:
+        """Refuse at once an actor that could never be placed; never a silent hang."""
+        if s.placement_group is None:
+            if not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
+                raise ControlError("ResourceError", self._infeasible_text(s))
+            return
+        pg = self.pgs.get(s.placement_group)
+        if pg is None or pg.state == PlacementGroupState.REMOVED:
+            raise ControlError("ValueError", f"placement group {s.placement_group} does not exist or was removed")
+        if not -1 <= s.bundle_index < len(pg.bundles):
+            raise ControlError(
+                "ValueError", f"bundle_index {s.bundle_index} is out of range for a group of {len(pg.bundles)} bundles"
+            )
+        candidates = range(len(pg.bundles)) if s.bundle_index == -1 else [s.bundle_index]
+        if not any(all(pg.bundles[i].get(k, 0) >= v for k, v in s.demand.items()) for i in candidates):
+            where = "any bundle" if s.bundle_index == -1 else f"bundle {s.bundle_index}"
+            raise ControlError(
+                "ResourceError",
+                f"actor {s.class_name} can never be placed: it needs {s.demand or '{}'}, more than {where} of "
+                f"placement group {pg.pg_id[:8]} holds (bundles: {pg.bundles})",
+            )
 
     def _infeasible_text(self, s: ActorSpec) -> str:
         totals: dict[str, float] = {}
@@ -182,20 +214,130 @@ class Head:
         )
 
     def _schedule(self) -> None:
+        """Place what waits: placement groups first, then actors, each in arrival order."""
+        waiting_pgs: list[str] = []
+        for pg_id in self._pending_pgs:
+            pg = self.pgs.get(pg_id)
+            if pg is None or pg.state != PlacementGroupState.PENDING:
+                continue
+            if not self._place_group(pg):
+                waiting_pgs.append(pg_id)
+        self._pending_pgs = waiting_pgs
         still: list[str] = []
         for actor_id in self._pending:
             record = self.actors.get(actor_id)
             if record is None or record.state != ActorState.PENDING:
                 continue
-            node = next((n for n in self.nodes.values() if n.alive and n.pool.fits(record.spec.demand)), None)
-            if node is None:
+            found = self._find_pool(record.spec)
+            if found is None:
                 still.append(actor_id)
                 continue
-            record.allocation = node.pool.reserve(record.spec.demand)
+            pool, node = found
+            record.allocation = pool.reserve(record.spec.demand)
+            record.pool = pool
             record.node_id = node.node_id
             record.set_state(ActorState.STARTING)
             self._spawn_task(self._start(record, node))
         self._pending = still
+
+    def _find_pool(self, s: ActorSpec) -> tuple[NodePool, NodeRecord] | None:
+        if s.placement_group is None:
+            node = next((n for n in self.nodes.values() if n.alive and n.pool.fits(s.demand)), None)
+            return None if node is None else (node.pool, node)
+        pg = self.pgs.get(s.placement_group)
+        if pg is None or pg.state != PlacementGroupState.CREATED:
+            return None
+        candidates = range(len(pg.placed)) if s.bundle_index == -1 else [s.bundle_index]
+        for i in candidates:
+            bundle = pg.placed[i]
+            node = self.nodes.get(bundle.node_id)
+            if node is not None and node.alive and bundle.pool.fits(s.demand):
+                return bundle.pool, node
+        return None
+
+    def _place_group(self, pg: PlacementGroupRecord) -> bool:
+        pools = {n.node_id: n.pool for n in self.nodes.values() if n.alive}
+        placed, why = place(pg.strategy, pg.bundles, pools)
+        if placed is None:
+            never = infeasibility(pg.strategy, pg.bundles, pools)
+            pg.pending_reason = f"infeasible: {never}" if never else f"waiting for resources: {why}"
+            return False
+        pg.placed = [
+            Bundle(node_id, alloc, NodePool(bundle, alloc.gpu_ids, gpu_capacity=alloc.gpu_units or 10_000))
+            for (node_id, alloc), bundle in zip(placed, pg.bundles, strict=True)
+        ]
+        pg.pending_reason = ""
+        pg.set_state(PlacementGroupState.CREATED)
+        return True
+
+    # -- placement groups --------------------------------------------------
+
+    async def op_create_placement_group(
+        self,
+        peer: bytes,
+        pg_id: str,
+        bundles: list[dict[str, float]],
+        strategy: str,
+        name: str | None = None,
+        lifetime: str | None = None,
+    ) -> dict[str, Any]:
+        try:
+            bundles = validate_bundles(bundles, strategy)
+        except ValueError as exc:
+            raise ControlError("ValueError", str(exc)) from None
+        if pg_id in self.pgs:
+            raise ControlError("ValueError", f"placement group id {pg_id} already exists")
+        if name is not None and any(p.name == name and p.state != PlacementGroupState.REMOVED for p in self.pgs.values()):
+            raise ControlError("ValueError", f"a placement group named {name!r} already exists")
+        driver = self.drivers.get(peer)
+        pg = PlacementGroupRecord(pg_id, name, strategy, bundles, owner=driver.job_id if driver else "", lifetime=lifetime)
+        self.pgs[pg_id] = pg
+        if not self._place_group(pg):
+            self._pending_pgs.append(pg_id)
+        return pg.view()
+
+    async def op_wait_placement_group(self, peer: bytes, pg_id: str, timeout_s: float | None = None) -> bool:
+        pg = self._pg(pg_id)
+
+        async def created() -> None:
+            while pg.state == PlacementGroupState.PENDING:
+                await pg.changed.wait()
+
+        try:
+            await asyncio.wait_for(created(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return pg.state == PlacementGroupState.CREATED
+
+    async def op_remove_placement_group(self, peer: bytes, pg_id: str) -> bool:
+        pg = self._pg(pg_id)
+        if pg.state == PlacementGroupState.REMOVED:
+            return False
+        self._remove_group(pg)
+        return True
+
+    async def op_placement_group_table(self, peer: bytes, pg_id: str | None = None) -> dict[str, Any]:
+        if pg_id is not None:
+            return self._pg(pg_id).view()
+        return {p.pg_id: p.view() for p in self.pgs.values()}
+
+    def _pg(self, pg_id: str) -> PlacementGroupRecord:
+        pg = self.pgs.get(pg_id)
+        if pg is None:
+            raise ControlError("ValueError", f"no placement group with id {pg_id}")
+        return pg
+
+    def _remove_group(self, pg: PlacementGroupRecord) -> None:
+        for record in self.actors.values():
+            if record.spec.placement_group == pg.pg_id and record.state != ActorState.DEAD:
+                self._kill(record, "its placement group was removed")
+        for bundle in pg.placed:
+            node = self.nodes.get(bundle.node_id)
+            if node is not None:
+                node.pool.release(bundle.allocation)
+        pg.placed = []
+        pg.set_state(PlacementGroupState.REMOVED)
+        self._schedule()
 
     async def _start(self, record: ActorRecord, node: NodeRecord) -> None:
         s = record.spec
@@ -340,9 +482,10 @@ class Head:
             **({"reason": previous["reason"]} if "reason" in previous else {}),
         }
         record.address = None
-        if record.allocation is not None and record.node_id in self.nodes:
-            self.nodes[record.node_id].pool.release(record.allocation)
+        if record.allocation is not None and record.pool is not None:
+            record.pool.release(record.allocation)
         record.allocation = None
+        record.pool = None
         record.set_state(ActorState.DEAD)
         if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
             del self.named[(record.spec.namespace, record.spec.name)]

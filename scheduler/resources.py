@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Allocation", "NodePool", "detect_gpu_ids", "normalize_demand", "to_float", "to_units"]
+__all__ = ["Allocation", "NodePool", "detect_gpu_ids", "node_resources", "normalize_demand", "to_float", "to_units"]
 
 UNIT = 10_000
 
@@ -66,6 +66,25 @@ def detect_gpu_ids() -> list[str]:
         return []
 
 
+def node_resources(
+    num_cpus: float | None, num_gpus: int | None, resources: Mapping[str, float] | None
+) -> tuple[dict[str, float], list[str]]:
+    """A node's totals and GPU ids, declared or detected.
+
+    ``num_gpus=None`` uses the GPUs the node can see (see :func:`detect_gpu_ids`);
+    ``num_gpus=N`` declares N logical GPUs — the first N visible ids if there
+    are that many, else ``0..N-1`` — which behave exactly like real ones.
+    """
+    normalize_demand(num_cpus, num_gpus, resources)
+    visible = detect_gpu_ids()
+    if num_gpus is None:
+        gpu_ids = visible
+    else:
+        gpu_ids = visible[:num_gpus] if len(visible) >= num_gpus else [str(i) for i in range(num_gpus)]
+    cpus = float(os.cpu_count() or 1) if num_cpus is None else float(num_cpus)
+    return {"CPU": cpus, "GPU": float(len(gpu_ids)), **(resources or {})}, gpu_ids
+
+
 @dataclass
 class Allocation:
     """What one reservation took from a node: amounts and GPU ids."""
@@ -76,20 +95,32 @@ class Allocation:
 
 
 class NodePool:
-    """A node's totals and what is free, with GPU ids handed out predictably.
+    """A pool's totals and what is free, with GPU ids handed out predictably.
 
-    Whole-GPU demands take the lowest free ids; fractional ones go to the
-    most-used device they still fit on (so fractions pack together).
+    A node is a pool; so is each reserved placement-group bundle. Whole-GPU
+    demands take the lowest free ids; fractional ones go to the most-used
+    device they still fit on (so fractions pack together). ``gpu_capacity``
+    gives each id's capacity in units (default: one whole GPU each).
     """
 
-    def __init__(self, totals: Mapping[str, float], gpu_ids: list[str] | None = None) -> None:
+    def __init__(self, totals: Mapping[str, float], gpu_ids: list[str] | None = None, gpu_capacity: int = UNIT) -> None:
         self.total = {k: to_units(v) for k, v in totals.items() if v}
         self.free = dict(self.total)
-        n_gpu = self.total.get("GPU", 0) // UNIT
-        ids = list(gpu_ids) if gpu_ids is not None else [str(i) for i in range(n_gpu)]
-        if len(ids) != n_gpu:
-            raise ValueError(f"{n_gpu} GPUs declared but {len(ids)} GPU ids given")
-        self.gpu_free: dict[str, int] = {gid: UNIT for gid in ids}
+        gpu_units = self.total.get("GPU", 0)
+        if gpu_ids is None:
+            gpu_ids = [str(i) for i in range(gpu_units // UNIT)]
+        if len(gpu_ids) * gpu_capacity != gpu_units:
+            raise ValueError(f"{gpu_units / UNIT} GPUs declared but {len(gpu_ids)} GPU ids given")
+        self.gpu_cap: dict[str, int] = {gid: gpu_capacity for gid in gpu_ids}
+        self.gpu_free: dict[str, int] = dict(self.gpu_cap)
+
+    def copy(self, *, empty: bool = False) -> NodePool:
+        """A twin to try reservations on; ``empty=True``: as if nothing were reserved."""
+        twin = NodePool.__new__(NodePool)
+        twin.total, twin.gpu_cap = dict(self.total), dict(self.gpu_cap)
+        twin.free = dict(self.total if empty else self.free)
+        twin.gpu_free = dict(self.gpu_cap if empty else self.gpu_free)
+        return twin
 
     def fits(self, demand: Mapping[str, float], *, of_total: bool = False) -> bool:
         pool = self.total if of_total else self.free
@@ -127,8 +158,16 @@ class NodePool:
             self.free[k] -= v
         return Allocation(units, gpu_ids, per_gpu)
 
+    def take(self, alloc: Allocation) -> None:
+        """Apply an allocation computed on a :meth:`copy` of this pool."""
+        for k, v in alloc.units.items():
+            self.free[k] -= v
+        for g in alloc.gpu_ids:
+            self.gpu_free[g] -= alloc.gpu_units
+
     def release(self, alloc: Allocation) -> None:
         for k, v in alloc.units.items():
             self.free[k] = min(self.free.get(k, 0) + v, self.total.get(k, 0))
         for g in alloc.gpu_ids:
-            self.gpu_free[g] = min(self.gpu_free[g] + alloc.gpu_units, UNIT)
+            if g in self.gpu_free:
+                self.gpu_free[g] += alloc.gpu_units

@@ -1,0 +1,197 @@
+"""Placement groups: bundles of resources reserved atomically, by strategy.
+
+A group's bundles are placed all at once or not at all. Once placed, each
+bundle is a small pool of its own (its share of a node's CPUs, GPU ids and
+custom resources) that actors scheduled into the group draw from.
+
+Strategies, as Ray has them:
+
+- ``STRICT_PACK``: every bundle on one node.
+- ``PACK``: on one node if any can hold them all, else as few nodes as the
+  greedy fill in bundle order needs.
+- ``STRICT_SPREAD``: every bundle on a different node.
+- ``SPREAD``: on different nodes where possible, doubling up only when not.
+
+Bundles are placed in order and take GPU ids lowest-first, so on a fresh node
+bundle *i* of a group of one-GPU bundles gets GPU *i*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .resources import Allocation, NodePool, normalize_demand, to_float, to_units
+
+__all__ = ["STRATEGIES", "Bundle", "PlacementGroupRecord", "PlacementGroupState", "infeasibility", "place", "validate_bundles"]
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class PlacementGroupState(str, enum.Enum):
+    """A placement group's lifecycle.
+
+    ::
+
+        PENDING ──▶ CREATED ──▶ REMOVED
+           └────────────────────▲
+
+    PENDING: not placeable yet (``pending_reason`` says why). CREATED: every
+    bundle is reserved. REMOVED is final: its actors were killed and its
+    resources returned.
+    """
+
+    PENDING = "PENDING"
+    CREATED = "CREATED"
+    REMOVED = "REMOVED"
+
+
+def validate_bundles(bundles: Any, strategy: Any) -> list[dict[str, float]]:
+    """Check a group's request; raise ``ValueError`` naming the bad part."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if not isinstance(bundles, list | tuple) or not bundles:
+        raise ValueError("bundles must be a non-empty list of resource dicts")
+    out = []
+    for i, bundle in enumerate(bundles):
+        if not isinstance(bundle, Mapping) or not bundle:
+            raise ValueError(f"bundle {i} must be a non-empty dict of resources, not {bundle!r}")
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        try:
+            demand = normalize_demand(bundle.get("CPU"), bundle.get("GPU"), custom)
+        except ValueError as exc:
+            raise ValueError(f"bundle {i}: {exc}") from None
+        if not demand:
+            raise ValueError(f"bundle {i} asks for nothing: {dict(bundle)!r}")
+        out.append(demand)
+    return out
+
+
+@dataclass
+class Bundle:
+    node_id: str
+    allocation: Allocation
+    pool: NodePool
+
+
+@dataclass
+class PlacementGroupRecord:
+    pg_id: str
+    name: str | None
+    strategy: str
+    bundles: list[dict[str, float]]
+    owner: str
+    lifetime: str | None = None
+    state: PlacementGroupState = PlacementGroupState.PENDING
+    placed: list[Bundle] = field(default_factory=list)
+    pending_reason: str = ""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, state: PlacementGroupState) -> None:
+        self.state = state
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def view(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.pg_id,
+            "name": self.name,
+            "state": self.state.value,
+            "strategy": self.strategy,
+            "bundles": self.bundles,
+            "bundle_nodes": [b.node_id for b in self.placed],
+            "bundle_gpu_ids": [list(b.allocation.gpu_ids) for b in self.placed],
+        }
+        if self.state == PlacementGroupState.PENDING:
+            out["pending_reason"] = self.pending_reason
+        return out
+
+
+def place(
+    strategy: str, bundles: Sequence[Mapping[str, float]], pools: Mapping[str, NodePool]
+) -> tuple[list[tuple[str, Allocation]] | None, str]:
+    """Reserve every bundle or none: ``([(node_id, allocation) per bundle], "")`` or ``(None, why)``.
+
+    ``pools`` (node id → pool, in preference order) are changed only on success.
+    """
+    trial = {node_id: pool.copy() for node_id, pool in pools.items()}
+    order = list(trial)
+    chosen: list[tuple[str, Allocation]] = []
+
+    def take(node_id: str, bundle: Mapping[str, float]) -> bool:
+        alloc = trial[node_id].reserve(bundle)
+        if alloc is None:
+            return False
+        chosen.append((node_id, alloc))
+        return True
+
+    def one_node() -> bool:
+        for node_id in order:
+            chosen.clear()
+            trial[node_id] = pools[node_id].copy()
+            if all(take(node_id, b) for b in bundles):
+                return True
+        chosen.clear()
+        return False
+
+    if strategy == "STRICT_PACK":
+        ok = one_node()
+    elif strategy == "PACK":
+        ok = one_node()
+        if not ok:
+            trial = {node_id: pool.copy() for node_id, pool in pools.items()}
+            for b in bundles:
+                used = [n for n, _ in chosen]
+                preferred = sorted(order, key=lambda n: -used.count(n))  # nodes already used first
+                if not any(take(n, b) for n in preferred):
+                    break
+            ok = len(chosen) == len(bundles)
+    elif strategy == "STRICT_SPREAD":
+        used: set[str] = set()
+        for b in bundles:
+            node = next((n for n in order if n not in used and trial[n].fits(b)), None)
+            if node is None or not take(node, b):
+                break
+            used.add(node)
+        ok = len(chosen) == len(bundles)
+    else:  # SPREAD
+        for b in bundles:
+            counts = {n: sum(1 for c, _ in chosen if c == n) for n in order}
+            preferred = sorted(order, key=lambda n: counts[n])  # least used first, stable
+            if not any(take(n, b) for n in preferred):
+                break
+        ok = len(chosen) == len(bundles)
+    if not ok:
+        return None, _why(strategy, bundles, pools)
+    for node_id, alloc in chosen:
+        pools[node_id].take(alloc)
+    return chosen, ""
+
+
+def _why(strategy: str, bundles: Sequence[Mapping[str, float]], pools: Mapping[str, NodePool], label: str = "is free") -> str:
+    need: dict[str, int] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0) + to_units(v)
+    free: dict[str, int] = {}
+    for pool in pools.values():
+        for k, v in pool.free.items():
+            free[k] = free.get(k, 0) + v
+    nodes = len(pools)
+    if strategy == "STRICT_SPREAD" and len(bundles) > nodes:
+        return f"STRICT_SPREAD needs {len(bundles)} nodes, the cluster has {nodes}"
+    if any(free.get(k, 0) < v for k, v in need.items()):
+        return f"the cluster lacks resources: needs {to_float(need)} in all, {to_float(free)} {label}"
+    if strategy == "STRICT_PACK":
+        return f"no single node has {to_float(need)} ({label.removeprefix('is ')})"
+    return f"the bundles {list(bundles)} do not fit the free resources of the {nodes} node(s) with strategy {strategy}"
+
+
+def infeasibility(strategy: str, bundles: Sequence[Mapping[str, float]], pools: Mapping[str, NodePool]) -> str | None:
+    """Why the group could never be placed, even on this cluster emptied; None if it could."""
+    empty = {node_id: pool.copy(empty=True) for node_id, pool in pools.items()}
+    placed, _ = place(strategy, bundles, empty)
+    return None if placed is not None else _why(strategy, bundles, empty, label="in total")
