@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import uuid
 import warnings
 from typing import Any
@@ -22,6 +23,16 @@ class PlacementGroup:
         self._bundles = bundles
         self.strategy = strategy
         self.name = name
+        self._created: concurrent.futures.Future[dict[str, Any]] | None = None  # the head's answer, in the creator
+
+    def _check_created(self) -> None:
+        """Raise what the head refused, and warn when the group can never be placed."""
+        if self._created is None:
+            return
+        view = self._created.result(timeout=60)  # raises the head's refusal (a taken name ...)
+        reason = view.get("pending_reason", "")
+        if reason.startswith("infeasible"):
+            warnings.warn(f"placement group {self.id[:8]} is {reason}", stacklevel=3)
 
     @property
     def bundle_specs(self) -> list[dict[str, float]]:
@@ -36,7 +47,10 @@ class PlacementGroup:
         if timeout_seconds is not None and timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0, not {timeout_seconds!r}")
         rt = runtime.current()
-        return rt.run(rt.control("wait_placement_group", pg_id=self.id, timeout_s=timeout_seconds))
+        if rt.run(rt.control("wait_placement_group", pg_id=self.id, timeout_s=timeout_seconds)):
+            return True
+        self._check_created()
+        return False
 
     async def ready(self) -> PlacementGroup:
         """Await until every bundle is reserved (from any event loop)."""
@@ -66,9 +80,11 @@ def placement_group(
 ) -> PlacementGroup:
     """Reserve ``bundles`` (e.g. ``[{"GPU": 1, "CPU": 1}] * 4``) all at once, by ``strategy``.
 
-    Returns at once; the group may still be pending: ``pg.wait()`` or
-    ``await pg.ready()``. A group that this cluster could never hold stays
-    pending and is reported with a warning naming why.
+    Returns at once — the request goes to the head without a round trip —
+    and the group may still be pending: ``pg.wait()`` or ``await pg.ready()``.
+    A group that this cluster could never hold stays pending and is reported
+    with a warning naming why, as soon as the head answers and again when
+    ``wait()`` gives up; a refusal (a taken name) raises from ``wait()``.
     """
     checked = validate_bundles(bundles, strategy)
     if name is not None and (not isinstance(name, str) or not name):
@@ -76,22 +92,30 @@ def placement_group(
     if lifetime not in (None, "detached"):
         raise ValueError(f"lifetime must be None or 'detached', not {lifetime!r}")
     rt = runtime.current()
-    pg_id = uuid.uuid4().hex
-    view = rt.run(
-        rt.control("create_placement_group", pg_id=pg_id, bundles=checked, strategy=strategy, name=name, lifetime=lifetime)
+    pg = PlacementGroup(uuid.uuid4().hex, checked, strategy, name)
+    pg._created = concurrent.futures.Future()
+    rt.post_control(
+        "create_placement_group", pg._created, pg_id=pg.id, bundles=checked, strategy=strategy, name=name, lifetime=lifetime
     )
-    reason = view.get("pending_reason", "")
-    if reason.startswith("infeasible"):
-        warnings.warn(f"placement group {pg_id[:8]} is {reason}", stacklevel=2)
-    return PlacementGroup(pg_id, checked, strategy, name)
+    pg._created.add_done_callback(_warn_if_infeasible)
+    return pg
+
+
+def _warn_if_infeasible(created: concurrent.futures.Future[dict[str, Any]]) -> None:
+    if created.exception() is None and created.result().get("pending_reason", "").startswith("infeasible"):
+        view = created.result()
+        warnings.warn(f"placement group {view['id'][:8]} is {view['pending_reason']}", stacklevel=2)
 
 
 def remove_placement_group(pg: PlacementGroup) -> None:
-    """Kill the actors in the group and free its resources."""
+    """Kill the actors in the group and free its resources.
+
+    Returns at once; any later request from this thread (creating an actor,
+    reading ``available_resources()``) is served after the removal.
+    """
     if not isinstance(pg, PlacementGroup):
         raise TypeError(f"remove_placement_group() takes a PlacementGroup, not {type(pg).__name__}")
-    rt = runtime.current()
-    rt.run(rt.control("remove_placement_group", pg_id=pg.id))
+    runtime.current().post_control("remove_placement_group", concurrent.futures.Future(), pg_id=pg.id)
 
 
 def placement_group_table(pg: PlacementGroup | None = None) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from transport import Endpoint, RemoteFailure, TransportError, control_call
+from transport import DecodeError, Endpoint, Kind, Message, RemoteFailure, TransportError, control_call, dumps, loads
 from transport.control import ControlServer
 
 from .connection import ActorConnection, Call, encode_call
@@ -125,15 +126,37 @@ class Runtime:
         try:
             return await control_call(self.head, op, timeout=timeout, **kwargs)
         except RemoteFailure as exc:
-            kind = exc.record.get("type")
-            message = exc.record.get("message", str(exc))
-            if kind == "ValueError":
-                raise ValueError(message) from None
-            if kind == "ResourceError":
-                raise InfeasibleError(message) from None
-            raise ActorLibError(f"the head refused {op}: {message}") from None
+            raise control_error(op, exc.record) from None
         except TransportError as exc:
             raise ActorLibError(f"lost the head while doing {op}: {exc}") from None
+
+    def post_control(self, op: str, reply: concurrent.futures.Future[Any], **kwargs: Any) -> None:
+        """Send a control request without waiting (any thread); ``reply`` gets its answer.
+
+        Requests posted from one thread reach the head in the order they were
+        posted, before any later blocking request from that thread.
+        """
+        self.call_soon(self._post_control, op, reply, kwargs)
+
+    def _post_control(self, op: str, reply: concurrent.futures.Future[Any], kwargs: dict[str, Any]) -> None:
+        def sink(msg: Message) -> None:
+            try:
+                value = loads(msg.body, msg.buffers, allow_pickle=False)
+            except DecodeError as exc:
+                reply.set_exception(ActorLibError(f"malformed answer to {op}: {exc}"))
+                return
+            if msg.kind == Kind.ERROR:
+                reply.set_exception(control_error(op, value if isinstance(value, dict) else {}))
+            else:
+                reply.set_result(value)
+
+        try:
+            if self.head is None or self.head.closed:
+                raise ActorLibError("not connected to the head")
+            body, buffers = dumps([op, kwargs], allow_pickle=False)
+            self.head.request(Kind.CONTROL, body, buffers, sink=sink)
+        except Exception as exc:
+            reply.set_exception(exc if isinstance(exc, ActorLibError) else ActorLibError(f"could not send {op}: {exc}"))
 
     def _on_event(self, peer: bytes | None, topic: str, payload: Any) -> None:
         if topic == "actor_died":
@@ -252,6 +275,17 @@ class Runtime:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+
+
+def control_error(op: str, record: dict[str, Any]) -> Exception:
+    """The exception for a control request the head refused."""
+    kind = record.get("type")
+    message = record.get("message", f"{op} failed")
+    if kind == "ValueError":
+        return ValueError(message)
+    if kind == "ResourceError":
+        return InfeasibleError(message)
+    return ActorLibError(f"the head refused {op}: {message}")
 
 
 def encode_payload(obj: Any) -> bytes:

@@ -1,4 +1,6 @@
-"""actorlib's benchmark runner: workloads W1, W2, W4, W5 and W6 of DESIGN.md.
+"""actorlib's benchmark runner: workloads W1, W2, W4, W5 and W6 of DESIGN.md, and PG.
+
+PG is placement group create + remove per second.
 
 Prints one JSON object per line, e.g.
 ``{"system": "actorlib", "workload": "W1", "metric": "p50_us", "value": 142.0, "unit": "us"}``.
@@ -144,6 +146,20 @@ def w5(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     ]
 
 
+def pg(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    """Placement group create + remove per second (Ray's microbenchmark: about 780/s)."""
+    n = size["pg_rounds"]
+    for _ in range(10):
+        actorlib.remove_placement_group(actorlib.placement_group([{"CPU": 0.01}]))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        group = actorlib.placement_group([{"CPU": 0.01}])
+        actorlib.remove_placement_group(group)
+    table = actorlib.placement_group_table()  # answered after every removal: the clock stops when all are done
+    assert all(v["state"] == "REMOVED" for v in table.values())
+    return [record("PG", "create_remove_per_s", n / (time.perf_counter() - t0), "1/s")]
+
+
 def w6(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     n = size["w6_items"]
     rates = []
@@ -165,6 +181,7 @@ FULL = {
     "w5_rounds": 5,
     "w6_items": 10_000,
     "w6_rounds": 3,
+    "pg_rounds": 2000,
 }
 TINY = {
     "w1_warmup": 5,
@@ -176,17 +193,18 @@ TINY = {
     "w5_rounds": 1,
     "w6_items": 100,
     "w6_rounds": 1,
+    "pg_rounds": 20,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-w", "--workloads", default="W1,W2,W4,W5,W6")
+    parser.add_argument("-w", "--workloads", default="W1,W2,W4,W5,W6,PG")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the runner, measures nothing")
     args = parser.parse_args(argv)
     size = TINY if args.tiny else FULL
     chosen = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
-    known = {"W1", "W2", "W4", "W5", "W6"}
+    known = {"W1", "W2", "W4", "W5", "W6", "PG"}
     if not set(chosen) <= known:
         parser.error(f"unknown workloads {sorted(set(chosen) - known)}; known: {sorted(known)}")
     print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}), flush=True)
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             actor = Bench.remote()
             actorlib.get(actor.pid.remote(), timeout=60)
-            table = {"W1": w1, "W2": w2, "W5": w5, "W6": w6}
+            table = {"W1": w1, "W2": w2, "W5": w5, "W6": w6, "PG": pg}
             for w in rest:
                 emit(table[w](actor, size))
         finally:

@@ -12,6 +12,7 @@ below) and EVENT messages (``worker_exited``, ``log`` from node agents).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class Head:
         self.pgs: dict[str, PlacementGroupRecord] = {}
         self._pending_pgs: list[str] = []  # placement groups waiting for resources, in arrival order
         self._node_joined = asyncio.Event()
+        # Finished records stay readable for a while, then go: a long-lived head must not grow.
+        self._dead_actors: collections.deque[str] = collections.deque()
+        self._removed_pgs: collections.deque[str] = collections.deque()
         self._control = ControlServer(self, on_event=self._on_event)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.endpoint: Endpoint | None = None
@@ -337,6 +341,7 @@ class Head:
                 node.pool.release(bundle.allocation)
         pg.placed = []
         pg.set_state(PlacementGroupState.REMOVED)
+        _retire(self.pgs, self._removed_pgs, pg.pg_id)
         self._schedule()
 
     async def _start(self, record: ActorRecord, node: NodeRecord) -> None:
@@ -487,6 +492,7 @@ class Head:
         record.allocation = None
         record.pool = None
         record.set_state(ActorState.DEAD)
+        _retire(self.actors, self._dead_actors, record.spec.actor_id)
         if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
             del self.named[(record.spec.namespace, record.spec.name)]
         assert self.endpoint is not None
@@ -519,3 +525,12 @@ class Head:
                     send_event(self.endpoint, "log", payload, driver.peer)
         else:
             log.warning("head: unknown event %r from %r", topic, peer)
+
+
+KEEP_FINISHED = 1000  # dead actors and removed placement groups kept for reading
+
+
+def _retire(table: dict[str, Any], finished: collections.deque[str], key: str) -> None:
+    finished.append(key)
+    while len(finished) > KEEP_FINISHED:
+        table.pop(finished.popleft(), None)

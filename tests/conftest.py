@@ -9,6 +9,8 @@ import pytest
 
 import actorlib
 
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def descendants(pid: int | None = None) -> set[int]:
     """Every living descendant of ``pid`` (default: this process), read from /proc."""

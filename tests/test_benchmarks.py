@@ -29,5 +29,6 @@ def test_runner_prints_json_lines_for_every_workload(tmp_path):
         ("W5", "in_mib_per_s"),
         ("W5", "out_mib_per_s"),
         ("W6", "items_per_s"),
+        ("PG", "create_remove_per_s"),
     }
     assert all(r["value"] > 0 and r["system"] == "actorlib" for r in rows if "workload" in r)
