@@ -148,6 +148,9 @@ class Head:
         ]
         for record in doomed:
             self._kill(record, "its driver exited")
+        for pg in list(self.pgs.values()):
+            if pg.owner == driver.job_id and pg.lifetime != "detached" and pg.state != PlacementGroupState.REMOVED:
+                self._remove_group(pg)
         await self._wait_dead(doomed, timeout)
         return len(doomed)
 

@@ -65,6 +65,17 @@ def test_fractional_bundles_share_their_gpu(al, Probe):
     al.remove_placement_group(pg)
 
 
+def test_eight_gpus_packed_by_whole_and_fractional_bundles(al, Probe):
+    pg = al.placement_group([{"GPU": 1}] * 6 + [{"GPU": 0.5}] * 4, strategy="STRICT_PACK")
+    assert pg.wait(10)
+    assert al.placement_group_table(pg)["bundle_gpu_ids"] == [[str(i)] for i in range(6)] + [["6"], ["6"], ["7"], ["7"]]
+    assert al.available_resources().get("GPU", 0) == 0
+    actors = [Probe.options(placement_group=pg, bundle_index=i, num_gpus=pg.bundle_specs[i]["GPU"]).remote() for i in range(10)]
+    seen = al.get([a.gpus.remote() for a in actors], timeout=60)
+    assert [s[0] for s in seen] == [str(i) for i in range(6)] + ["6", "6", "7", "7"]
+    al.remove_placement_group(pg)
+
+
 def test_eight_gpus_packed_by_whole_and_fractional_demands(al, Probe):
     whole = [Probe.options(num_gpus=1).remote() for _ in range(6)]
     halves = [Probe.options(num_gpus=0.5).remote() for _ in range(4)]
