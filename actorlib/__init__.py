@@ -15,6 +15,7 @@ from .api import (
     shutdown as shutdown,
     wait as wait,
 )
+from .cluster import VirtualCluster as VirtualCluster
 from .context import RuntimeContext as RuntimeContext, get_gpu_ids as get_gpu_ids, get_runtime_context as get_runtime_context
 from .exceptions import (
     ActorDiedError as ActorDiedError,
@@ -33,6 +34,8 @@ from .placement_group import (
     placement_group_table as placement_group_table,
     remove_placement_group as remove_placement_group,
 )
+from .sharding import NamedSharding as NamedSharding
+from .worker_group import MultiWorkerFuture as MultiWorkerFuture, WorkerGroup as WorkerGroup
 
 __version__ = "0.1.0"
 
@@ -44,6 +47,8 @@ __all__ = [
     "ActorMethod",
     "AuthenticationError",
     "GetTimeoutError",
+    "MultiWorkerFuture",
+    "NamedSharding",
     "ObjectRef",
     "ObjectRefGenerator",
     "PlacementGroup",
@@ -52,6 +57,8 @@ __all__ = [
     "RuntimeContext",
     "SerializationError",
     "TaskCancelledError",
+    "VirtualCluster",
+    "WorkerGroup",
     "available_resources",
     "cancel",
     "cluster_resources",

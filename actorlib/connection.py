@@ -59,7 +59,7 @@ class Call:
         kwargs: dict[str, Any],
         options: Any,
         frames: tuple[bytes, list[Any]] | None,
-        sink: ObjectRef | StreamState,
+        sink: ObjectRef | StreamState | None,
         deps: bool,
     ) -> None:
         self.method = method
@@ -67,7 +67,7 @@ class Call:
         self.kwargs = kwargs
         self.options = options
         self.frames = frames
-        self.sink = sink
+        self.sink: Any = sink  # set before the call is submitted
         self.req_id = 0
         self.deps = deps
         self.cancelled = False

@@ -214,26 +214,40 @@ class Runtime:
         *,
         stream_window: int | None = None,
     ) -> ObjectRef | ObjectRefGenerator:
-        what = f"{class_name}.{method}()"
+        """Call ``method`` on one actor; returns its ObjectRef (or ObjectRefGenerator)."""
+        return self.submit_many([(actor_id, class_name)], method, args, kwargs, stream_window=stream_window)[0]
+
+    def submit_many(
+        self,
+        targets: list[tuple[str, str]],
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        stream_window: int | None = None,
+    ) -> list[Any]:
+        """The same call on several actors (``(actor_id, class_name)`` each): encoded once, sent to each."""
         deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
         options = None if stream_window is None else {"window": stream_window}
         frames = None if deps else encode_call(method, args, kwargs, options)
+        return [
+            self._dispatch(actor_id, class_name, Call(method, args, kwargs, options, frames, None, deps), stream_window)
+            for actor_id, class_name in targets
+        ]
+
+    def _dispatch(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
+        what = f"{class_name}.{call.method}()"
         result: ObjectRef | ObjectRefGenerator
         if stream_window is None:
-            holder: list[Call] = []
-            sink: Any = ObjectRef(what, cancel=lambda: self._cancel(actor_id, holder))
-            result = sink
+            result = call.sink = ObjectRef(what, cancel=lambda: self._cancel(actor_id, call))
         else:
-            holder = []
-            sink = StreamState(
+            call.sink = StreamState(
                 what,
                 stream_window,
-                send_credit=lambda n: self.call_soon(self._credit, actor_id, holder, n),
-                send_close=lambda: self.call_soon(self._close_stream, actor_id, holder),
+                send_credit=lambda n: self.call_soon(self._credit, actor_id, call, n),
+                send_close=lambda: self.call_soon(self._close_stream, actor_id, call),
             )
-            result = ObjectRefGenerator(sink, self.check_can_block)
-        call = Call(method, args, kwargs, options, frames, sink, deps)
-        holder.append(call)
+            result = ObjectRefGenerator(call.sink, self.check_can_block)
         if self.in_loop():
             self.connection(actor_id, class_name).submit(call)
             return result
@@ -252,24 +266,24 @@ class Runtime:
         else:
             conn.submit(call)
 
-    def _cancel(self, actor_id: str, holder: list[Call]) -> None:
+    def _cancel(self, actor_id: str, call: Call) -> None:
         conn = self._conns.get(actor_id)
-        if conn is not None and holder:
-            conn.cancel(holder[0])
+        if conn is not None:
+            conn.cancel(call)
 
-    def _credit(self, actor_id: str, holder: list[Call], consumed: int) -> None:
+    def _credit(self, actor_id: str, call: Call, consumed: int) -> None:
         conn = self._conns.get(actor_id)
-        if conn is not None and holder:
-            conn.send_credit(holder[0].req_id, consumed)
+        if conn is not None:
+            conn.send_credit(call.req_id, consumed)
 
-    def _close_stream(self, actor_id: str, holder: list[Call]) -> None:
+    def _close_stream(self, actor_id: str, call: Call) -> None:
         conn = self._conns.get(actor_id)
-        if conn is None or not holder:
+        if conn is None:
             return
-        if holder[0].req_id == 0:
-            holder[0].cancelled = True
+        if call.req_id == 0:
+            call.cancelled = True
         else:
-            conn.send_close(holder[0].req_id)
+            conn.send_close(call.req_id)
 
     def close_connections(self) -> None:
         for conn in self._conns.values():

@@ -423,6 +423,15 @@ class Head:
         self._kill(record, "killed by actorlib.kill()")
         return True
 
+    async def op_kill_actors(self, peer: bytes, actor_ids: list[str], wait_s: float = 30.0) -> int:
+        """Kill several actors and wait (at most ``wait_s``) until their processes are gone."""
+        records = [self._record(a) for a in actor_ids]
+        doomed = [r for r in records if r.state != ActorState.DEAD]
+        for record in doomed:
+            self._kill(record, "killed by actorlib.kill()")
+        await self._wait_dead(doomed, wait_s)
+        return len(doomed)
+
     async def op_list_actors(self, peer: bytes) -> list[dict[str, Any]]:
         return [r.view() for r in self.actors.values()]
 

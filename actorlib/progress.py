@@ -1,0 +1,73 @@
+"""Progress for long waits: a bar in a terminal or a notebook, nothing when not interactive."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+__all__ = ["Progress"]
+
+
+def _interactive() -> bool:
+    if os.environ.get("ACTORLIB_PROGRESS") in ("0", "off"):
+        return False
+    if os.environ.get("ACTORLIB_PROGRESS") in ("1", "on"):
+        return True
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Progress:
+    """``with Progress(total, "starting workers") as p: ... p.update()``.
+
+    Uses tqdm's auto mode (a widget in Jupyter, a bar in a terminal) when
+    tqdm is installed, a one-line counter otherwise; silent when the output
+    is not interactive (a log file, CI).
+    """
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total = total
+        self.desc = desc
+        self.done = 0
+        self._bar: Any = None
+        self._text = False
+        if total <= 0 or not _interactive():
+            return
+        try:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, leave=False)
+        except ImportError:
+            self._text = True
+            self._draw()
+
+    def _draw(self) -> None:
+        sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total}")
+        sys.stderr.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._text:
+            self._draw()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._text:
+            sys.stderr.write("\r" + " " * (len(self.desc) + 24) + "\r")
+            sys.stderr.flush()
+            self._text = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
