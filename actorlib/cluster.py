@@ -72,6 +72,15 @@ class VirtualCluster:
         if cpus_per_bundle:
             bundle["CPU"] = cpus_per_bundle
         self._stores: list[ActorHandle] = []
+        self._pgs: list[PlacementGroup] = []
+        totals = api.cluster_resources()
+        for resource, amount in bundle.items():
+            need = amount * sum(self.bundle_ct_per_node_list)
+            if need > totals.get(resource, 0):
+                raise PlacementGroupError(
+                    f"virtual cluster {name!r} can never be placed: its bundles need {need:g} {resource} in all, "
+                    f"the cluster has {totals.get(resource, 0):g} (totals: {totals})"
+                )
         if use_unified_pg:
             total = sum(self.bundle_ct_per_node_list)
             self._pgs = [placement_group([dict(bundle)] * total, strategy="PACK", name=f"{name}-all" if name else None)]
