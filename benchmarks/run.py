@@ -1,4 +1,4 @@
-"""actorlib's benchmark runner: workloads W1, W2, W4, W5 and W6 of DESIGN.md, and PG.
+"""actorlib's benchmark runner: workloads W1-W6 of DESIGN.md, and PG.
 
 PG is placement group create + remove per second.
 
@@ -39,6 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Bench:
     def ping(self) -> int:
         return 1
+
+    def echo(self, data: bytes) -> int:
+        return len(data)
 
     async def aping(self) -> int:
         return 1
@@ -93,6 +96,25 @@ def w2(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     asyncio.run(drive())  # warm-up
     elapsed = asyncio.run(drive())
     return [record("W2", "calls_per_s", total / elapsed, "calls/s")]
+
+
+def w3(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    """Tied-group fan-out: the same 1 KiB argument to 4 workers of a group, gather the 4 results."""
+    cluster = actorlib.VirtualCluster([4], use_gpus=False)
+    group = actorlib.WorkerGroup(cluster, Bench)
+    try:
+        payload = b"x" * 1024
+        for _ in range(size["w1_warmup"]):
+            actorlib.get(group.run_all_workers_single_data("echo", payload))
+        lat = []
+        for _ in range(size["w3_rounds"]):
+            t0 = time.perf_counter()
+            actorlib.get(group.run_all_workers_single_data("echo", payload))
+            lat.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        group.shutdown(force=True)
+        cluster.shutdown()
+    return [record("W3", "p50_us", percentile(lat, 0.5), "us")]
 
 
 def w4(size: dict[str, int]) -> list[dict[str, Any]]:
@@ -176,6 +198,7 @@ FULL = {
     "w1_calls": 3000,
     "w2_calls": 20_000,
     "w2_inflight": 1000,
+    "w3_rounds": 1000,
     "w4_rounds": 3,
     "w5_bytes": 64 << 20,
     "w5_rounds": 5,
@@ -188,6 +211,7 @@ TINY = {
     "w1_calls": 20,
     "w2_calls": 200,
     "w2_inflight": 50,
+    "w3_rounds": 20,
     "w4_rounds": 1,
     "w5_bytes": 1 << 20,
     "w5_rounds": 1,
@@ -199,12 +223,12 @@ TINY = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-w", "--workloads", default="W1,W2,W4,W5,W6,PG")
+    parser.add_argument("-w", "--workloads", default="W1,W2,W3,W4,W5,W6,PG")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the runner, measures nothing")
     args = parser.parse_args(argv)
     size = TINY if args.tiny else FULL
     chosen = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
-    known = {"W1", "W2", "W4", "W5", "W6", "PG"}
+    known = {"W1", "W2", "W3", "W4", "W5", "W6", "PG"}
     if not set(chosen) <= known:
         parser.error(f"unknown workloads {sorted(set(chosen) - known)}; known: {sorted(known)}")
     print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}), flush=True)
@@ -213,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         emit(w4(size))
     rest = [w for w in chosen if w != "W4"]
     if rest:
-        actorlib.init(num_cpus=2)
+        actorlib.init(num_cpus=4)
         try:
             actor = Bench.remote()
             actorlib.get(actor.pid.remote(), timeout=60)
-            table = {"W1": w1, "W2": w2, "W5": w5, "W6": w6, "PG": pg}
+            table = {"W1": w1, "W2": w2, "W3": w3, "W5": w5, "W6": w6, "PG": pg}
             for w in rest:
                 emit(table[w](actor, size))
         finally:
