@@ -124,13 +124,14 @@ class ActorConnection:
             self.posted += 1
 
     def submit_posted(self, call: Call) -> None:
-        with self.lock:
-            self.posted -= 1
-        self.submit(call)
+        """Loop thread: a call handed over by another thread (see :meth:`post`)."""
+        self.submit(call, posted=True)
 
-    def submit(self, call: Call) -> None:
-        """Loop thread."""
+    def submit(self, call: Call, *, posted: bool = False) -> None:
+        """Loop thread. ``posted``: the call was counted by :meth:`post`; uncount it in the same step."""
         with self.lock:
+            if posted:
+                self.posted -= 1
             if self.state is ConnState.DEAD:
                 pass
             elif self.state is ConnState.CONNECTED and not self._queue and not call.deps and not self._flushing:
@@ -233,6 +234,7 @@ class ActorConnection:
 
     def send_close(self, req_id: int) -> None:
         if self.endpoint is not None and not self.endpoint.closed and self._inflight.pop(req_id, None) is not None:
+            self.endpoint.pending.pop(req_id, None)
             self.endpoint.send(Kind.STREAM_CLOSE, req_id, b"\xc0")
 
     def _died(self) -> ActorDiedError:

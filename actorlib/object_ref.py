@@ -206,6 +206,10 @@ class StreamState:
             finished = self._finished
             self._finished = True
             self._items.clear()
+            self._error = None
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # a consumer waiting elsewhere sees the end
         if not finished:
             self._send_close()
 

@@ -164,7 +164,10 @@ class ActorHost:
             job = self._sync_jobs.get()
             if job is None:
                 return
-            job()
+            try:
+                job()
+            except BaseException:  # never lose the thread: every later sync call would hang
+                traceback.print_exc()
 
     async def construct(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._sync_thread.start()
@@ -250,9 +253,12 @@ class ActorHost:
     def _on_call(self, msg: Message) -> None:
         try:
             method, args, kwargs, options = loads(msg.body, msg.buffers)
-            if not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
-                raise DecodeError("arguments must be a list and a map")
-        except (DecodeError, ValueError) as exc:
+            if not isinstance(method, str) or not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
+                raise DecodeError("a call is [method name, argument list, keyword map, options]")
+            if not all(isinstance(k, str) for k in kwargs) or not isinstance(options, dict | None):
+                raise DecodeError("keyword names must be strings and options a map")
+            window = int((options or {}).get("window") or runtime_mod.DEFAULT_STREAM_WINDOW)
+        except (DecodeError, ValueError, TypeError) as exc:
             self.send_value(
                 Kind.ERROR, msg.req_id, {"type": "serialization", "message": f"could not deserialize a call: {exc}"}, msg.peer
             )
@@ -270,8 +276,7 @@ class ActorHost:
         elif kind == ASYNC:
             self._start_async(key, self._run_async(key, fn, args, kwargs))
         else:
-            window = (options or {}).get("window") or runtime_mod.DEFAULT_STREAM_WINDOW
-            producer = self._producers[key] = _Producer(self, msg.peer, msg.req_id, int(window))
+            producer = self._producers[key] = _Producer(self, msg.peer, msg.req_id, max(1, window))
             if kind == GENERATOR:
                 self._queued.add(key)
                 self._sync_jobs.put(lambda: self._run_generator(key, producer, fn, args, kwargs))
@@ -305,8 +310,7 @@ class ActorHost:
                 Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
             )
             self._producers.pop(key, None)
-        elif key in self._queued:
-            self._queued.discard(key)
+        elif self._unqueue(key):  # the sync thread has not started it, and now never will
             self.send_value(
                 Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
             )
@@ -316,10 +320,17 @@ class ActorHost:
 
     # -- running calls -----------------------------------------------------------
 
+    def _unqueue(self, key: tuple[bytes | None, int]) -> bool:
+        """Take a queued sync call; exactly one of the sync thread and a cancel wins (set.remove is atomic)."""
+        try:
+            self._queued.remove(key)
+        except KeyError:
+            return False
+        return True
+
     def _run_sync(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
-        if key not in self._queued:
+        if not self._unqueue(key):
             return  # cancelled while queued
-        self._queued.discard(key)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
@@ -340,9 +351,8 @@ class ActorHost:
             self._tasks.pop(key, None)
 
     def _run_generator(self, key: tuple[bytes | None, int], p: _Producer, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
-        if key not in self._queued:
+        if not self._unqueue(key):
             return
-        self._queued.discard(key)
         error: dict[str, Any] | None = None
         try:
             gen = fn(*args, **kwargs)

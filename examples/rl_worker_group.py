@@ -76,7 +76,9 @@ def main() -> None:
     actorlib.init(num_cpus=4, num_gpus=4)
     cluster = VirtualCluster([4], use_gpus=True, num_gpus_per_node=4, max_colocated_worker_groups=2, name="rl")
 
-    trainers = WorkerGroup(cluster, Trainer, lr=0.5, sharding_annotations=NamedSharding([[0, 1], [2, 3]], ["dp", "tp"]), name_prefix="trainer")
+    trainers = WorkerGroup(
+        cluster, Trainer, lr=0.5, sharding_annotations=NamedSharding([[0, 1], [2, 3]], ["dp", "tp"]), name_prefix="trainer"
+    )
     generators = WorkerGroup(cluster, Generator, bundle_indices_list=[(0, [0, 1]), (0, [2, 3])], name_prefix="gen")
     print(f"trainer dp size {trainers.sharding_annotations.shape['dp']}, generation engines {generators.dp_size}")
 

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport import ControlError, ControlServer, Endpoint, RemoteFailure, control_call, send_event
+from transport import ControlError, ControlServer, Endpoint, RemoteFailure, TransportError, control_call, send_event
 
 from .actors import ActorRecord, ActorSpec, ActorState
 from .placement import Bundle, PlacementGroupRecord, PlacementGroupState, infeasibility, place, validate_bundles
@@ -335,15 +335,15 @@ class Head:
         return pg
 
     def _remove_group(self, pg: PlacementGroupRecord) -> None:
-        for record in self.actors.values():
+        placed, pg.placed = pg.placed, []
+        pg.set_state(PlacementGroupState.REMOVED)  # first: nothing is scheduled into it from here on
+        for record in list(self.actors.values()):
             if record.spec.placement_group == pg.pg_id and record.state != ActorState.DEAD:
                 self._kill(record, "its placement group was removed")
-        for bundle in pg.placed:
+        for bundle in placed:
             node = self.nodes.get(bundle.node_id)
             if node is not None:
                 node.pool.release(bundle.allocation)
-        pg.placed = []
-        pg.set_state(PlacementGroupState.REMOVED)
         _retire(self.pgs, self._removed_pgs, pg.pg_id)
         self._schedule()
 
@@ -374,15 +374,26 @@ class Head:
         label = f"{s.name or s.class_name}"
         try:
             reply = await control_call(
-                self.endpoint, "spawn_worker", peer=node.peer, actor_id=s.actor_id, label=label, env=env, config=config
+                self.endpoint,
+                "spawn_worker",
+                peer=node.peer,
+                timeout=SPAWN_TIMEOUT,
+                actor_id=s.actor_id,
+                label=label,
+                env=env,
+                config=config,
             )
-        except (RemoteFailure, OSError) as exc:
-            self._mark_dead(record, {"reason": f"the worker could not be started on node {node.node_id[:8]}: {exc}"})
+            pid = int(reply["pid"])
+        except Exception as exc:  # refused, timed out, node gone, malformed answer
+            self._mark_dead(
+                record, {"reason": f"the worker could not be started on node {node.node_id[:8]}: {type(exc).__name__}: {exc}"}
+            )
             return
-        if record.state == ActorState.DEAD:  # killed while spawning
-            await self._kill_pid(node, reply["pid"])
+        if record.state == ActorState.DEAD:  # killed, or its worker already exited, while spawning
+            if record.pid is None:
+                await self._kill_pid(node, pid)
             return
-        record.pid = reply["pid"]
+        record.pid = pid
         if record.kill_requested:
             await self._kill_pid(node, record.pid)
 
@@ -507,16 +518,25 @@ class Head:
         _retire(self.actors, self._dead_actors, record.spec.actor_id)
         if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
             del self.named[(record.spec.namespace, record.spec.name)]
-        assert self.endpoint is not None
         for peer in self._watchers.pop(record.spec.actor_id, set()):
-            send_event(self.endpoint, "actor_died", {"actor_id": record.spec.actor_id, "death": record.death}, peer)
+            self._notify(peer, "actor_died", {"actor_id": record.spec.actor_id, "death": record.death})
         self._schedule()
+
+    def _notify(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
+        """One-way event to a peer; a peer that is gone is skipped."""
+        assert self.endpoint is not None
+        try:
+            send_event(self.endpoint, topic, payload, peer)
+        except TransportError as exc:
+            log.debug("head: could not tell %r about %s: %s", peer, topic, exc)
 
     def _on_event(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
         if topic == "worker_exited":
             record = self.actors.get(payload.get("actor_id", ""))
-            if record is None or record.pid != payload.get("pid"):
+            # pid None: the worker died before the spawn answer was read (one worker per actor at a time)
+            if record is None or record.pid not in (None, payload.get("pid")) or record.state == ActorState.PENDING:
                 return
+            record.pid = payload.get("pid")
             self._mark_dead(
                 record,
                 {
@@ -531,14 +551,14 @@ class Head:
             record = self.actors.get(payload.get("actor_id", ""))
             if record is None:
                 return
-            for driver in self.drivers.values():
+            for driver in list(self.drivers.values()):
                 if driver.job_id == record.spec.owner and driver.log_to_driver:
-                    assert self.endpoint is not None
-                    send_event(self.endpoint, "log", payload, driver.peer)
+                    self._notify(driver.peer, "log", payload)
         else:
             log.warning("head: unknown event %r from %r", topic, peer)
 
 
+SPAWN_TIMEOUT = 60.0  # for a node to fork a worker
 KEEP_FINISHED = 1000  # dead actors and removed placement groups kept for reading
 
 

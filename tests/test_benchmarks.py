@@ -23,7 +23,8 @@ def test_runner_prints_json_lines_for_every_workload(tmp_path):
     assert figures == {
         ("W1", "p50_us"),
         ("W1", "p99_us"),
-        ("W2", "calls_per_s"), ("W3", "p50_us"),
+        ("W2", "calls_per_s"),
+        ("W3", "p50_us"),
         ("W4", "in_process_s"),
         ("W4", "whole_process_s"),
         ("W5", "in_mib_per_s"),

@@ -12,7 +12,12 @@ from .conftest import ROOT_DIR
 def run_example(name: str, tmp_path) -> str:
     env = {**os.environ, "PYTHONPATH": ROOT_DIR, "ACTORLIB_TMPDIR": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT_DIR, "examples", name)], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path
+        [sys.executable, os.path.join(ROOT_DIR, "examples", name)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -54,25 +54,31 @@ class ControlServer:
                     return
                 self._on_event(msg.peer, topic, payload)
             return
-        if msg.kind != Kind.CONTROL:
-            ep.reply_error(msg.req_id, {"type": "ProtocolError", "message": f"{msg.kind.name} not accepted here"}, msg.peer)
-            return
         try:
-            op, kwargs = codec.loads(msg.body, msg.buffers, allow_pickle=False)
+            if msg.kind != Kind.CONTROL:
+                raise ControlError("ProtocolError", f"{msg.kind.name} not accepted here")
+            try:
+                op, kwargs = codec.loads(msg.body, msg.buffers, allow_pickle=False)
+            except (DecodeError, ValueError, TypeError) as exc:
+                raise ControlError("ProtocolError", f"malformed control request: {exc}") from None
             handler = getattr(self._target, f"op_{op}", None) if isinstance(op, str) else None
             if handler is None:
                 raise ControlError("ValueError", f"unknown control operation {op!r}")
-            if not isinstance(kwargs, dict):
-                raise ControlError("ValueError", "control arguments must be a map")
-        except (DecodeError, ValueError, TypeError) as exc:
-            ep.reply_error(msg.req_id, {"type": "ProtocolError", "message": str(exc)}, msg.peer)
-            return
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                raise ControlError("ValueError", "control arguments must be a map with string keys")
         except ControlError as exc:
-            ep.reply_error(msg.req_id, {"type": exc.type, "message": str(exc), **exc.extra}, msg.peer)
+            self._answer_error(msg, {"type": exc.type, "message": str(exc), **exc.extra})
             return
         task = asyncio.get_running_loop().create_task(self._run(handler, msg, kwargs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _answer_error(self, msg: Message, record: dict[str, Any]) -> None:
+        assert self.endpoint is not None
+        try:
+            self.endpoint.reply_error(msg.req_id, record, msg.peer)
+        except TransportError as exc:
+            log.debug("%s: could not answer %r: %s", self.endpoint.name, msg.peer, exc)
 
     async def _run(self, handler: Any, msg: Message, kwargs: dict[str, Any]) -> None:
         ep = self.endpoint
@@ -89,14 +95,15 @@ class ControlServer:
         else:
             try:
                 body, buffers = codec.dumps(result, allow_pickle=False)
-                ep.send(Kind.RESULT, msg.req_id, body, buffers, msg.peer)
             except TransportError as exc:
-                log.debug("%s: could not answer %s: %s", ep.name, handler.__name__, exc)
-            return
-        try:
-            ep.reply_error(msg.req_id, record, msg.peer)
-        except TransportError as exc:
-            log.debug("%s: could not answer %s: %s", ep.name, handler.__name__, exc)
+                record = {"type": "InternalError", "message": f"could not encode the answer of {handler.__name__}: {exc}"}
+            else:
+                try:
+                    ep.send(Kind.RESULT, msg.req_id, body, buffers, msg.peer)
+                except TransportError as exc:
+                    log.debug("%s: could not answer %s: %s", ep.name, handler.__name__, exc)
+                return
+        self._answer_error(msg, record)
 
     def cancel_all(self) -> None:
         for task in list(self._tasks):

@@ -168,8 +168,7 @@ class Endpoint:
                 self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
-                    log.debug("%s: peer %r is gone; message dropped", self.name, peer)
-                    return
+                    raise ConnectionClosedError(f"{self.name}: peer {peer!r} is not connected", by_us=False) from None
                 raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
             # A send can swallow the socket's read edge: look again.
             readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
