@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from transport import EncodeError, Endpoint, Kind, TransportError, dumps
+from transport import EncodeError, Endpoint, Kind, TransportError, dumps, wait_sent
 
 from .exceptions import ActorDiedError, ActorLibError, SerializationError, TaskCancelledError
 from .object_ref import ObjectRef, StreamState
@@ -111,12 +111,17 @@ class ActorConnection:
     # -- on the loop thread ------------------------------------------------
 
     def try_direct(self, call: Call) -> bool:
-        """From a caller's thread: send now if nothing is ahead of this call; else False."""
+        """From a caller's thread: send now if nothing is ahead of this call; else False.
+
+        A call carrying buffers returns once ZeroMQ is done reading them, so
+        the caller may change its arrays as soon as ``.remote()`` returns.
+        """
         with self.lock:
             if self.state is not ConnState.CONNECTED or self._queue or self._flushing or self.posted or call.deps:
                 return False
-            self._send(call)
-            return True
+            tracker = self._send(call)
+        wait_sent(tracker, lambda: self.state is not ConnState.DEAD)
+        return True
 
     def post(self) -> None:
         """A caller's thread is about to hand a call to the loop."""
@@ -145,18 +150,21 @@ class ActorConnection:
                 return
         call.fail(self._died())
 
-    def _send(self, call: Call) -> None:
-        """Put one encoded call on the socket (any thread, under ``lock``)."""
+    def _send(self, call: Call) -> Any:
+        """Put one encoded call on the socket (any thread, under ``lock``); returns its send tracker."""
         ep = self.endpoint
         assert ep is not None and call.frames is not None
         body, buffers = call.frames
         req_id = call.req_id = ep.next_id()
         self._inflight[req_id] = call
+        ep.pending[req_id] = self._sink(call)
         try:
-            ep.request(Kind.CALL, body, buffers, sink=self._sink(call), req_id=req_id)
+            return ep.send(Kind.CALL, req_id, body, buffers, track=bool(buffers))
         except TransportError as exc:
             self._inflight.pop(req_id, None)
+            ep.pending.pop(req_id, None)
             call.fail(ActorLibError(f"could not send {call.method}() to {self.class_name}: {exc}"))
+            return None
 
     def _sink(self, call: Call) -> Any:
         inflight = self._inflight

@@ -149,7 +149,11 @@ class Driver:
             _terminate(proc, _STOP_TIMEOUT / 3)
         if self.node is not None:
             await self.node.stop()
-        if rt.head is not None:
+        if rt.head is not None and not rt.head.closed:
+            try:  # the head answers after forwarding every log line the nodes sent before leaving
+                await rt.control("nodes", timeout=2)
+            except (ActorLibError, asyncio.TimeoutError):
+                pass
             rt.head.close()
         if self.head is not None:
             await self.head.stop()

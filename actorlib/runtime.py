@@ -249,6 +249,7 @@ class Runtime:
             )
             result = ObjectRefGenerator(call.sink, self.check_can_block)
         if self.in_loop():
+            _own_buffers(call)  # sent later, from the loop: the caller must be free to change its arrays
             self.connection(actor_id, class_name).submit(call)
             return result
         conn = self._conns.get(actor_id)
@@ -256,6 +257,7 @@ class Runtime:
             if conn.try_direct(call):
                 return result
             conn.post()
+        _own_buffers(call)
         self.call_soon(self._submit_posted, actor_id, class_name, call, conn is not None)
         return result
 
@@ -289,6 +291,12 @@ class Runtime:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+
+
+def _own_buffers(call: Call) -> None:
+    """Copy a call's buffer frames: it will be sent after ``.remote()`` has returned."""
+    if call.frames is not None and call.frames[1]:
+        call.frames = (call.frames[0], [bytes(b) for b in call.frames[1]])
 
 
 def control_error(op: str, record: dict[str, Any]) -> Exception:

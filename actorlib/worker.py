@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 import uvloop
 
-from transport import DecodeError, EncodeError, Endpoint, Kind, Message, dumps, loads
+from transport import DecodeError, EncodeError, Endpoint, Kind, Message, dumps, loads, wait_sent
 
 from . import runtime as runtime_mod
 from .runtime import Runtime
@@ -200,17 +200,23 @@ class ActorHost:
             pass  # the caller is gone or we are closing
 
     def _send_from_thread(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
-        """Encode and send from the sync thread, straight onto the socket (no hop to the loop)."""
+        """Encode and send from the sync thread, straight onto the socket (no hop to the loop).
+
+        A result with buffers (arrays) is waited for until ZeroMQ has read
+        them, so the next call may change the actor's arrays freely.
+        """
         try:
             body, buffers = dumps(value)
         except EncodeError as exc:
             kind = Kind.ERROR
             body, buffers = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
-        if self.endpoint is not None:
+        ep = self.endpoint
+        if ep is not None:
             try:
-                self.endpoint.send(kind, req_id, body, buffers, peer)
+                tracker = ep.send(kind, req_id, body, buffers, peer, track=bool(buffers))
             except Exception:
-                pass  # the caller is gone or we are closing
+                return  # the caller is gone or we are closing
+            wait_sent(tracker, lambda: not ep.closed)
 
     # -- receiving ---------------------------------------------------------------
 

@@ -126,6 +126,18 @@ class Head:
         self._schedule()
         return {"session_dir": self.session_dir}
 
+    async def op_unregister_node(self, peer: bytes, node_id: str) -> bool:
+        """A node agent is leaving: its actors are dead, its resources gone."""
+        node = self.nodes.get(node_id)
+        if node is None or node.peer != peer:
+            return False
+        node.alive = False
+        for record in list(self.actors.values()):
+            if record.node_id == node_id and record.state in (ActorState.STARTING, ActorState.ALIVE):
+                self._mark_dead(record, {"reason": f"its node {node_id[:8]} left the cluster"})
+        log.info("node %s left", node_id[:8])
+        return True
+
     async def wait_for_node(self, node_id: str) -> None:
         """Return once ``node_id`` has registered (callers bound this with a timeout)."""
         while node_id not in self.nodes:
@@ -540,7 +552,7 @@ class Head:
             self._mark_dead(
                 record,
                 {
-                    "reason": "the worker process died",
+                    "reason": payload.get("reason") or "the worker process died",
                     "exit_code": payload.get("exit_code"),
                     "signal": payload.get("signal"),
                     "host": payload.get("host"),

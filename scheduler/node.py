@@ -69,6 +69,7 @@ class NodeAgent:
         self.host = host
         self.is_head_node = is_head_node
         self._workers: dict[int, _Worker] = {}
+        self._early_exits: dict[int, int] = {}  # exits read before their spawn answer was handled
         self._forkserver = ForkServer(preload=worker_preload, entry=worker_entry, on_exit=self._on_exit)
         self._control = ControlServer(self)
         self._head: Endpoint | None = None
@@ -92,10 +93,15 @@ class NodeAgent:
         )
 
     async def stop(self) -> None:
-        """Kill every worker (through the fork server) and close. Bounded in time."""
+        """Kill every worker (through the fork server), tell the head, and close. Bounded in time."""
         await self._forkserver.stop()
         for pid in list(self._workers):
-            self._finish(pid, None)
+            self._finish(pid, -signal.SIGKILL, reason="its node was stopped")
+        if self._head is not None and not self._head.closed:
+            try:
+                await control_call(self._head, "unregister_node", node_id=self.node_id, timeout=5)
+            except Exception as exc:
+                log.debug("could not unregister node %s: %s", self.node_id[:8], exc)
         self._control.cancel_all()
         if self._head is not None:
             self._head.close()
@@ -116,6 +122,9 @@ class NodeAgent:
             w.fds.append(fd)
             w.open_fds.add(fd)
             loop.add_reader(fd, self._on_output, w, fd)
+        early = self._early_exits.pop(pid, None)
+        if early is not None:
+            loop.call_soon(self._finish, pid, early)  # after the head has the pid
         return {"pid": pid, "log_prefix": base}
 
     async def op_kill_worker(self, peer: bytes | None, pid: int, sig: int = int(signal.SIGKILL)) -> bool:
@@ -195,9 +204,12 @@ class NodeAgent:
             self._close_fd(w, fd)
 
     def _on_exit(self, pid: int, status: int) -> None:
+        if pid not in self._workers:
+            self._early_exits[pid] = status
+            return
         self._finish(pid, status)
 
-    def _finish(self, pid: int, status: int | None) -> None:
+    def _finish(self, pid: int, status: int | None, reason: str = "the worker process died") -> None:
         w = self._workers.pop(pid, None)
         if w is None:
             return
@@ -214,6 +226,7 @@ class NodeAgent:
             "stderr_tail": list(w.tail),
             "node_id": self.node_id,
             "host": self.host,
+            "reason": reason,
         }
         try:
             send_event(self._head, "worker_exited", payload)

@@ -385,3 +385,27 @@ def test_blocking_get_inside_a_running_loop_like_jupyter(cluster, Counter):
         return value, await c.incr.remote()
 
     assert asyncio.run(cell()) == (1, 2)
+
+
+def test_arrays_may_change_once_remote_returns(cluster):
+    @cluster.remote
+    class Keeper:
+        def __init__(self):
+            self.buf = np.zeros(1 << 20, dtype=np.uint8)
+
+        def checksum(self, arr):
+            return int(arr.sum())
+
+        def fill_and_return(self, value):
+            self.buf[:] = value  # the previous result may still be on its way: it must not change
+            return self.buf
+
+    k = Keeper.remote()
+    arr = np.ones(1 << 20, dtype=np.uint8)
+    refs = []
+    for v in range(1, 6):
+        arr[:] = v
+        refs.append(k.checksum.remote(arr))  # then changed right away
+    assert cluster.get(refs, timeout=60) == [v * (1 << 20) for v in range(1, 6)]
+    results = [k.fill_and_return.remote(v) for v in range(1, 6)]
+    assert [int(cluster.get(r, timeout=60)[0]) for r in results] == [1, 2, 3, 4, 5]

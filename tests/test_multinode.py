@@ -112,6 +112,10 @@ def test_removed_node_takes_its_workers(three_nodes, Where):
     before = descendants()
     actorlib.testing.remove_node(extra)
     assert len(descendants()) < len(before)
+    with pytest.raises(al.ActorDiedError, match="its node was stopped|left the cluster"):
+        al.get(w.where.remote(), timeout=30)
+    assert extra not in {n["node_id"] for n in al.nodes() if n["alive"]}
+    assert al.cluster_resources() == {"CPU": 5.0, "GPU": 4.0, "big": 1.0}
 
 
 def test_cuda_visible_devices_set_before_start_limits_the_node(tmp_path):

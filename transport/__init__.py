@@ -7,7 +7,12 @@ from .control import (
     control_call as control_call,
     send_event as send_event,
 )
-from .endpoint import Endpoint as Endpoint, RemoteFailure as RemoteFailure, shared_context as shared_context
+from .endpoint import (
+    Endpoint as Endpoint,
+    RemoteFailure as RemoteFailure,
+    shared_context as shared_context,
+    wait_sent as wait_sent,
+)
 from .exceptions import (
     ConnectionClosedError as ConnectionClosedError,
     DecodeError as DecodeError,
@@ -35,4 +40,5 @@ __all__ = [
     "loads",
     "send_event",
     "shared_context",
+    "wait_sent",
 ]

@@ -30,7 +30,7 @@ from . import codec
 from .exceptions import ConnectionClosedError, ProtocolError, TransportError
 from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, encode_header, peek_request
 
-__all__ = ["Endpoint", "RemoteFailure", "shared_context"]
+__all__ = ["Endpoint", "RemoteFailure", "shared_context", "wait_sent"]
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +148,22 @@ class Endpoint:
         body: bytes,
         buffers: Sequence[Any] = (),
         peer: bytes | None = None,
-    ) -> None:
-        self.send_frames([encode_header(kind, req_id, body), *buffers], peer)
+        *,
+        track: bool = False,
+    ) -> zmq.MessageTracker | None:
+        return self.send_frames([encode_header(kind, req_id, body), *buffers], peer, track=track)
 
     def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None = None) -> None:
         body, buffers = codec.dumps(value)
         self.send(kind, req_id, body, buffers, peer)
 
-    def send_frames(self, frames: list[Any], peer: bytes | None = None) -> None:
-        """Send an already-encoded message, from any thread. Raises :class:`ConnectionClosedError`."""
+    def send_frames(self, frames: list[Any], peer: bytes | None = None, *, track: bool = False) -> zmq.MessageTracker | None:
+        """Send an already-encoded message, from any thread. Raises :class:`ConnectionClosedError`.
+
+        Buffer frames go out without a copy: ZeroMQ reads them after this
+        returns. With ``track`` the returned tracker says when it is done with
+        them (see :func:`wait_sent`); until then they must not change.
+        """
         if self._routed:
             if peer is None:
                 raise ValueError("a bound endpoint needs the peer to send to")
@@ -165,7 +172,7 @@ class Endpoint:
             if self._closed:
                 raise ConnectionClosedError(f"{self.name} is closed", by_us=True)
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                tracker = self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=track)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise ConnectionClosedError(f"{self.name}: peer {peer!r} is not connected", by_us=False) from None
@@ -174,6 +181,7 @@ class Endpoint:
             readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
         if readable and not self._drain_scheduled:
             self._schedule_drain()
+        return tracker
 
     def request(
         self,
@@ -319,6 +327,18 @@ class Endpoint:
             except Exception:
                 pass
             self._sock.close(linger=0)
+
+
+def wait_sent(tracker: zmq.MessageTracker | None, still_wanted: Callable[[], bool]) -> None:
+    """Block until ZeroMQ is done with a tracked message's buffers, or nobody wants it sent any more."""
+    if tracker is None:
+        return
+    while not tracker.done:
+        try:
+            tracker.wait(1.0)
+        except zmq.NotDone:
+            if not still_wanted():
+                return
 
 
 def _socket(kind: int, max_message_size: int) -> zmq.Socket:
