@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -17,29 +16,35 @@ def session_root() -> str:
 
 
 def new_session_dir() -> str:
-    """Make ``<root>/session_<time>_<pid>_<random>/{logs,sockets}`` and return its path."""
-    name = f"session_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
-    path = os.path.join(session_root(), name)
-    os.makedirs(os.path.join(path, "logs"), exist_ok=True)
-    os.makedirs(socket_dir(path), mode=0o700, exist_ok=True)
+    """Make ``<root>/session_<time>_<pid>_<random>/{logs,sockets}`` (mode 0700) and return its path."""
+    root = session_root()
+    os.makedirs(root, exist_ok=True)
+    name = f"session_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}_{secrets.token_hex(4)}"
+    path = os.path.join(root, name)
+    os.mkdir(path, mode=0o700)  # fails if it exists: a session directory is never shared
+    os.mkdir(os.path.join(path, "logs"))
+    inside = os.path.join(path, "sockets")
+    if len(inside) + _LONGEST_SOCKET_NAME <= _IPC_PATH_MAX:
+        os.mkdir(inside, mode=0o700)
+    else:  # too long for a Unix socket path: a fresh private directory under /tmp, recorded in the session
+        elsewhere = tempfile.mkdtemp(prefix="actorlib-", dir="/tmp")
+        with open(os.path.join(path, _SOCKETS_LINK), "w") as f:
+            f.write(elsewhere)
     return path
 
 
 _IPC_PATH_MAX = 107
 _LONGEST_SOCKET_NAME = len("/0123456789abcdef.sock")
+_SOCKETS_LINK = "sockets_dir"
 
 
 def socket_dir(session_dir: str) -> str:
-    """Where the session's ``ipc://`` sockets live.
-
-    ``<session>/sockets`` when that is short enough for a Unix socket path
-    (107 bytes); otherwise a short directory under /tmp named after the session.
-    """
-    inside = os.path.join(session_dir, "sockets")
-    if len(inside) + _LONGEST_SOCKET_NAME <= _IPC_PATH_MAX:
-        return inside
-    digest = hashlib.sha1(session_dir.encode()).hexdigest()[:16]
-    return os.path.join("/tmp", f"actorlib-{digest}")
+    """Where the session's ``ipc://`` sockets live: ``<session>/sockets``, or where the session records."""
+    try:
+        with open(os.path.join(session_dir, _SOCKETS_LINK)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return os.path.join(session_dir, "sockets")
 
 
 def remove_sockets(session_dir: str) -> None:

@@ -118,7 +118,8 @@ def test_worker_output_reaches_the_driver_and_the_log_files(tmp_path):
         pid = actorlib.get(t.say.remote("hello there"), timeout=30)
         u = Talker.remote()
         pid2 = actorlib.get(u.say.remote("second"), timeout=30)
-        print(f"PIDS {pid} {pid2}", flush=True)  # one write: worker lines may interleave between a print's pieces
+        sys.stdout.write(f"PIDS {pid} {pid2}" + chr(10))  # one write: worker lines may interleave between a print's pieces
+        sys.stdout.flush()
         actorlib.shutdown()
         logs = sorted(glob.glob(os.path.join(info["session_dir"], "logs", "*")))
         print("LOGS", " ".join(os.path.basename(p) for p in logs))
