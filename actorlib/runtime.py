@@ -160,7 +160,7 @@ class Runtime:
 
     def _on_event(self, peer: bytes | None, topic: str, payload: Any) -> None:
         if topic == "actor_died":
-            conn = self._conns.get(payload.get("actor_id", ""))
+            conn = self._conns.pop(payload.get("actor_id", ""), None)  # a later call asks the head again
             if conn is not None:
                 conn.mark_dead(payload.get("death") or {})
         elif topic == "log":

@@ -428,7 +428,8 @@ class Head:
     async def op_resolve_actor(self, peer: bytes, actor_id: str) -> dict[str, Any]:
         """Answer once the actor is ALIVE or DEAD; the asker then hears of its death."""
         record = self._record(actor_id)
-        self._watchers.setdefault(actor_id, set()).add(peer)
+        if record.state != ActorState.DEAD:
+            self._watchers.setdefault(actor_id, set()).add(peer)
         while record.state in (ActorState.PENDING, ActorState.STARTING):
             await record.changed.wait()
         return record.view()
@@ -530,6 +531,8 @@ class Head:
         _retire(self.actors, self._dead_actors, record.spec.actor_id)
         if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
             del self.named[(record.spec.namespace, record.spec.name)]
+        for driver in self.drivers.values():
+            driver.actors.discard(record.spec.actor_id)
         for peer in self._watchers.pop(record.spec.actor_id, set()):
             self._notify(peer, "actor_died", {"actor_id": record.spec.actor_id, "death": record.death})
         self._schedule()
