@@ -14,7 +14,7 @@ from scheduler.resources import normalize_demand
 from . import runtime
 from .actor import ActorHandle
 from .driver import Driver
-from .exceptions import ActorLibError
+from .exceptions import ActorLibError, GetTimeoutError
 from .object_ref import ObjectRef, ObjectRefGenerator
 
 __all__ = [
@@ -117,8 +117,13 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"get() takes ObjectRefs, not {type(r).__name__}")
-    if not all(r.done() for r in refs):
+    pending = [r._fut for r in refs if not r.done()]
+    if pending:
         rt.check_can_block()
+        # one wake-up for the whole list, not one per ref
+        _, not_done = concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION)
+        if not_done and timeout is not None and not any(f.done() and f.exception() for f in pending):
+            raise GetTimeoutError(f"{len(not_done)} of {len(refs)} results did not finish within {timeout} s")
     deadline = None if timeout is None else time.monotonic() + timeout
     out = []
     for r in refs:
