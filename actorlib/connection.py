@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from transport import EncodeError, Endpoint, Kind, TransportError, dumps, wait_sent
+from transport import EncodeError, Endpoint, EndpointBusy, Kind, TransportError, dumps, wait_sent
 
 from .exceptions import ActorDiedError, ActorLibError, SerializationError, TaskCancelledError
 from .object_ref import ObjectRef, StreamState
@@ -116,15 +116,22 @@ class ActorConnection:
         A call carrying buffers returns once ZeroMQ is done reading them, so
         the caller may change its arrays as soon as ``.remote()`` returns.
         """
-        with self.lock:
+        if not self.lock.acquire(blocking=False):
+            return False  # the loop is submitting to this actor: hand the call over, it sends them in one go
+        try:
             if self.state is not ConnState.CONNECTED or self._queue or self._flushing or self.posted or call.deps:
                 return False
-            tracker = self._send(call)
+            try:
+                tracker = self._send(call, block=False)
+            except EndpointBusy:  # the loop is reading this socket: same
+                return False
+        finally:
+            self.lock.release()
         wait_sent(tracker, lambda: self.state is not ConnState.DEAD)
         return True
 
     def post(self) -> None:
-        """A caller's thread is about to hand a call to the loop."""
+        """A caller's thread is about to hand a call to the loop (after :meth:`try_direct` said no)."""
         with self.lock:
             self.posted += 1
 
@@ -150,8 +157,11 @@ class ActorConnection:
                 return
         call.fail(self._died())
 
-    def _send(self, call: Call) -> Any:
-        """Put one encoded call on the socket (any thread, under ``lock``); returns its send tracker."""
+    def _send(self, call: Call, block: bool = True) -> Any:
+        """Put one encoded call on the socket (any thread, under ``lock``); returns its send tracker.
+
+        ``block=False``: raise :class:`EndpointBusy`, with nothing registered, if the socket is in use.
+        """
         ep = self.endpoint
         assert ep is not None and call.frames is not None
         body, buffers = call.frames
@@ -159,7 +169,12 @@ class ActorConnection:
         self._inflight[req_id] = call
         ep.pending[req_id] = self._sink(call)
         try:
-            return ep.send(Kind.CALL, req_id, body, buffers, track=bool(buffers))
+            return ep.send(Kind.CALL, req_id, body, buffers, track=bool(buffers), block=block)
+        except EndpointBusy:
+            self._inflight.pop(req_id, None)
+            ep.pending.pop(req_id, None)
+            call.req_id = 0
+            raise
         except TransportError as exc:
             self._inflight.pop(req_id, None)
             ep.pending.pop(req_id, None)

@@ -9,6 +9,7 @@ from .control import (
 )
 from .endpoint import (
     Endpoint as Endpoint,
+    EndpointBusy as EndpointBusy,
     RemoteFailure as RemoteFailure,
     shared_context as shared_context,
     wait_sent as wait_sent,
@@ -30,6 +31,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "Endpoint",
+    "EndpointBusy",
     "Kind",
     "Message",
     "ProtocolError",

@@ -30,7 +30,7 @@ from . import codec
 from .exceptions import ConnectionClosedError, ProtocolError, TransportError
 from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, encode_header, peek_request
 
-__all__ = ["Endpoint", "RemoteFailure", "shared_context", "wait_sent"]
+__all__ = ["Endpoint", "EndpointBusy", "RemoteFailure", "shared_context", "wait_sent"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ def shared_context() -> zmq.Context:
         _context = zmq.Context()
         _context_pid = os.getpid()
     return _context
+
+
+class EndpointBusy(TransportError):
+    """A non-blocking send found the socket in use by another thread; nothing was sent."""
 
 
 class RemoteFailure(TransportError):
@@ -150,25 +154,33 @@ class Endpoint:
         peer: bytes | None = None,
         *,
         track: bool = False,
+        block: bool = True,
     ) -> zmq.MessageTracker | None:
-        return self.send_frames([encode_header(kind, req_id, body), *buffers], peer, track=track)
+        return self.send_frames([encode_header(kind, req_id, body), *buffers], peer, track=track, block=block)
 
     def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None = None) -> None:
         body, buffers = codec.dumps(value)
         self.send(kind, req_id, body, buffers, peer)
 
-    def send_frames(self, frames: list[Any], peer: bytes | None = None, *, track: bool = False) -> zmq.MessageTracker | None:
+    def send_frames(
+        self, frames: list[Any], peer: bytes | None = None, *, track: bool = False, block: bool = True
+    ) -> zmq.MessageTracker | None:
         """Send an already-encoded message, from any thread. Raises :class:`ConnectionClosedError`.
 
         Buffer frames go out without a copy: ZeroMQ reads them after this
         returns. With ``track`` the returned tracker says when it is done with
         them (see :func:`wait_sent`); until then they must not change.
+        With ``block=False`` a socket busy in another thread raises
+        :class:`EndpointBusy` at once (nothing is sent): the caller can hand
+        the message to the loop instead of waiting for the lock.
         """
         if self._routed:
             if peer is None:
                 raise ValueError("a bound endpoint needs the peer to send to")
             frames = [peer, *frames]
-        with self._lock:
+        if not self._lock.acquire(blocking=block):
+            raise EndpointBusy(self.name)
+        try:
             if self._closed:
                 raise ConnectionClosedError(f"{self.name} is closed", by_us=True)
             try:
@@ -179,6 +191,8 @@ class Endpoint:
                 raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
             # A send can swallow the socket's read edge: look again.
             readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        finally:
+            self._lock.release()
         if readable and not self._drain_scheduled:
             self._schedule_drain()
         return tracker
