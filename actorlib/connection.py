@@ -85,7 +85,17 @@ class Call:
             self.sink._set_message(msg)
 
 
+_no_arg_calls: dict[tuple[str, Any], tuple[bytes, list[Any]]] = {}
+
+
 def encode_call(method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Any) -> tuple[bytes, list[Any]]:
+    if not args and not kwargs and (options is None or type(options) is dict):
+        key = (method, None if options is None else tuple(sorted(options.items())))
+        cached = _no_arg_calls.get(key)
+        if cached is None and len(_no_arg_calls) < 4096:
+            cached = _no_arg_calls[key] = dumps([method, (), {}, options])
+        if cached is not None:
+            return cached
     try:
         return dumps([method, args, kwargs, options])
     except EncodeError as exc:

@@ -27,17 +27,17 @@ from .exceptions import ActorLibError, GetTimeoutError, SerializationError, erro
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
 
 _UNSET = object()
+_decode_lock = threading.Lock()
 
 
 class ObjectRef:
     """The future result of one call. Users never construct one."""
 
-    __slots__ = ("_fut", "_value", "_lock", "_cancel", "_what", "__weakref__")
+    __slots__ = ("_fut", "_value", "_cancel", "_what", "__weakref__")
 
     def __init__(self, what: str, cancel: Callable[[], None] | None = None) -> None:
         self._fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._value: Any = _UNSET
-        self._lock = threading.Lock()
         self._cancel = cancel
         self._what = what
 
@@ -73,7 +73,7 @@ class ObjectRef:
         return self._decode(msg)
 
     def _decode(self, msg: Message | None) -> Any:
-        with self._lock:
+        with _decode_lock:  # one lock for all refs: decoding is short, and a lock per ref costs every call
             if self._value is not _UNSET:
                 return self._value
             assert msg is not None
