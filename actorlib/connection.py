@@ -131,6 +131,8 @@ class ActorConnection:
         try:
             if self.state is not ConnState.CONNECTED or self._queue or self._flushing or self.posted or call.deps:
                 return False
+            if self.endpoint is None or self.endpoint.has_outbox():
+                return False  # calls queued by the loop leave first
             try:
                 tracker = self._send(call, block=False)
             except EndpointBusy:  # the loop is reading this socket: same
@@ -179,6 +181,9 @@ class ActorConnection:
         self._inflight[req_id] = call
         ep.pending[req_id] = self._sink(call)
         try:
+            if not buffers and self.rt.in_loop():
+                ep.send_soon(Kind.CALL, req_id, body)  # with whatever else this loop turn sends: one message
+                return None
             return ep.send(Kind.CALL, req_id, body, buffers, track=bool(buffers), block=block)
         except EndpointBusy:
             self._inflight.pop(req_id, None)

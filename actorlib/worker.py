@@ -195,7 +195,10 @@ class ActorHost:
             kind = Kind.ERROR
             body, buffers = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
         try:
-            self.endpoint.send(kind, req_id, body, buffers, peer)
+            if buffers:
+                self.endpoint.send(kind, req_id, body, buffers, peer)
+            else:
+                self.endpoint.send_soon(kind, req_id, body, peer)  # replies finished in one loop turn leave together
         except Exception:
             pass  # the caller is gone or we are closing
 

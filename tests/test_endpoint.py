@@ -90,3 +90,48 @@ def test_large_buffers_stream_through_zero_copy(tmp_path):
         ep.close()
 
     run(main())
+
+
+def test_send_soon_batches_what_one_loop_turn_sends(tmp_path):
+    async def main():
+        got = []
+        done = asyncio.get_running_loop().create_future()
+
+        def on_message(msg):
+            got.append((msg.kind, msg.req_id, loads(msg.body)))
+            if len(got) == 50 and not done.done():
+                done.set_result(None)
+
+        raw_frames = []
+        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=on_message, name="server")
+        client = Endpoint.connect(server.address, on_message=None, name="client")
+        original = client.send_frames
+
+        def spy(frames, peer=None, **kw):
+            raw_frames.append(frames)
+            return original(frames, peer, **kw)
+
+        client.send_frames = spy
+        for i in range(50):
+            body, _ = dumps(i)
+            client.send_soon(Kind.CALL, i + 1, body)
+        assert client.has_outbox()
+        await asyncio.wait_for(done, 10)
+        assert got == [(Kind.CALL, i + 1, i) for i in range(50)]  # all, in order
+        assert len(raw_frames) == 1  # as one message
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_malformed_batches_are_refused():
+    import msgpack
+
+    from transport import ProtocolError
+    from transport.protocol import VERSION, decode, decode_batch
+
+    for items in ([[99, 1, b""]], [[13, 1, b""]], [[1, "x", b""]], [[1, 1]], "nope"):
+        msg = decode([msgpack.packb([VERSION, 13, 0, msgpack.packb(items)])])
+        with pytest.raises(ProtocolError):
+            decode_batch(msg)

@@ -28,7 +28,7 @@ import zmq
 
 from . import codec
 from .exceptions import ConnectionClosedError, ProtocolError, TransportError
-from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, encode_header, peek_request
+from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, decode_batch, encode_batch, encode_header, peek_request
 
 __all__ = ["Endpoint", "EndpointBusy", "RemoteFailure", "shared_context", "wait_sent"]
 
@@ -83,6 +83,8 @@ class Endpoint:
         self.pending: dict[int, Sink] = {}
         self._closed = False
         self._drain_scheduled = False
+        self._outbox: dict[bytes | None, list[tuple[Kind, int, bytes]]] = {}
+        self._flushing = False
         self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
         # Edge-triggered FD: anything already queued must be read now.
         self._schedule_drain()
@@ -174,6 +176,8 @@ class Endpoint:
         :class:`EndpointBusy` at once (nothing is sent): the caller can hand
         the message to the loop instead of waiting for the lock.
         """
+        if self._outbox and threading.get_ident() == self._loop_thread:
+            self._flush_outbox()  # what was queued first leaves first
         if self._routed:
             if peer is None:
                 raise ValueError("a bound endpoint needs the peer to send to")
@@ -196,6 +200,40 @@ class Endpoint:
         if readable and not self._drain_scheduled:
             self._schedule_drain()
         return tracker
+
+    def send_soon(self, kind: Kind, req_id: int, body: bytes, peer: bytes | None = None) -> None:
+        """Send a buffer-less message at the end of this loop iteration (loop thread).
+
+        Everything queued for one peer in the meantime leaves as a single
+        BATCH message: one wake-up of ZeroMQ and of the peer for the lot.
+        """
+        box = self._outbox.get(peer)
+        if box is None:
+            if not self._outbox:
+                self._loop.call_soon(self._flush_outbox)
+            box = self._outbox[peer] = []
+        box.append((kind, req_id, body))
+
+    def has_outbox(self) -> bool:
+        """Messages are waiting in :meth:`send_soon`'s outbox (later sends must not overtake them)."""
+        return bool(self._outbox) or self._flushing
+
+    def _flush_outbox(self) -> None:
+        if self._flushing:
+            return
+        self._flushing = True  # has_outbox() stays true until the lot is on the socket
+        try:
+            outbox, self._outbox = self._outbox, {}
+            for peer, items in outbox.items():
+                try:
+                    if len(items) == 1:
+                        self.send(*items[0], peer=peer)
+                    else:
+                        self.send_frames([encode_batch(items)], peer)
+                except TransportError as exc:
+                    log.debug("%s: %d queued message(s) to %r dropped: %s", self.name, len(items), peer, exc)
+        finally:
+            self._flushing = False
 
     def request(
         self,
@@ -295,16 +333,21 @@ class Endpoint:
             frames = frames[1:]
         try:
             msg = decode(frames, peer)
+            batch = decode_batch(msg) if msg.kind == Kind.BATCH else None
         except ProtocolError as exc:
             self._refuse(frames, peer, exc)
             return
+        for one in batch if batch is not None else (msg,):
+            self._handle(one)
+
+    def _handle(self, msg: Message) -> None:
         try:
             if msg.kind in RESPONSE_KINDS:
                 sink = self.pending.pop(msg.req_id, None) if msg.kind in FINAL_KINDS else self.pending.get(msg.req_id)
                 if sink is not None:
                     sink(msg)
             elif msg.kind == Kind.PING:
-                self.send(Kind.PONG, msg.req_id, b"\xc0", (), peer)
+                self.send(Kind.PONG, msg.req_id, b"\xc0", (), msg.peer)
             elif self._on_message is not None:
                 self._on_message(msg)
         except Exception:

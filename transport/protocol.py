@@ -23,6 +23,8 @@ PING            9       →           None
 PONG            10      ←  final    None
 CONTROL         11      →           [op, kwargs]: control-plane request
 EVENT           12      either way  [topic, payload]: one-way notification
+BATCH           13      either way  [[kind, req_id, body], ...]: several messages
+                                    without buffer frames, sent as one
 ======================  ==========  ==============================================
 
 ``req_id`` is chosen by the side that sends the request; every response
@@ -39,7 +41,17 @@ import msgpack
 
 from .exceptions import ProtocolError
 
-__all__ = ["VERSION", "Kind", "Message", "encode_header", "decode", "FINAL_KINDS", "RESPONSE_KINDS"]
+__all__ = [
+    "VERSION",
+    "Kind",
+    "Message",
+    "encode_header",
+    "encode_batch",
+    "decode",
+    "decode_batch",
+    "FINAL_KINDS",
+    "RESPONSE_KINDS",
+]
 
 VERSION = 1
 
@@ -57,6 +69,7 @@ class Kind(IntEnum):
     PONG = 10
     CONTROL = 11
     EVENT = 12
+    BATCH = 13
 
 
 RESPONSE_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.STREAM_ITEM, Kind.STREAM_END, Kind.PONG})
@@ -102,6 +115,31 @@ def decode(frames: list[Any], peer: bytes | None = None) -> Message:
         raise ProtocolError("request id must be an int and body bytes")
     buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames[1:]]
     return Message(k, req_id, body, buffers, peer)
+
+
+def encode_batch(items: list[tuple[Kind, int, bytes]]) -> bytes:
+    """One header frame carrying several buffer-less messages."""
+    return encode_header(Kind.BATCH, 0, msgpack.packb(items, use_bin_type=True))
+
+
+def decode_batch(msg: Message) -> list[Message]:
+    """The messages inside a BATCH; :class:`ProtocolError` if any is malformed."""
+    try:
+        items = msgpack.unpackb(msg.body, raw=False, use_list=False)
+    except Exception as exc:
+        raise ProtocolError(f"batch body is not msgpack: {exc}") from exc
+    if type(items) is not tuple:
+        raise ProtocolError("batch body is not an array")
+    out = []
+    for item in items:
+        if type(item) is not tuple or len(item) != 3:
+            raise ProtocolError("a batch entry is not [kind, req_id, body]")
+        kind, req_id, body = item
+        k = _KINDS.get(kind) if type(kind) is int else None
+        if k is None or k == Kind.BATCH or type(req_id) is not int or type(body) is not bytes:
+            raise ProtocolError(f"bad batch entry of kind {kind!r}")
+        out.append(Message(k, req_id, body, [], msg.peer))
+    return out
 
 
 def peek_request(frames: list[Any]) -> tuple[int, int] | None:
