@@ -27,6 +27,12 @@ from .exceptions import ActorLibError, GetTimeoutError, SerializationError, erro
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
 
 _UNSET = object()
+
+
+def _describe(what: Any) -> str:
+    return f"{what[0]}.{what[1]}()" if type(what) is tuple else str(what)
+
+
 _decode_lock = threading.Lock()
 
 
@@ -35,11 +41,11 @@ class ObjectRef:
 
     __slots__ = ("_fut", "_value", "_cancel", "_what", "__weakref__")
 
-    def __init__(self, what: str, cancel: Callable[[], None] | None = None) -> None:
+    def __init__(self, what: Any, cancel: Callable[[], None] | None = None) -> None:
         self._fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._value: Any = _UNSET
         self._cancel = cancel
-        self._what = what
+        self._what = what  # a str, or a (class name, method) pair formatted only when needed
 
     @classmethod
     def resolved(cls, what: str, value: Any = None, error: BaseException | None = None) -> ObjectRef:
@@ -69,7 +75,7 @@ class ObjectRef:
         try:
             msg = self._fut.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise GetTimeoutError(f"{self._what} did not finish within {timeout} s") from None
+            raise GetTimeoutError(f"{_describe(self._what)} did not finish within {timeout} s") from None
         return self._decode(msg)
 
     def _decode(self, msg: Message | None) -> Any:
@@ -80,7 +86,7 @@ class ObjectRef:
             try:
                 value = loads(msg.body, msg.buffers)
             except DecodeError as exc:
-                raise SerializationError(f"could not deserialize the result of {self._what}: {exc}") from None
+                raise SerializationError(f"could not deserialize the result of {_describe(self._what)}: {exc}") from None
             if msg.kind == Kind.ERROR:
                 raise error_from_record(value if isinstance(value, dict) else {"message": str(value)})
             self._value = value
@@ -96,13 +102,13 @@ class ObjectRef:
 
     def __reduce__(self) -> Any:
         raise TypeError(
-            f"an ObjectRef ({self._what}) can only be passed as a top-level argument of a call; "
+            f"an ObjectRef ({_describe(self._what)}) can only be passed as a top-level argument of a call; "
             "get() its value to nest it in another value"
         )
 
     def __repr__(self) -> str:
         state = "done" if self._fut.done() else "pending"
-        return f"ObjectRef({self._what}, {state})"
+        return f"ObjectRef({_describe(self._what)}, {state})"
 
 
 class StreamState:

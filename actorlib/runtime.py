@@ -236,13 +236,12 @@ class Runtime:
         ]
 
     def _dispatch(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
-        what = f"{class_name}.{call.method}()"
         result: ObjectRef | ObjectRefGenerator
         if stream_window is None:
-            result = call.sink = ObjectRef(what, cancel=lambda: self._cancel(actor_id, call))
+            result = call.sink = ObjectRef((class_name, call.method), cancel=lambda: self._cancel(actor_id, call))
         else:
             call.sink = StreamState(
-                what,
+                f"{class_name}.{call.method}()",
                 stream_window,
                 send_credit=lambda n: self.call_soon(self._credit, actor_id, call, n),
                 send_close=lambda: self.call_soon(self._close_stream, actor_id, call),
