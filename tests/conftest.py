@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -53,15 +54,22 @@ def assert_no_descendants(timeout: float = 10.0) -> None:
     wait_for(lambda: not descendants(), timeout, what=f"child processes {sorted(descendants())} to exit")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """An embedded cluster with 4 CPUs and 4 logical GPUs, shared by a test module."""
-    actorlib.init(num_cpus=4, num_gpus=4)
+@contextlib.contextmanager
+def running(**init_kwargs):
+    """actorlib initialised for the block; afterwards shut down, and no process left."""
+    actorlib.init(**init_kwargs)
     try:
         yield actorlib
     finally:
         actorlib.shutdown()
         assert_no_descendants()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """An embedded cluster with 4 CPUs and 4 logical GPUs, shared by a test module."""
+    with running(num_cpus=4, num_gpus=4) as al:
+        yield al
 
 
 @pytest.fixture

@@ -9,22 +9,16 @@ import pytest
 
 import actorlib.testing
 
-from .conftest import ROOT_DIR, assert_no_descendants, descendants
+from .conftest import ROOT_DIR, descendants, running
 
 
 @pytest.fixture(scope="module")
 def three_nodes():
     """The head's node (1 CPU, no GPU) and two more with 2 CPUs and 2 GPUs each; one has resource "big"."""
-    import actorlib
-
-    actorlib.init(num_cpus=1, num_gpus=0)
-    try:
+    with running(num_cpus=1, num_gpus=0) as al:
         a = actorlib.testing.add_node(num_cpus=2, num_gpus=2, resources={"big": 1})
         b = actorlib.testing.add_node(num_cpus=2, num_gpus=2)
-        yield actorlib, a, b
-    finally:
-        actorlib.shutdown()
-        assert_no_descendants()
+        yield al, a, b
 
 
 @pytest.fixture(scope="module")

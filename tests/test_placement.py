@@ -7,19 +7,13 @@ import pytest
 
 from actorlib.exceptions import ActorDiedError, GetTimeoutError, InfeasibleError
 
-from .conftest import assert_no_descendants, wait_for
+from .conftest import running, wait_for
 
 
 @pytest.fixture(scope="module")
 def al():
-    import actorlib
-
-    actorlib.init(num_cpus=4, num_gpus=8)
-    try:
+    with running(num_cpus=4, num_gpus=8) as actorlib:
         yield actorlib
-    finally:
-        actorlib.shutdown()
-        assert_no_descendants()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from actorlib import MultiWorkerFuture, NamedSharding, VirtualCluster, WorkerGroup
 from actorlib.exceptions import PlacementGroupError
 
-from .conftest import assert_no_descendants, descendants, wait_for
+from .conftest import descendants, running, wait_for
 
 
 class Plain:
@@ -57,14 +57,8 @@ class Plain:
 
 @pytest.fixture(scope="module")
 def al():
-    import actorlib
-
-    actorlib.init(num_cpus=4, num_gpus=16)
-    try:
+    with running(num_cpus=4, num_gpus=16) as actorlib:
         yield actorlib
-    finally:
-        actorlib.shutdown()
-        assert_no_descendants()
 
 
 @pytest.fixture(scope="module")
