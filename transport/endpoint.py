@@ -85,6 +85,7 @@ class Endpoint:
         self._drain_scheduled = False
         self._outbox: dict[bytes | None, list[tuple[Kind, int, bytes]]] = {}
         self._flushing = False
+        self._refused = 0
         self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
         # Edge-triggered FD: anything already queued must be read now.
         self._schedule_drain()
@@ -354,7 +355,9 @@ class Endpoint:
             log.exception("%s: error while handling a %s message", self.name, msg.kind.name)
 
     def _refuse(self, frames: list[Any], peer: bytes | None, exc: ProtocolError) -> None:
-        log.warning("%s: dropped a malformed message from %r: %s", self.name, peer, exc)
+        self._refused += 1
+        if self._refused <= 10 or self._refused % 1000 == 0:  # a flood must not become a flood of logs
+            log.warning("%s: dropped a malformed message from %r (%d so far): %s", self.name, peer, self._refused, exc)
         found = peek_request(frames)
         if found is not None and found[0] in (Kind.CALL, Kind.CONTROL):
             try:

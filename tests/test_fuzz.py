@@ -1,0 +1,145 @@
+"""Bad input never kills a process: the decoder and a live worker fed random, truncated and malformed messages."""
+
+import os
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from transport import DecodeError, Kind, ProtocolError, dumps, loads
+from transport.protocol import VERSION, decode, decode_batch, encode_header
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text() | st.binary(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=5) | st.tuples(inner, inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plain)
+def test_plain_values_round_trip(value):
+    body, buffers = dumps(value)
+    assert loads(body, buffers) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.lists(st.binary(max_size=50), max_size=3))
+def test_random_bytes_never_escape_as_anything_but_decode_errors(data, buffers):
+    try:
+        loads(data, buffers)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=100), min_size=0, max_size=4))
+def test_random_frames_are_protocol_errors_or_messages(frames):
+    try:
+        msg = decode(frames)
+    except ProtocolError:
+        return
+    if msg.kind == Kind.BATCH:
+        try:
+            decode_batch(msg)
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(2**63), 2**64 - 1), st.integers(-(2**63), 2**64 - 1), st.binary(max_size=50))
+def test_wrong_versions_and_kinds(version, kind, body):
+    frames = [msgpack.packb([version, kind, 1, body])]
+    if version == VERSION and kind in {int(k) for k in Kind}:
+        assert decode(frames).body == body
+    else:
+        with pytest.raises(ProtocolError):
+            decode(frames)
+
+
+@pytest.fixture(scope="module")
+def live(cluster):
+    @cluster.remote
+    class Target:
+        def ping(self):
+            return "pong"
+
+    t = Target.remote()
+    assert cluster.get(t.ping.remote(), timeout=60) == "pong"
+    rt = cluster.api.runtime.current()
+    info = next(a for a in rt.run(rt.control("list_actors")) if a["actor_id"] == t._actor_id)
+    return cluster, t, info
+
+
+def _sock(address):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    return s
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=4))
+def test_live_worker_survives_random_multipart_messages(live, frames):
+    cluster, target, info = live
+    s = _sock(info["address"])
+    try:
+        s.send_multipart(frames)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [encode_header(Kind.CALL, 1, b"\x93\xa4ping\x90\x80")],  # 3 elements, not 4
+        [encode_header(Kind.CALL, 2, b"\x94\x01\x90\x80\xc0")],  # method is not a str
+        [encode_header(Kind.CALL, 3, b"\x94\xa4ping\x05\x80\xc0")],  # args not a list
+        [encode_header(Kind.CALL, 4, b"\x94\xa4ping\x90\x81\x01\x02\xc0")],  # keyword names not str
+        [encode_header(Kind.CALL, 5, b"\x94\xa4ping\x90\x80\x05")],  # options not a map
+        [encode_header(Kind.CALL, 6, b"\xc7\x03\x02abc")],  # a truncated pickle
+        [encode_header(Kind.CALL, 7, dumps(["nope", [], {}, None])[0])],  # no such method
+        [encode_header(Kind.RESULT, 8, b"\xc0")],  # a response nobody asked for
+        [encode_header(Kind.STREAM_CREDIT, 9, b"\xa1x")],  # credit for nothing, not an int
+        [msgpack.packb([VERSION, int(Kind.BATCH), 0, msgpack.packb([[1, 10, b"\x01"], [99, 1, b""]])])],
+    ],
+)
+def test_malformed_calls_are_answered_and_the_worker_keeps_serving(live, frames):
+    cluster, target, info = live
+    s = _sock(info["address"])
+    try:
+        s.send_multipart(frames)
+        kind = msgpack.unpackb(frames[0])[1]
+        if kind == Kind.CALL:
+            assert s.poll(10_000), "a malformed call got no answer"
+            reply = decode(s.recv_multipart())
+            assert reply.kind == Kind.ERROR
+    finally:
+        s.close()
+    assert cluster.get(target.ping.remote(), timeout=30) == "pong"
+
+
+def test_oversized_messages_are_refused_by_the_socket(tmp_path):
+    import asyncio
+
+    from transport import Endpoint
+
+    async def main():
+        got = []
+        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=got.append, name="small", max_message_size=1024)
+        client = Endpoint.connect(server.address, on_message=None, name="client")
+        client.send(Kind.CALL, 1, b"\xc0", [os.urandom(4096)])  # over the limit: the peer is dropped
+        client.close()
+        client = Endpoint.connect(server.address, on_message=None, name="client2")
+        body, _ = dumps(1)
+        client.send(Kind.CALL, 2, body)
+        for _ in range(500):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert [m.req_id for m in got] == [2]
+        client.close()
+        server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
