@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import threading
 import time
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from scheduler.resources import normalize_demand
 
 from . import runtime
 from .actor import ActorHandle
+from .completion import wait_for
 from .driver import Driver
 from .exceptions import ActorLibError, GetTimeoutError
 from .object_ref import ObjectRef, ObjectRefGenerator
@@ -120,10 +120,10 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     pending = [r._fut for r in refs if not r.done()]
     if pending:
         rt.check_can_block()
-        # one wake-up for the whole list, not one per ref
-        _, not_done = concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION)
-        if not_done and timeout is not None and not any(f.done() and f.exception() for f in pending):
-            raise GetTimeoutError(f"{len(not_done)} of {len(refs)} results did not finish within {timeout} s")
+        wait_for(pending, len(pending), timeout, stop_on_exception=True)  # one wake-up for the whole list
+        if timeout is not None and not all(f.done() for f in pending) and not any(f.exception() for f in pending):
+            late = sum(1 for f in pending if not f.done())
+            raise GetTimeoutError(f"{late} of {len(refs)} results did not finish within {timeout} s")
     deadline = None if timeout is None else time.monotonic() + timeout
     out = []
     for r in refs:
@@ -144,17 +144,11 @@ def wait(
         raise ValueError("wait() got the same ObjectRef twice")
     if not 0 <= num_returns <= len(refs):
         raise ValueError(f"num_returns={num_returns} must be between 0 and {len(refs)}")
-    rt = runtime.current()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pending = {r._fut: r for r in refs if not r.done()}
-    while len(refs) - len(pending) < num_returns and pending:
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        rt.check_can_block()
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = concurrent.futures.wait(list(pending), timeout=left, return_when=concurrent.futures.FIRST_COMPLETED)
-        for f in done:
-            pending.pop(f, None)
+    pending = [r._fut for r in refs if not r.done()]
+    needed = num_returns - (len(refs) - len(pending))
+    if needed > 0:
+        runtime.current().check_can_block()
+        wait_for(pending, needed, timeout)
     ready = [r for r in refs if r.done()][: max(num_returns, 0)]
     chosen = {id(r) for r in ready}
     return ready, [r for r in refs if id(r) not in chosen]

@@ -1,6 +1,6 @@
 """Futures for call results: :class:`ObjectRef` and :class:`ObjectRefGenerator`.
 
-An ``ObjectRef`` wraps a ``concurrent.futures.Future`` completed by the I/O
+An ``ObjectRef`` wraps a :class:`~actorlib.completion.Completion` set by the I/O
 loop with the raw response; the value is decoded by whoever first asks for it,
 in their own thread. It can be awaited from any event loop and waited on from
 any thread — except the runtime's own loop, where blocking would deadlock it.
@@ -14,7 +14,6 @@ generator (or dropping it) tells the producer to stop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 from transport import DecodeError, Kind, Message, loads
 
+from .completion import Completion
 from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
 
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
@@ -42,7 +42,7 @@ class ObjectRef:
     __slots__ = ("_fut", "_value", "_cancel", "_what", "__weakref__")
 
     def __init__(self, what: Any, cancel: Callable[[], None] | None = None) -> None:
-        self._fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._fut = Completion()
         self._value: Any = _UNSET
         self._cancel = cancel
         self._what = what  # a str, or a (class name, method) pair formatted only when needed
@@ -74,7 +74,7 @@ class ObjectRef:
             return self._value
         try:
             msg = self._fut.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except TimeoutError:
             raise GetTimeoutError(f"{_describe(self._what)} did not finish within {timeout} s") from None
         return self._decode(msg)
 
@@ -123,7 +123,7 @@ class StreamState:
         self._items: deque[Any] = deque()
         self._finished = False
         self._error: BaseException | None = None
-        self._waiter: concurrent.futures.Future[None] | None = None
+        self._waiter: Completion | None = None
         self._consumed = 0
         self._credited = 0
         self._closed = False
@@ -161,7 +161,7 @@ class StreamState:
             waiter.set_result(None)
 
     # from the consumer
-    def _take(self) -> tuple[bool, Any, concurrent.futures.Future[None] | None]:
+    def _take(self) -> tuple[bool, Any, Completion | None]:
         """``(True, ref)`` for the next item, ``(False, None)`` at the end, or a waiter to wait on."""
         with self._lock:
             if self._items:
@@ -177,7 +177,7 @@ class StreamState:
                 return False, None, None
             else:
                 if self._waiter is None:
-                    self._waiter = concurrent.futures.Future()
+                    self._waiter = Completion()
                 return False, None, self._waiter
         if credit:
             self._send_credit(self._consumed)
@@ -192,7 +192,7 @@ class StreamState:
                 raise StopIteration
             try:
                 waiter.result(timeout)
-            except concurrent.futures.TimeoutError:
+            except TimeoutError:
                 raise GetTimeoutError(f"no item of {self.what} within {timeout} s") from None
 
     async def anext(self) -> ObjectRef:
@@ -262,7 +262,7 @@ class ObjectRefGenerator:
         return f"ObjectRefGenerator({self._state.what})"
 
 
-def _loop_future(cf: concurrent.futures.Future[Any]) -> asyncio.Future[None]:
+def _loop_future(cf: Completion) -> asyncio.Future[None]:
     """An asyncio future on the running loop that completes when ``cf`` does.
 
     Unlike ``asyncio.wrap_future``, completions that happen in a burst on

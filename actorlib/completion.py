@@ -1,0 +1,108 @@
+"""A minimal thread-safe future, one per call result.
+
+``concurrent.futures.Future`` builds a Condition (an RLock and a deque) for
+every instance; a call's result needs far less. A :class:`Completion` is set
+once from any thread; threads wait on an Event made only if one actually
+blocks, and callbacks serve event loops and :func:`wait_for`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["Completion", "wait_for"]
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()  # guards every Completion's state change: each is held for a few instructions
+
+
+class Completion:
+    __slots__ = ("_done", "_result", "_exception", "_event", "_callbacks")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[Completion], None]] | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> bool:
+        return self._finish(result, None)
+
+    def set_exception(self, exc: BaseException) -> bool:
+        return self._finish(None, exc)
+
+    def _finish(self, result: Any, exc: BaseException | None) -> bool:
+        with _lock:
+            if self._done:
+                return False
+            self._result, self._exception, self._done = result, exc, True
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
+            try:
+                callback(self)
+            except Exception:
+                log.exception("error in a completion callback")
+        return True
+
+    def add_done_callback(self, callback: Callable[[Completion], None]) -> None:
+        """Call ``callback(self)`` once done (at once, here, if it already is)."""
+        with _lock:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done or ``timeout`` passes; True if done."""
+        if self._done:
+            return True
+        with _lock:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The result, raising what was set with :meth:`set_exception`; ``TimeoutError`` if not done in time."""
+        if not self.wait(timeout):
+            raise TimeoutError
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        return self._exception if self._done else None
+
+
+def wait_for(completions: Sequence[Completion], count: int, timeout: float | None, *, stop_on_exception: bool = False) -> None:
+    """Block until ``count`` of ``completions`` are done (or one failed, with ``stop_on_exception``), or ``timeout`` passes."""
+    left = [count - sum(1 for c in completions if c.done())]
+    if left[0] <= 0:
+        return
+    event = threading.Event()
+    guard = threading.Lock()
+
+    def one(c: Completion) -> None:
+        with guard:
+            left[0] -= 1
+            if left[0] <= 0 or (stop_on_exception and c._exception is not None):
+                event.set()
+
+    for c in completions:
+        if not c.done():
+            c.add_done_callback(one)
+    event.wait(timeout)
