@@ -104,16 +104,34 @@ class _Producer:
         self.credit_event.set()
 
     def flush(self) -> None:
+        """Send what was produced (loop thread): buffer-less items together, items with arrays one by one."""
         with self.cond:
             items, self.batch = self.batch, []
             self.flush_scheduled = False
-        if items and not self.closed:
-            self.host.send_value(Kind.STREAM_ITEM, self.req_id, items, self.peer)
+        if not items or self.closed:
+            return
+        plain: list[bytes] = []
+        for body, buffers in items:
+            if not buffers:
+                plain.append(body)
+                continue
+            self._send_plain(plain)
+            plain = []
+            self.host.send_raw(Kind.STREAM_ITEM, self.req_id, _array_header(1) + body, buffers, self.peer)
+        self._send_plain(plain)
+
+    def _send_plain(self, bodies: list[bytes]) -> None:
+        if bodies:  # a msgpack array is its header and its elements, one after the other
+            self.host.send_raw(Kind.STREAM_ITEM, self.req_id, _array_header(len(bodies)) + b"".join(bodies), [], self.peer)
 
     # producer side (thread or loop)
     def add(self, item: Any, from_thread: bool) -> None:
+        """Encode the item now: the generator may change it once it moves on (arrays are copied)."""
+        body, buffers = dumps(item)
+        if buffers:
+            buffers = [bytes(b) for b in buffers]
         with self.cond:
-            self.batch.append(item)
+            self.batch.append((body, buffers))
             self.sent += 1
             schedule = not self.flush_scheduled
             self.flush_scheduled = True
@@ -201,6 +219,18 @@ class ActorHost:
                 self.endpoint.send_soon(kind, req_id, body, peer)  # replies finished in one loop turn leave together
         except Exception:
             pass  # the caller is gone or we are closing
+
+    def send_raw(self, kind: Kind, req_id: int, body: bytes, buffers: list[Any], peer: bytes | None) -> None:
+        """Send an encoded message (loop thread); buffer-less ones leave with this loop turn's others."""
+        if self.endpoint is None:
+            return
+        try:
+            if buffers:
+                self.endpoint.send(kind, req_id, body, buffers, peer)
+            else:
+                self.endpoint.send_soon(kind, req_id, body, peer)
+        except Exception:
+            pass  # the consumer is gone or we are closing
 
     def _send_from_thread(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
         """Encode and send from the sync thread, straight onto the socket (no hop to the loop).
@@ -407,6 +437,15 @@ class ActorHost:
             self.send_value(Kind.ERROR, p.req_id, error, p.peer)
         else:
             self.send_value(Kind.STREAM_END, p.req_id, None, p.peer)
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` elements."""
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

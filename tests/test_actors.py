@@ -409,3 +409,19 @@ def test_arrays_may_change_once_remote_returns(cluster):
     assert cluster.get(refs, timeout=60) == [v * (1 << 20) for v in range(1, 6)]
     results = [k.fill_and_return.remote(v) for v in range(1, 6)]
     assert [int(cluster.get(r, timeout=60)[0]) for r in results] == [1, 2, 3, 4, 5]
+
+
+def test_streamed_arrays_are_snapshots(cluster):
+    @cluster.remote
+    class Filler:
+        def frames(self, n):
+            buf = np.zeros(1 << 16, dtype=np.uint8)
+            for i in range(n):
+                buf[:] = i  # the same array, changed in place after each yield
+                yield buf
+                yield {"i": i, "tag": "plain"}
+
+    items = [cluster.get(r, timeout=30) for r in Filler.remote().frames.remote(20)]
+    arrays, plain = items[0::2], items[1::2]
+    assert [int(a[0]) for a in arrays] == list(range(20)) and all(a.min() == a.max() for a in arrays)
+    assert plain == [{"i": i, "tag": "plain"} for i in range(20)]
