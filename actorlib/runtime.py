@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import logging
 import sys
 import threading
@@ -171,11 +172,10 @@ class Runtime:
             return
         out = sys.stderr if payload.get("stream") == "stderr" else sys.stdout
         prefix = f"({payload.get('label')} pid={payload.get('pid')}) "
-        try:
-            out.write("".join(prefix + line + "\n" for line in payload.get("lines", [])))
-            out.flush()
-        except Exception:
-            pass
+        text = "".join(prefix + line + "\n" for line in payload.get("lines", []))
+        # In an empty context: the loop's callbacks carry the context of the cell that called init(),
+        # and Jupyter would file the lines under that cell instead of the one running now.
+        contextvars.Context().run(_write, out, text)
 
     # -- actors ------------------------------------------------------------------
 
@@ -296,6 +296,14 @@ def _own_buffers(call: Call) -> None:
     """Copy a call's buffer frames: it will be sent after ``.remote()`` has returned."""
     if call.frames is not None and call.frames[1]:
         call.frames = (call.frames[0], [bytes(b) for b in call.frames[1]])
+
+
+def _write(out: Any, text: str) -> None:
+    try:
+        out.write(text)
+        out.flush()
+    except Exception:
+        pass  # a closed or broken stdout must not stop the runtime
 
 
 def control_error(op: str, record: dict[str, Any]) -> Exception:
