@@ -156,6 +156,8 @@ class ActorConnection:
         with self.lock:
             if posted:
                 self.posted -= 1
+            if call.cancelled:
+                return  # cancelled while it waited to be handed over: already failed, never sent
             if self.state is ConnState.DEAD:
                 pass
             elif self.state is ConnState.CONNECTED and not self._queue and not call.deps and not self._flushing:
@@ -244,7 +246,8 @@ class ActorConnection:
                     await self._resolve_args(call)
                 except BaseException as exc:
                     with self.lock:
-                        self._queue.popleft()
+                        if self._queue and self._queue[0] is call:  # mark_dead may have emptied it meanwhile
+                            self._queue.popleft()
                     call.fail(exc)
         finally:
             with self.lock:

@@ -25,7 +25,7 @@ from transport import DecodeError, Endpoint, Kind, Message, RemoteFailure, Trans
 from transport.control import ControlServer
 
 from .connection import ActorConnection, Call, encode_call
-from .exceptions import ActorLibError, InfeasibleError, SerializationError
+from .exceptions import ActorLibError, InfeasibleError, SerializationError, TaskCancelledError
 from .object_ref import ObjectRef, ObjectRefGenerator, StreamState, check_not_blocking_loop
 
 __all__ = ["Runtime", "current", "current_or_none", "set_current"]
@@ -257,20 +257,22 @@ class Runtime:
                 return result
             conn.post()
         _own_buffers(call)
-        self.call_soon(self._submit_posted, actor_id, class_name, call, conn is not None)
+        self.call_soon(self._submit_posted, actor_id, class_name, call, conn)
         return result
 
-    def _submit_posted(self, actor_id: str, class_name: str, call: Call, counted: bool) -> None:
-        conn = self.connection(actor_id, class_name)
-        if counted:
-            conn.submit_posted(call)
+    def _submit_posted(self, actor_id: str, class_name: str, call: Call, counted: ActorConnection | None) -> None:
+        if counted is not None:
+            counted.submit_posted(call)  # the connection that counted it, even if it has died since
         else:
-            conn.submit(call)
+            self.connection(actor_id, class_name).submit(call)
 
     def _cancel(self, actor_id: str, call: Call) -> None:
         conn = self._conns.get(actor_id)
         if conn is not None:
             conn.cancel(call)
+        elif call.req_id == 0:  # not even connected yet: it must never be sent
+            call.cancelled = True
+            call.fail(TaskCancelledError(f"{call.method}() was cancelled before it was sent"))
 
     def _credit(self, actor_id: str, call: Call, consumed: int) -> None:
         conn = self._conns.get(actor_id)

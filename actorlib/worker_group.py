@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,7 @@ from . import api, runtime
 from .actor import ActorClass, ActorHandle, remote
 from .cluster import VirtualCluster
 from .exceptions import ActorDiedError, ActorLibError, GetTimeoutError
-from .object_ref import ObjectRefGenerator
+from .object_ref import ObjectRef, ObjectRefGenerator
 from .progress import Progress
 from .sharding import NamedSharding
 from .worker import ASYNC_GENERATOR, GENERATOR
@@ -58,16 +60,39 @@ class MultiWorkerFuture:
         keep = self._kept()
         if return_generators_as_proxies:
             return [self.futures[i] for i in keep]
+        kept = [self.futures[i] for i in keep]
+        if not any(isinstance(f, ObjectRefGenerator) for f in kept):
+            return api.get(kept, timeout=timeout)
+        # Streams are read all at once (a thread each): one worker's stream may only progress
+        # while another's is read, as in a collective.
+        items: list[list[Any]] = [[] for _ in kept]
+        errors: list[BaseException] = []
+
+        def drain(i: int, gen: ObjectRefGenerator) -> None:
+            try:
+                for ref in gen:
+                    items[i].append(api.get(ref))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=drain, args=(i, g), daemon=True)
+            for i, g in enumerate(kept)
+            if isinstance(g, ObjectRefGenerator)
+        ]
+        for t in threads:
+            t.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise GetTimeoutError(f"the streams did not finish within {timeout} s")
+        if errors:
+            raise errors[0]
         out: list[Any] = []
-        streamed = False
-        for i in keep:
-            fut = self.futures[i]
-            if isinstance(fut, ObjectRefGenerator):
-                streamed = True
-                out.extend(api.get(list(fut), timeout=timeout))
-            else:
-                out.append(fut)
-        return out if streamed else api.get(out, timeout=timeout)
+        for i, fut in enumerate(kept):
+            out.extend(items[i]) if isinstance(fut, ObjectRefGenerator) else out.append(api.get(fut, timeout=timeout))
+        return out
 
     def _kept(self) -> list[int]:
         """Positions in ``futures`` whose results are returned."""
@@ -102,6 +127,7 @@ class WorkerGroup:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
             raise ValueError("env_vars must be a dict of str to str")
         pgs = cluster.get_placement_groups()
+        self._explicit_ties = bundle_indices_list is not None  # then every group's leader gets bundle_indices
         if bundle_indices_list is None:
             bundle_indices_list = _one_worker_per_bundle(pgs, cluster, workers_per_node)
         _check_bundle_indices(bundle_indices_list, pgs, cluster.use_unified_pg)
@@ -124,6 +150,22 @@ class WorkerGroup:
         init_kwargs: dict[str, Any],
         timeout: float,
     ) -> None:
+        try:
+            self._create(bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs)
+            self._wait_started(timeout)
+        except BaseException:
+            self.shutdown(force=True)  # nothing half-started is left holding GPUs
+            raise
+
+    def _create(
+        self,
+        bundle_indices_list: list[tuple[int, list[int]]],
+        pgs: list[Any],
+        env_vars: dict[str, str],
+        py_executable: str | None,
+        init_args: tuple[Any, ...],
+        init_kwargs: dict[str, Any],
+    ) -> None:
         num_gpus = 1 / self.cluster.max_colocated_worker_groups if self.cluster.use_gpus else 0
         local_ranks: dict[int, int] = {}
         rank = 0
@@ -145,7 +187,7 @@ class WorkerGroup:
                 }
                 kwargs = dict(init_kwargs)
                 leader_indices = (node_idx, list(bundles)) if position == 0 else None
-                if leader_indices is not None and len(bundles) > 1:
+                if leader_indices is not None and self._explicit_ties:
                     kwargs["bundle_indices"] = leader_indices
                 name = (
                     (
@@ -176,11 +218,6 @@ class WorkerGroup:
                 tied.append(rank)
                 rank += 1
             self.tied_workers_groups.append(tied)
-        try:
-            self._wait_started(timeout)
-        except BaseException:
-            self.shutdown(force=True)
-            raise
 
     def _wait_started(self, timeout: float) -> None:
         rt = runtime.current()
@@ -372,8 +409,9 @@ class WorkerGroup:
         ok = True
         if cleanup_method is not None and not force:
             try:
-                api.get(self.run_all_workers_single_data(cleanup_method), timeout=timeout)
-            except (ActorLibError, AttributeError, ValueError):
+                refs = self.run_all_workers_single_data(cleanup_method)
+                api.get([r for r in refs if isinstance(r, ObjectRef)], timeout=timeout)
+            except Exception:  # a cleanup that fails in any way must not keep the workers alive
                 ok = False
         rt = runtime.current()
         ids = [w._actor_id for w in self._workers]

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport import ControlError, ControlServer, Endpoint, RemoteFailure, TransportError, control_call, send_event
+from transport import ControlError, ControlServer, Endpoint, TransportError, control_call, send_event
 
 from .actors import ActorRecord, ActorSpec, ActorState
 from .placement import Bundle, PlacementGroupRecord, PlacementGroupState, infeasibility, place, validate_bundles
@@ -135,7 +135,21 @@ class Head:
         for record in list(self.actors.values()):
             if record.node_id == node_id and record.state in (ActorState.STARTING, ActorState.ALIVE):
                 self._mark_dead(record, {"reason": f"its node {node_id[:8]} left the cluster"})
+        for pg in list(self.pgs.values()):  # groups that held bundles there are placed again, whole
+            if pg.state == PlacementGroupState.CREATED and any(b.node_id == node_id for b in pg.placed):
+                for record in list(self.actors.values()):
+                    if record.spec.placement_group == pg.pg_id and record.state != ActorState.DEAD:
+                        self._kill(record, f"a node of its placement group ({node_id[:8]}) left the cluster")
+                for bundle in pg.placed:
+                    other = self.nodes.get(bundle.node_id)
+                    if other is not None and other.alive:
+                        other.pool.release(bundle.allocation)
+                pg.placed = []
+                pg.pending_reason = f"waiting for resources: node {node_id[:8]} holding its bundles left"
+                pg.set_state(PlacementGroupState.PENDING)
+                self._pending_pgs.append(pg.pg_id)
         log.info("node %s left", node_id[:8])
+        self._schedule()
         return True
 
     async def wait_for_node(self, node_id: str) -> None:
@@ -349,14 +363,19 @@ class Head:
     def _remove_group(self, pg: PlacementGroupRecord) -> None:
         placed, pg.placed = pg.placed, []
         pg.set_state(PlacementGroupState.REMOVED)  # first: nothing is scheduled into it from here on
-        for record in list(self.actors.values()):
-            if record.spec.placement_group == pg.pg_id and record.state != ActorState.DEAD:
-                self._kill(record, "its placement group was removed")
+        doomed = [r for r in self.actors.values() if r.spec.placement_group == pg.pg_id and r.state != ActorState.DEAD]
+        for record in doomed:
+            self._kill(record, "its placement group was removed")
+        _retire(self.pgs, self._removed_pgs, pg.pg_id)
+        self._spawn_task(self._release_bundles(placed, doomed))
+
+    async def _release_bundles(self, placed: list[Bundle], doomed: list[ActorRecord]) -> None:
+        """Give a removed group's resources back once its actors' processes are gone (GPU memory too)."""
+        await self._wait_dead(doomed, 30.0)
         for bundle in placed:
             node = self.nodes.get(bundle.node_id)
             if node is not None:
                 node.pool.release(bundle.allocation)
-        _retire(self.pgs, self._removed_pgs, pg.pg_id)
         self._schedule()
 
     async def _start(self, record: ActorRecord, node: NodeRecord) -> None:
@@ -449,7 +468,7 @@ class Head:
 
     async def op_kill_actors(self, peer: bytes, actor_ids: list[str], wait_s: float = 30.0) -> int:
         """Kill several actors and wait (at most ``wait_s``) until their processes are gone."""
-        records = [self._record(a) for a in actor_ids]
+        records = [self.actors[a] for a in actor_ids if a in self.actors]  # long-retired ids are dead anyway
         doomed = [r for r in records if r.state != ActorState.DEAD]
         for record in doomed:
             self._kill(record, "killed by actorlib.kill()")
@@ -498,7 +517,7 @@ class Head:
         assert self.endpoint is not None
         try:
             await control_call(self.endpoint, "kill_worker", peer=node.peer, pid=pid, timeout=10)
-        except (RemoteFailure, asyncio.TimeoutError) as exc:
+        except (TransportError, asyncio.TimeoutError) as exc:  # the node may be gone: its workers die with it
             log.warning("could not kill worker %d on node %s: %s", pid, node.node_id[:8], exc)
 
     async def _wait_dead(self, records: list[ActorRecord], timeout: float) -> None:

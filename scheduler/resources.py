@@ -170,4 +170,4 @@ class NodePool:
             self.free[k] = min(self.free.get(k, 0) + v, self.total.get(k, 0))
         for g in alloc.gpu_ids:
             if g in self.gpu_free:
-                self.gpu_free[g] += alloc.gpu_units
+                self.gpu_free[g] = min(self.gpu_free[g] + alloc.gpu_units, self.gpu_cap[g])

@@ -189,7 +189,11 @@ class Endpoint:
             if self._closed:
                 raise ConnectionClosedError(f"{self.name} is closed", by_us=True)
             try:
-                tracker = self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=track)
+                if track:
+                    tracker = self._send_tracked(frames)
+                else:
+                    self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    tracker = None
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise ConnectionClosedError(f"{self.name}: peer {peer!r} is not connected", by_us=False) from None
@@ -201,6 +205,17 @@ class Endpoint:
         if readable and not self._drain_scheduled:
             self._schedule_drain()
         return tracker
+
+    def _send_tracked(self, frames: list[Any]) -> zmq.MessageTracker | None:
+        """Send frame by frame and track every one sent without a copy (pyzmq's send_multipart
+        tracks only the last frame, which may be a small copied one)."""
+        pending = []
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            tracker = self._sock.send(frame, zmq.NOBLOCK | (0 if i == last else zmq.SNDMORE), copy=False, track=True)
+            if tracker is not None and not tracker.done:
+                pending.append(tracker)
+        return zmq.MessageTracker(*pending) if pending else None
 
     def send_soon(self, kind: Kind, req_id: int, body: bytes, peer: bytes | None = None) -> None:
         """Send a buffer-less message at the end of this loop iteration (loop thread).
