@@ -393,7 +393,7 @@ def test_arrays_may_change_once_remote_returns(cluster):
         def __init__(self):
             self.buf = np.zeros(1 << 20, dtype=np.uint8)
 
-        def checksum(self, arr):
+        def checksum(self, arr, extra=None):
             return int(arr.sum())
 
         def fill_and_return(self, value):
@@ -402,10 +402,11 @@ def test_arrays_may_change_once_remote_returns(cluster):
 
     k = Keeper.remote()
     arr = np.ones(1 << 20, dtype=np.uint8)
+    small = np.ones(8, dtype=np.uint8)  # a small last frame is copied by ZeroMQ: the big one must still be waited for
     refs = []
     for v in range(1, 6):
         arr[:] = v
-        refs.append(k.checksum.remote(arr))  # then changed right away
+        refs.append(k.checksum.remote(arr, small))  # then changed right away
     assert cluster.get(refs, timeout=60) == [v * (1 << 20) for v in range(1, 6)]
     results = [k.fill_and_return.remote(v) for v in range(1, 6)]
     assert [int(cluster.get(r, timeout=60)[0]) for r in results] == [1, 2, 3, 4, 5]
