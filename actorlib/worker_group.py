@@ -138,21 +138,9 @@ class WorkerGroup:
             )
         self.sharding_annotations = sharding_annotations
         self.master_address, self.master_port = cluster.get_master_address_and_port()
-        self._start(bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs, start_timeout)
-
-    def _start(
-        self,
-        bundle_indices_list: list[tuple[int, list[int]]],
-        pgs: list[Any],
-        env_vars: dict[str, str],
-        py_executable: str | None,
-        init_args: tuple[Any, ...],
-        init_kwargs: dict[str, Any],
-        timeout: float,
-    ) -> None:
         try:
             self._create(bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs)
-            self._wait_started(timeout)
+            self._wait_started(start_timeout)
         except BaseException:
             self.shutdown(force=True)  # nothing half-started is left holding GPUs
             raise
