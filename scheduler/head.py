@@ -21,6 +21,7 @@ from typing import Any
 from transport import ControlError, ControlServer, Endpoint, TransportError, control_call, send_event
 
 from .actors import ActorRecord, ActorSpec, ActorState
+from .node import NODE_TIMEOUT
 from .placement import Bundle, PlacementGroupRecord, PlacementGroupState, infeasibility, place, validate_bundles
 from .resources import NodePool, to_float
 from .session import socket_dir
@@ -39,6 +40,7 @@ class NodeRecord:
     pool: NodePool
     is_head_node: bool
     alive: bool = True
+    last_seen: float = 0.0
 
     def view(self) -> dict[str, Any]:
         return {
@@ -62,8 +64,9 @@ class DriverRecord:
 
 
 class Head:
-    def __init__(self, *, session_dir: str, address: str) -> None:
+    def __init__(self, *, session_dir: str, address: str, node_timeout: float = NODE_TIMEOUT) -> None:
         self.session_dir = session_dir
+        self.node_timeout = node_timeout
         self._bind_address = address
         self.nodes: dict[str, NodeRecord] = {}
         self.actors: dict[str, ActorRecord] = {}
@@ -89,6 +92,7 @@ class Head:
     def start(self) -> None:
         self.endpoint = Endpoint.bind(self._bind_address, on_message=self._control.handle, name="head")
         self._control.attach(self.endpoint)
+        self._spawn_task(self._watch_nodes())
 
     async def stop(self) -> None:
         self._control.cancel_all()
@@ -119,7 +123,9 @@ class Head:
             pool = NodePool(resources, gpu_ids)
         except ValueError as exc:
             raise ControlError("ValueError", str(exc)) from None
-        self.nodes[node_id] = NodeRecord(node_id, peer, address, hostname, pool, is_head_node)
+        self.nodes[node_id] = NodeRecord(
+            node_id, peer, address, hostname, pool, is_head_node, last_seen=asyncio.get_running_loop().time()
+        )
         log.info("node %s registered: %s", node_id[:8], resources)
         self._node_joined.set()
         self._node_joined = asyncio.Event()
@@ -129,28 +135,42 @@ class Head:
     async def op_unregister_node(self, peer: bytes, node_id: str) -> bool:
         """A node agent is leaving: its actors are dead, its resources gone."""
         node = self.nodes.get(node_id)
-        if node is None or node.peer != peer:
+        if node is None or node.peer != peer or not node.alive:
             return False
+        self._node_gone(node, "left the cluster")
+        return True
+
+    def _node_gone(self, node: NodeRecord, how: str) -> None:
+        node_id = node.node_id
         node.alive = False
         for record in list(self.actors.values()):
             if record.node_id == node_id and record.state in (ActorState.STARTING, ActorState.ALIVE):
-                self._mark_dead(record, {"reason": f"its node {node_id[:8]} left the cluster"})
+                self._mark_dead(record, {"reason": f"its node {node_id[:8]} {how}", "host": node.address})
         for pg in list(self.pgs.values()):  # groups that held bundles there are placed again, whole
             if pg.state == PlacementGroupState.CREATED and any(b.node_id == node_id for b in pg.placed):
                 for record in list(self.actors.values()):
                     if record.spec.placement_group == pg.pg_id and record.state != ActorState.DEAD:
-                        self._kill(record, f"a node of its placement group ({node_id[:8]}) left the cluster")
+                        self._kill(record, f"a node of its placement group ({node_id[:8]}) {how}")
                 for bundle in pg.placed:
                     other = self.nodes.get(bundle.node_id)
                     if other is not None and other.alive:
                         other.pool.release(bundle.allocation)
                 pg.placed = []
-                pg.pending_reason = f"waiting for resources: node {node_id[:8]} holding its bundles left"
+                pg.pending_reason = f"waiting for resources: node {node_id[:8]} holding its bundles {how}"
                 pg.set_state(PlacementGroupState.PENDING)
                 self._pending_pgs.append(pg.pg_id)
-        log.info("node %s left", node_id[:8])
+        log.warning("node %s %s", node_id[:8], how)
         self._schedule()
-        return True
+
+    async def _watch_nodes(self) -> None:
+        """Declare dead a node that has sent nothing for ``node_timeout`` seconds (e.g. a killed agent)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.node_timeout / 4)
+            now = loop.time()
+            for node in list(self.nodes.values()):
+                if node.alive and now - node.last_seen > self.node_timeout:
+                    self._node_gone(node, f"stopped answering (no heartbeat for {self.node_timeout:g} s)")
 
     async def wait_for_node(self, node_id: str) -> None:
         """Return once ``node_id`` has registered (callers bound this with a timeout)."""
@@ -565,6 +585,11 @@ class Head:
             log.debug("head: could not tell %r about %s: %s", peer, topic, exc)
 
     def _on_event(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
+        if topic == "heartbeat":
+            node = self.nodes.get(payload.get("node_id", "") if isinstance(payload, dict) else "")
+            if node is not None and node.peer == peer:
+                node.last_seen = asyncio.get_running_loop().time()
+            return
         if topic == "worker_exited":
             record = self.actors.get(payload.get("actor_id", ""))
             # pid None: the worker died before the spawn answer was read (one worker per actor at a time)

@@ -31,6 +31,8 @@ __all__ = ["NodeAgent"]
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 20
+NODE_TIMEOUT = float(os.environ.get("ACTORLIB_NODE_TIMEOUT_S", "10"))  # silence after which the head declares a node dead
+HEARTBEAT_EVERY = NODE_TIMEOUT / 5
 
 
 @dataclass
@@ -73,6 +75,7 @@ class NodeAgent:
         self._forkserver = ForkServer(preload=worker_preload, entry=worker_entry, on_exit=self._on_exit)
         self._control = ControlServer(self)
         self._head: Endpoint | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -91,6 +94,16 @@ class NodeAgent:
             is_head_node=self.is_head_node,
             forkserver_pid=self._forkserver.pid,
         )
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Tell the head this node is alive, a few times per its timeout (one tiny message: no busy loop)."""
+        while self._head is not None and not self._head.closed:
+            try:
+                send_event(self._head, "heartbeat", {"node_id": self.node_id})
+            except Exception as exc:
+                log.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(HEARTBEAT_EVERY)
 
     async def stop(self) -> None:
         """Kill every worker (through the fork server), tell the head, and close. Bounded in time."""
@@ -103,6 +116,8 @@ class NodeAgent:
             except Exception as exc:
                 log.debug("could not unregister node %s: %s", self.node_id[:8], exc)
         self._control.cancel_all()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         if self._head is not None:
             self._head.close()
         self._stopped.set()

@@ -112,6 +112,39 @@ def test_removed_node_takes_its_workers(three_nodes, Where):
     assert al.cluster_resources() == {"CPU": 5.0, "GPU": 4.0, "big": 1.0}
 
 
+def test_killed_node_agent_is_declared_dead_by_missed_heartbeats(tmp_path):
+    """SIGKILL a node agent: its workers die with it, and the head notices by the silence."""
+    script = textwrap.dedent(
+        """
+        import os, signal, time, actorlib, actorlib.testing
+        actorlib.init(num_cpus=1)
+        node = actorlib.testing.add_node(num_cpus=1, resources={"doomed": 1})
+        @actorlib.remote(resources={"doomed": 1})
+        class Victim:
+            def pid(self):
+                return os.getpid()
+        v = Victim.remote()
+        pid = actorlib.get(v.pid.remote(), timeout=60)
+        agent = actorlib.api.driver().extra_nodes[node]
+        os.kill(agent.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            actorlib.get(v.pid.remote(), timeout=30)
+        except actorlib.ActorDiedError as exc:
+            print("DIED", round(time.monotonic() - t0, 1), "heartbeat" in str(exc))
+        print("ALIVE", [n["alive"] for n in actorlib.nodes() if n["node_id"] == node])
+        print("WORKER_GONE", not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z")
+        actorlib.shutdown()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT_DIR, "ACTORLIB_TMPDIR": str(tmp_path), "ACTORLIB_NODE_TIMEOUT_S": "2"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    died = out.stdout.split("DIED ")[1].split()
+    assert float(died[0]) < 10 and died[1] == "True"
+    assert "ALIVE [False]" in out.stdout and "WORKER_GONE True" in out.stdout
+
+
 def test_cuda_visible_devices_set_before_start_limits_the_node(tmp_path):
     script = textwrap.dedent(
         """
