@@ -128,12 +128,19 @@ def test_killed_node_agent_is_declared_dead_by_missed_heartbeats(tmp_path):
         agent = actorlib.api.driver().extra_nodes[node]
         os.kill(agent.pid, signal.SIGKILL)
         t0 = time.monotonic()
+        def gone():
+            try:
+                return open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+            except OSError:
+                return True
+        while not gone() and time.monotonic() - t0 < 10:  # its worker dies with it (parent-death signals)
+            time.sleep(0.02)
+        print("WORKER_GONE", gone())
         try:
             actorlib.get(v.pid.remote(), timeout=30)
         except actorlib.ActorDiedError as exc:
             print("DIED", round(time.monotonic() - t0, 1), "heartbeat" in str(exc))
         print("ALIVE", [n["alive"] for n in actorlib.nodes() if n["node_id"] == node])
-        print("WORKER_GONE", not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z")
         actorlib.shutdown()
         """
     )
