@@ -117,7 +117,6 @@ class Head:
         address: str,
         hostname: str,
         is_head_node: bool = False,
-        forkserver_pid: int = 0,
     ) -> dict[str, Any]:
         try:
             pool = NodePool(resources, gpu_ids)

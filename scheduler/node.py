@@ -92,7 +92,6 @@ class NodeAgent:
             address=self.host,
             hostname=socket.gethostname(),
             is_head_node=self.is_head_node,
-            forkserver_pid=self._forkserver.pid,
         )
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT_DIR, wait_for
+from .conftest import ROOT_DIR, alive, wait_for
 
 jupyter_client = pytest.importorskip("jupyter_client")
 pytest.importorskip("ipykernel")
@@ -61,14 +61,6 @@ def drain_streams(kc, until: str, timeout: float = 30) -> str:
             if until in "".join(seen):
                 break
     return "".join(seen)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_actorlib_in_a_jupyter_kernel(kernel):

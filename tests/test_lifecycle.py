@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import assert_no_descendants, descendants, wait_for
+from .conftest import alive, assert_no_descendants, descendants, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,22 +84,12 @@ def test_driver_sigkill_takes_every_worker_within_5_seconds(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         t0 = time.monotonic()
-        wait_for(
-            lambda: not any(os.path.exists(f"/proc/{p}") and _alive(p) for p in everything), 5, what="orphaned workers to die"
-        )
+        wait_for(lambda: not any(alive(p) for p in everything), 5, what="orphaned workers to die")
         assert time.monotonic() - t0 <= 5
     finally:
         proc.kill()
         proc.wait(timeout=10)
     assert_no_descendants()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_worker_output_reaches_the_driver_and_the_log_files(tmp_path):
