@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 import uvloop
 
-from transport import DecodeError, EncodeError, Endpoint, Kind, Message, dumps, loads, wait_sent
+from transport import DecodeError, EncodeError, Endpoint, Kind, Message, dumps, loads, set_cluster_key, wait_sent
 
 from . import runtime as runtime_mod
 from .runtime import Runtime
@@ -467,6 +467,7 @@ async def _serve(config: dict[str, Any]) -> int:
     rt.namespace = config.get("namespace", "default")
     rt.session_dir = config.get("session_dir", "")
     rt.gpu_ids = list(config.get("gpu_ids") or [])
+    set_cluster_key(config.get("cluster_key"))  # before any tcp:// socket opens
     rt.connect_head(config["head_address"])
     runtime_mod.set_current(rt)
     host = ActorHost(rt, config)

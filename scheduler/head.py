@@ -61,6 +61,7 @@ class DriverRecord:
     namespace: str
     log_to_driver: bool
     actors: set[str] = field(default_factory=set)
+    last_seen: float = 0.0
 
 
 class Head:
@@ -89,12 +90,21 @@ class Head:
         assert self.endpoint is not None
         return self.endpoint.address
 
+    @property
+    def over_tcp(self) -> bool:
+        """Whether peers reach this head over TCP (then workers bind TCP on their node's address too)."""
+        return self._bind_address.startswith("tcp://")
+
     def start(self) -> None:
         self.endpoint = Endpoint.bind(self._bind_address, on_message=self._control.handle, name="head")
         self._control.attach(self.endpoint)
         self._spawn_task(self._watch_nodes())
 
     async def stop(self) -> None:
+        """Stop serving; node agents of other processes are told to stop (they would notice anyway)."""
+        for node in self.nodes.values():
+            if node.alive and not node.is_head_node:
+                self._notify(node.peer, "shutdown", {"reason": "the head is stopping"})
         self._control.cancel_all()
         for task in list(self._tasks):
             task.cancel()
@@ -122,6 +132,9 @@ class Head:
             pool = NodePool(resources, gpu_ids)
         except ValueError as exc:
             raise ControlError("ValueError", str(exc)) from None
+        old = self.nodes.get(node_id)
+        if old is not None and old.alive:  # the same node again: its earlier incarnation is over
+            self._node_gone(old, "registered again")
         self.nodes[node_id] = NodeRecord(
             node_id, peer, address, hostname, pool, is_head_node, last_seen=asyncio.get_running_loop().time()
         )
@@ -161,15 +174,34 @@ class Head:
         log.warning("node %s %s", node_id[:8], how)
         self._schedule()
 
+    async def op_heartbeat(self, peer: bytes, node_id: str | None = None) -> dict[str, Any]:
+        """A node agent or a driver is alive. A node the head no longer knows is told to register again."""
+        now = asyncio.get_running_loop().time()
+        if node_id is None:
+            driver = self.drivers.get(peer)
+            if driver is not None:
+                driver.last_seen = now
+            return {"rejoin": driver is None}
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive or node.peer != peer:
+            return {"rejoin": True}
+        node.last_seen = now
+        return {"rejoin": False}
+
     async def _watch_nodes(self) -> None:
-        """Declare dead a node that has sent nothing for ``node_timeout`` seconds (e.g. a killed agent)."""
+        """Declare dead a node or driver that has sent nothing for ``node_timeout`` seconds (e.g. SIGKILLed)."""
         loop = asyncio.get_running_loop()
+        silent = f"stopped answering (no heartbeat for {self.node_timeout:g} s)"
         while True:
             await asyncio.sleep(self.node_timeout / 4)
             now = loop.time()
             for node in list(self.nodes.values()):
                 if node.alive and now - node.last_seen > self.node_timeout:
-                    self._node_gone(node, f"stopped answering (no heartbeat for {self.node_timeout:g} s)")
+                    self._node_gone(node, silent)
+            for driver in list(self.drivers.values()):
+                if now - driver.last_seen > self.node_timeout:
+                    log.warning("driver %s %s", driver.job_id, silent)
+                    self._driver_gone(driver, f"its driver {silent}")
 
     async def wait_for_node(self, node_id: str) -> None:
         """Return once ``node_id`` has registered (callers bound this with a timeout)."""
@@ -178,26 +210,31 @@ class Head:
 
     async def op_register_driver(self, peer: bytes, namespace: str, log_to_driver: bool = True) -> dict[str, Any]:
         job_id = uuid.uuid4().hex[:8]
-        self.drivers[peer] = DriverRecord(job_id, peer, namespace, log_to_driver)
-        return {"job_id": job_id, "session_dir": self.session_dir}
+        self.drivers[peer] = DriverRecord(job_id, peer, namespace, log_to_driver, last_seen=asyncio.get_running_loop().time())
+        return {"job_id": job_id, "session_dir": self.session_dir, "heartbeat_s": self.node_timeout / 5}
 
     async def op_driver_exit(self, peer: bytes, timeout: float = 10.0) -> int:
         """The driver is leaving: kill the actors it owns (detached ones stay)."""
-        driver = self.drivers.pop(peer, None)
+        driver = self.drivers.get(peer)
         if driver is None:
             return 0
+        doomed = self._driver_gone(driver, "its driver exited")
+        await self._wait_dead(doomed, timeout)
+        return len(doomed)
+
+    def _driver_gone(self, driver: DriverRecord, reason: str) -> list[ActorRecord]:
+        del self.drivers[driver.peer]
         doomed = [
             self.actors[a]
             for a in driver.actors
             if a in self.actors and self.actors[a].spec.lifetime != "detached" and self.actors[a].state != ActorState.DEAD
         ]
         for record in doomed:
-            self._kill(record, "its driver exited")
+            self._kill(record, reason)
         for pg in list(self.pgs.values()):
             if pg.owner == driver.job_id and pg.lifetime != "detached" and pg.state != PlacementGroupState.REMOVED:
                 self._remove_group(pg)
-        await self._wait_dead(doomed, timeout)
-        return len(doomed)
+        return doomed
 
     # -- actors ----------------------------------------------------------
 
@@ -406,7 +443,10 @@ class Head:
             "ACTORLIB_NODE_ID": node.node_id,
             **s.env_vars,
         }
-        sockets = socket_dir(self.session_dir)
+        if self.over_tcp:  # reachable from other machines, like the head
+            bind_address = f"tcp://{node.address}:0"
+        else:
+            bind_address = f"ipc://{socket_dir(self.session_dir)}/{s.actor_id[:16]}.sock"
         config = {
             "head_address": self.address,
             "actor_id": s.actor_id,
@@ -416,7 +456,7 @@ class Head:
             "name": s.name,
             "class_name": s.class_name,
             "session_dir": self.session_dir,
-            "bind_address": f"ipc://{sockets}/{s.actor_id[:16]}.sock",
+            "bind_address": bind_address,
             "gpu_ids": record.allocation.gpu_ids,
             "sys_path": s.sys_path,
             "max_concurrency": s.max_concurrency,
@@ -496,6 +536,29 @@ class Head:
 
     async def op_list_actors(self, peer: bytes) -> list[dict[str, Any]]:
         return [r.view() for r in self.actors.values()]
+
+    async def op_status(self, peer: bytes) -> dict[str, Any]:
+        """Everything ``actorlib status`` shows: nodes, actors, placement groups, and what waits and why."""
+        pending = []
+        for actor_id in self._pending:
+            record = self.actors.get(actor_id)
+            if record is None or record.state != ActorState.PENDING:
+                continue
+            s = record.spec
+            if s.placement_group is not None:
+                why = f"waiting for a bundle of placement group {s.placement_group[:8]} to have room"
+            else:
+                why = "waiting for resources: no node has that much free now"
+            pending.append({"actor_id": actor_id, "class_name": s.class_name, "name": s.name, "demand": s.demand, "reason": why})
+        return {
+            "session_dir": self.session_dir,
+            "address": self.address,
+            "nodes": [n.view() for n in self.nodes.values()],
+            "actors": [r.view() for r in self.actors.values()],
+            "placement_groups": [p.view() for p in self.pgs.values()],
+            "pending": pending,
+            "drivers": [{"job_id": d.job_id, "namespace": d.namespace, "actors": len(d.actors)} for d in self.drivers.values()],
+        }
 
     async def op_nodes(self, peer: bytes) -> list[dict[str, Any]]:
         return [n.view() for n in self.nodes.values()]
@@ -584,10 +647,8 @@ class Head:
             log.debug("head: could not tell %r about %s: %s", peer, topic, exc)
 
     def _on_event(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
-        if topic == "heartbeat":
-            node = self.nodes.get(payload.get("node_id", "") if isinstance(payload, dict) else "")
-            if node is not None and node.peer == peer:
-                node.last_seen = asyncio.get_running_loop().time()
+        if not isinstance(payload, dict):
+            log.warning("head: malformed %r event from %r", topic, peer)
             return
         if topic == "worker_exited":
             record = self.actors.get(payload.get("actor_id", ""))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transport import ControlServer, Endpoint, control_call, send_event
+from transport.security import cluster_key
 
 from .forkserver import ForkServer
 
@@ -31,7 +32,8 @@ __all__ = ["NodeAgent"]
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 20
-NODE_TIMEOUT = float(os.environ.get("ACTORLIB_NODE_TIMEOUT_S", "10"))  # silence after which the head declares a node dead
+# Silence after which the head declares a node (or driver) dead, and a node agent its head.
+NODE_TIMEOUT = float(os.environ.get("ACTORLIB_NODE_TIMEOUT_S", "6"))
 HEARTBEAT_EVERY = NODE_TIMEOUT / 5
 
 
@@ -73,16 +75,28 @@ class NodeAgent:
         self._workers: dict[int, _Worker] = {}
         self._early_exits: dict[int, int] = {}  # exits read before their spawn answer was handled
         self._forkserver = ForkServer(preload=worker_preload, entry=worker_entry, on_exit=self._on_exit)
-        self._control = ControlServer(self)
+        self._control = ControlServer(self, on_event=self._on_event)
         self._head: Endpoint | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._stopped = asyncio.Event()
+        self.finished = asyncio.Event()  # the agent has stopped, or should: the head left or is gone
+        self.why_finished = ""
 
-    async def start(self) -> None:
+    async def start(self, timeout: float | None = None) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         self._forkserver.start()
         self._head = Endpoint.connect(self.head_address, on_message=self._control.handle, name=f"node {self.node_id[:8]}")
         self._control.attach(self._head)
+        try:
+            await self._register(timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no answer from the head at {self.head_address} within {timeout:g} s: "
+                "is it running there, and does this node hold its cluster key?"
+            ) from None
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _register(self, timeout: float | None) -> None:
+        assert self._head is not None
         await control_call(
             self._head,
             "register_node",
@@ -92,17 +106,59 @@ class NodeAgent:
             address=self.host,
             hostname=socket.gethostname(),
             is_head_node=self.is_head_node,
+            timeout=timeout,
         )
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def _beat(self) -> None:
-        """Tell the head this node is alive, a few times per its timeout (one tiny message: no busy loop)."""
+        """Tell the head this node is alive, a few times per its timeout (one tiny message: no busy loop).
+
+        A head that has not answered for ``NODE_TIMEOUT`` is gone: the agent
+        finishes (its owner then stops it, and its workers with it). A head
+        that answers "rejoin" declared this node dead while it was silent
+        (e.g. stopped or cut off): the workers it had are dead to the cluster,
+        so they are killed, and the node registers again with all its resources.
+        """
+        loop = asyncio.get_running_loop()
+        last_answer = loop.time()
         while self._head is not None and not self._head.closed:
             try:
-                send_event(self._head, "heartbeat", {"node_id": self.node_id})
+                reply = await control_call(self._head, "heartbeat", node_id=self.node_id, timeout=HEARTBEAT_EVERY)
+            except asyncio.TimeoutError:
+                if loop.time() - last_answer > NODE_TIMEOUT:
+                    self._finish_agent(f"the head at {self.head_address} stopped answering for {NODE_TIMEOUT:g} s")
+                    return
+                continue
             except Exception as exc:
                 log.debug("heartbeat not sent: %s", exc)
+            else:
+                last_answer = loop.time()
+                if isinstance(reply, dict) and reply.get("rejoin"):
+                    log.warning("node %s: the head had declared it dead; killing its workers and joining again", self.node_id[:8])
+                    for pid in list(self._workers):
+                        self._kill_quietly(pid)
+                    try:
+                        await self._register(timeout=NODE_TIMEOUT)
+                    except Exception as exc:
+                        log.warning("node %s could not join again: %s", self.node_id[:8], exc)
             await asyncio.sleep(HEARTBEAT_EVERY)
+
+    def _kill_quietly(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _on_event(self, peer: bytes | None, topic: str, payload: Any) -> None:
+        if topic == "shutdown":
+            self._finish_agent(f"the head asked: {payload.get('reason') if isinstance(payload, dict) else payload}")
+        else:
+            log.warning("node %s: unknown event %r", self.node_id[:8], topic)
+
+    def _finish_agent(self, why: str) -> None:
+        if not self.finished.is_set():
+            log.warning("node %s is stopping: %s", self.node_id[:8], why)
+            self.why_finished = why
+            self.finished.set()
 
     async def stop(self) -> None:
         """Kill every worker (through the fork server), tell the head, and close. Bounded in time."""
@@ -119,13 +175,17 @@ class NodeAgent:
             self._heartbeat.cancel()
         if self._head is not None:
             self._head.close()
-        self._stopped.set()
+        self.finished.set()
 
     # -- requests from the head ---------------------------------------
 
     async def op_spawn_worker(
         self, peer: bytes | None, actor_id: str, label: str, env: dict[str, str], config: dict[str, Any]
     ) -> dict[str, Any]:
+        config = {**config, "session_dir": self.session_dir}  # this node's, for its logs
+        key = cluster_key()
+        if key is not None:  # handed over the fork server's private socket, never in the environment
+            config["cluster_key"] = key.secret.decode()
         pid, out_fd, err_fd = await self._forkserver.spawn(env, config)
         base = os.path.join(self.log_dir, f"worker-{actor_id[:12]}-{pid}")
         w = _Worker(actor_id, label, pid, *_open_logs(base))

@@ -22,9 +22,17 @@ from .exceptions import (
     TransportError as TransportError,
 )
 from .protocol import VERSION as VERSION, Kind as Kind, Message as Message
+from .security import (
+    ClusterKey as ClusterKey,
+    generate_key as generate_key,
+    read_key_file as read_key_file,
+    set_cluster_key as set_cluster_key,
+    write_key_file as write_key_file,
+)
 
 __all__ = [
     "VERSION",
+    "ClusterKey",
     "ConnectionClosedError",
     "ControlError",
     "ControlServer",
@@ -39,8 +47,12 @@ __all__ = [
     "TransportError",
     "control_call",
     "dumps",
+    "generate_key",
     "loads",
+    "read_key_file",
     "send_event",
+    "set_cluster_key",
     "shared_context",
     "wait_sent",
+    "write_key_file",
 ]

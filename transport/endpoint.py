@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from . import codec
+from . import codec, security
 from .exceptions import ConnectionClosedError, ProtocolError, TransportError
 from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, decode_batch, encode_batch, encode_header, peek_request
 
@@ -105,6 +105,7 @@ class Endpoint:
         """Bind a ROUTER. ``tcp://HOST:0`` picks a port from the OS; see ``.address``."""
         sock = _socket(zmq.ROUTER, max_message_size)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        security.secure(sock, address, server=True)
         try:
             if address.startswith("tcp://") and address.endswith(":0"):
                 port = sock.bind_to_random_port(address[: -len(":0")])
@@ -130,6 +131,7 @@ class Endpoint:
     ) -> Endpoint:
         """Connect a DEALER to one peer. Messages queue until the peer is there."""
         sock = _socket(zmq.DEALER, max_message_size)
+        security.secure(sock, address, server=False)
         try:
             sock.connect(address)
         except zmq.ZMQError as exc:
