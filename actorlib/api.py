@@ -8,7 +8,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from scheduler.cluster_file import ClusterFile
 from scheduler.resources import normalize_demand
+from scheduler.session import locate_head
+from transport import read_key_file, set_cluster_key
 
 from . import runtime
 from .actor import ActorHandle
@@ -44,11 +47,24 @@ def init(
     namespace: str = "default",
     log_to_driver: bool = True,
     ignore_reinit_error: bool = False,
+    cluster: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Start actorlib in this process: an embedded head and a local node.
+    """Start actorlib in this process, or join a running cluster.
 
-    ``num_gpus=N`` declares N logical GPUs (on any machine); by default the
-    GPUs the node can see are used. Returns a summary of the session.
+    Without ``address``: an embedded head and a local node, both stopped by
+    :func:`shutdown` (or when this process exits). ``num_gpus=N`` declares N
+    logical GPUs (on any machine); by default the GPUs the node can see are
+    used. ``cluster`` (a cluster file's path, or its mapping) makes the
+    embedded head reachable over TCP at the file's ``head.host`` and starts a
+    node agent on each of its ``nodes`` over SSH.
+
+    With ``address="HOST:PORT"`` (or ``"auto"``: ``$ACTORLIB_ADDRESS``, else
+    the head running on this machine): join that standalone head as one more
+    driver. Its cluster key comes from ``$ACTORLIB_KEY_FILE``, else from the
+    head or node ``actorlib start`` started here. Actors this driver creates
+    die with it unless created with ``lifetime="detached"``.
+
+    Returns a summary of the session.
     """
     global _driver
     with _lock:
@@ -57,7 +73,21 @@ def init(
                 return _summary()
             raise ActorLibError("actorlib.init() was already called; call actorlib.shutdown() first")
         if address is not None:
-            raise ValueError("connecting to a standalone head (address=...) is not supported yet; call init() without it")
+            if num_cpus is not None or num_gpus is not None or resources or cluster is not None:
+                raise ValueError(
+                    "num_cpus, num_gpus, resources and cluster describe a new cluster; "
+                    "with address=... this driver joins an existing one (give one or the other)"
+                )
+            if not isinstance(namespace, str) or not namespace:
+                raise ValueError(f"namespace must be a non-empty string, not {namespace!r}")
+            head_address, secret = _locate(address)
+            set_cluster_key(secret)
+            driver = Driver()
+            driver.start_connected(head_address, namespace=namespace, log_to_driver=log_to_driver)
+            _driver = driver
+            runtime.set_current(driver.rt)
+            return _summary()
+        plan = ClusterFile.load(cluster) if cluster is not None else None
         if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 0):
             raise ValueError(f"num_gpus must be a whole number >= 0, not {num_gpus!r}")
         normalize_demand(num_cpus, None, resources)
@@ -65,11 +95,39 @@ def init(
             raise ValueError(f"namespace must be a non-empty string, not {namespace!r}")
         driver = Driver()
         driver.start_embedded(
-            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, namespace=namespace, log_to_driver=log_to_driver
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources,
+            namespace=namespace,
+            log_to_driver=log_to_driver,
+            head_host=plan.host if plan else None,
+            head_port=plan.port if plan else 0,
         )
+        if plan is not None and plan.nodes:
+            try:
+                driver.launch_nodes(plan.node_dicts())
+            except BaseException:
+                driver.stop()
+                raise
         _driver = driver
         runtime.set_current(driver.rt)
         return _summary()
+
+
+def _locate(address: str) -> tuple[str, str]:
+    """``address`` → the head's tcp:// address and the cluster secret; errors say what to fix."""
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"address must be 'HOST:PORT' or 'auto', not {address!r}")
+    try:
+        head_address, key_file = locate_head(address)
+    except LookupError as exc:
+        raise ConnectionError(str(exc)) from None
+    if key_file is None:
+        raise ConnectionError(
+            f"no cluster key for the head at {head_address}: set ACTORLIB_KEY_FILE to a copy of its "
+            "cluster.key (in the head's session directory; keep it mode 0600)"
+        )
+    return head_address, read_key_file(key_file)
 
 
 def driver() -> Driver:
@@ -94,6 +152,7 @@ def shutdown() -> None:
         if runtime.current_or_none() is driver.rt:
             runtime.set_current(None)
         driver.stop()
+        set_cluster_key(None)
 
 
 atexit.register(shutdown)

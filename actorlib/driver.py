@@ -17,11 +17,13 @@ import subprocess
 import sys
 import threading
 import uuid
+from typing import Any
 
 import uvloop
 
 from scheduler import Head, NodeAgent, new_session_dir, remove_sockets, socket_dir
 from scheduler.resources import node_resources
+from transport import generate_key, set_cluster_key
 
 from .exceptions import ActorLibError
 from .runtime import Runtime
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
+_CONNECT_TIMEOUT = 15.0
 
 
 class Driver:
@@ -46,6 +49,7 @@ class Driver:
         self.head: Head | None = None
         self.node: NodeAgent | None = None
         self.extra_nodes: dict[str, subprocess.Popen[bytes]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -60,18 +64,32 @@ class Driver:
         resources: dict[str, float] | None,
         namespace: str,
         log_to_driver: bool,
+        head_host: str | None = None,
+        head_port: int = 0,
     ) -> None:
+        """Start the head and the local node in this process: over ``ipc://``, or TCP when ``head_host`` is given."""
+        if head_host is not None:  # reachable from other machines: a fresh cluster key guards it
+            set_cluster_key(generate_key())
+            address = f"tcp://{head_host}:{head_port}"
+        else:
+            address = None
         try:
-            self.rt.run(self._start_embedded(num_cpus, num_gpus, resources or {}, namespace, log_to_driver), _START_TIMEOUT)
+            self.rt.run(self._start_embedded(num_cpus, num_gpus, resources or {}, namespace, log_to_driver, address), _START_TIMEOUT)
         except BaseException:
             self.stop()
             raise
 
     async def _start_embedded(
-        self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float], namespace: str, log_to_driver: bool
+        self,
+        num_cpus: float | None,
+        num_gpus: int | None,
+        resources: dict[str, float],
+        namespace: str,
+        log_to_driver: bool,
+        address: str | None,
     ) -> None:
         session_dir = new_session_dir()
-        self.head = Head(session_dir=session_dir, address=f"ipc://{socket_dir(session_dir)}/head.sock")
+        self.head = Head(session_dir=session_dir, address=address or f"ipc://{socket_dir(session_dir)}/head.sock")
         self.head.start()
         totals, gpu_ids = node_resources(num_cpus, num_gpus, resources)
         self.node = NodeAgent(
@@ -83,16 +101,44 @@ class Driver:
             worker_preload=["actorlib.worker"],
             worker_entry="actorlib.worker:main",
             is_head_node=True,
+            host=address.rsplit(":", 1)[0][len("tcp://") :] if address else "127.0.0.1",
         )
         await self.node.start()
+        self.rt.node_id = self.node.node_id
+        await self._register(self.head.address, namespace, log_to_driver, timeout=None)
+
+    def start_connected(self, address: str, *, namespace: str, log_to_driver: bool) -> None:
+        """Join the standalone head at ``address`` (``tcp://HOST:PORT``) as one more driver."""
+        try:
+            self.rt.run(self._register(address, namespace, log_to_driver, timeout=_CONNECT_TIMEOUT), _START_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _register(self, address: str, namespace: str, log_to_driver: bool, timeout: float | None) -> None:
         rt = self.rt
-        rt.connect_head(self.head.address)
-        reply = await rt.control("register_driver", namespace=namespace, log_to_driver=log_to_driver)
+        rt.connect_head(address)
+        try:
+            reply = await rt.control("register_driver", timeout=timeout, namespace=namespace, log_to_driver=log_to_driver)
+        except asyncio.TimeoutError:
+            raise ConnectionError(
+                f"no answer from an actorlib head at {address} within {timeout:g} s: is it running (actorlib status), "
+                "is the address right, and does this process hold its cluster key (ACTORLIB_KEY_FILE)?"
+            ) from None
         rt.job_id = reply["job_id"]
         rt.session_dir = reply["session_dir"]
         rt.namespace = namespace
-        rt.node_id = self.node.node_id
         rt.log_to_driver = log_to_driver
+        self._heartbeat = self.loop.create_task(self._beat(float(reply.get("heartbeat_s", 1.0))))
+
+    async def _beat(self, every: float) -> None:
+        """Tell the head this driver is alive: if it stops (SIGKILL too), its actors are reaped."""
+        while self.rt.head is not None and not self.rt.head.closed:
+            try:
+                await self.rt.control("heartbeat", timeout=every * 4)
+            except (ActorLibError, asyncio.TimeoutError) as exc:
+                log.debug("driver heartbeat: %s", exc)
+            await asyncio.sleep(every)
 
     def add_node(self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float] | None) -> str:
         """Start another node agent, as a process of its own, and wait until it has joined."""
@@ -112,6 +158,14 @@ class Driver:
         self.extra_nodes[node_id] = _spawn(cmd)
         await asyncio.wait_for(self.head.wait_for_node(node_id), _START_TIMEOUT)
         return node_id
+
+    def launch_nodes(self, nodes: list[dict[str, Any]], timeout: float = 120.0) -> list[str]:
+        """Start a node agent on each host over SSH (see :mod:`scheduler.ssh`); raise naming every one that failed."""
+        results = self.rt.run(self.rt.control("launch_nodes", nodes=nodes, timeout_s=timeout), timeout + 10)
+        failed = [r["error"] for r in results if not r["ok"]]
+        if failed:
+            raise ActorLibError(f"{len(failed)} of {len(results)} nodes did not join:\n" + "\n".join(failed))
+        return [r["node_id"] for r in results]
 
     def remove_node(self, node_id: str, timeout: float = _STOP_TIMEOUT) -> None:
         """Stop a node started by :meth:`add_node` (its workers die with it)."""

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transport import ControlError, ControlServer, Endpoint, TransportError, control_call, send_event
+from transport.security import cluster_key
 
 from .actors import ActorRecord, ActorSpec, ActorState
 from .node import NODE_TIMEOUT
 from .placement import Bundle, PlacementGroupRecord, PlacementGroupState, infeasibility, place, validate_bundles
 from .resources import NodePool, to_float
 from .session import socket_dir
+from .ssh import SSHLaunch, parse_nodes
 
 __all__ = ["Head"]
 
@@ -83,6 +85,7 @@ class Head:
         self._removed_pgs: collections.deque[str] = collections.deque()
         self._control = ControlServer(self, on_event=self._on_event)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._launches: dict[str, SSHLaunch] = {}  # node agents this head started over SSH, by node id
         self.endpoint: Endpoint | None = None
 
     @property
@@ -105,6 +108,8 @@ class Head:
         for node in self.nodes.values():
             if node.alive and not node.is_head_node:
                 self._notify(node.peer, "shutdown", {"reason": "the head is stopping"})
+        launches, self._launches = list(self._launches.values()), {}
+        await asyncio.gather(*(launch.stop() for launch in launches))
         self._control.cancel_all()
         for task in list(self._tasks):
             task.cancel()
@@ -173,6 +178,39 @@ class Head:
                 self._pending_pgs.append(pg.pg_id)
         log.warning("node %s %s", node_id[:8], how)
         self._schedule()
+
+    async def op_launch_nodes(self, peer: bytes, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Start a node agent on each host over SSH; answer once each joined or failed (with why)."""
+        try:
+            hosts = parse_nodes(nodes)
+        except ValueError as exc:
+            raise ControlError("ValueError", str(exc)) from None
+        if not self.over_tcp:
+            raise ControlError("ValueError", "nodes on other machines need a head reachable over TCP (init(..., head_host=...))")
+        key = cluster_key()
+        secret = key.secret.decode() if key is not None else None
+        log_dir = f"{self.session_dir}/logs"
+        launches = [SSHLaunch(node, self.address, secret, log_dir) for node in hosts]
+        for launch in launches:
+            self._launches[launch.node_id] = launch
+        return list(await asyncio.gather(*(self._await_launch(launch, timeout_s) for launch in launches)))
+
+    async def _await_launch(self, launch: SSHLaunch, timeout_s: float) -> dict[str, Any]:
+        joined = asyncio.ensure_future(self.wait_for_node(launch.node_id))
+        exited = asyncio.ensure_future(asyncio.to_thread(launch.proc.wait, timeout_s))
+        exited.add_done_callback(lambda f: f.cancelled() or f.exception())  # a timeout there is expected
+        try:
+            await asyncio.wait([joined, exited], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+        result: dict[str, Any] = {"host": launch.node.host, "node_id": launch.node_id, "log": launch.log_path}
+        if launch.node_id in self.nodes:
+            return {**result, "ok": True}
+        self._launches.pop(launch.node_id, None)
+        why = launch.failure()
+        await launch.stop()
+        log.warning("could not start %s", why)
+        return {**result, "ok": False, "error": why}
 
     async def op_heartbeat(self, peer: bytes, node_id: str | None = None) -> dict[str, Any]:
         """A node agent or a driver is alive. A node the head no longer knows is told to register again."""

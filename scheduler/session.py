@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import tempfile
 import time
+from typing import Any
 
-__all__ = ["new_session_dir", "remove_sockets", "socket_dir"]
+__all__ = [
+    "DEFAULT_PORT",
+    "find_head",
+    "forget_started",
+    "locate_head",
+    "new_session_dir",
+    "normalize_address",
+    "process_alive",
+    "process_start_time",
+    "read_started",
+    "record_started",
+    "remove_sockets",
+    "socket_dir",
+]
+
+DEFAULT_PORT = 6380
 
 
 def session_root() -> str:
@@ -50,3 +67,130 @@ def socket_dir(session_dir: str) -> str:
 def remove_sockets(session_dir: str) -> None:
     """Remove the session's socket files; logs stay for reading after the fact."""
     shutil.rmtree(socket_dir(session_dir), ignore_errors=True)
+
+
+# -- what runs on this machine ------------------------------------------------
+#
+# ``<root>/head.json`` names the standalone head running here (its address,
+# pid, session directory and cluster-key file); ``<root>/started/<pid>.json``
+# every process ``actorlib start`` left running, for ``actorlib stop``.
+
+
+def _head_file() -> str:
+    return os.path.join(session_root(), "head.json")
+
+
+def record_started(pid: int, info: dict[str, Any]) -> None:
+    """Note a process ``actorlib start`` started (``role`` "head" or "node"), for ``actorlib stop`` and ``auto``."""
+    folder = os.path.join(session_root(), "started")
+    os.makedirs(folder, exist_ok=True)
+    _write_json(os.path.join(folder, f"{pid}.json"), {"pid": pid, **info})
+    if info.get("role") == "head":
+        _write_json(_head_file(), {"pid": pid, **info})
+
+
+def read_started() -> list[dict[str, Any]]:
+    """The processes ``actorlib start`` left running here that still run (stale entries are dropped)."""
+    folder = os.path.join(session_root(), "started")
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        info = _read_json(path)
+        if info is not None and process_alive(int(info.get("pid", 0)), info.get("start_time")):
+            found.append(info)
+        else:
+            _unlink(path)
+    return found
+
+
+def forget_started(pid: int) -> None:
+    _unlink(os.path.join(session_root(), "started", f"{pid}.json"))
+    head = _read_json(_head_file())
+    if head is not None and head.get("pid") == pid:
+        _unlink(_head_file())
+
+
+def find_head() -> dict[str, Any] | None:
+    """The standalone head running on this machine, if one is."""
+    info = _read_json(_head_file())
+    if info is None or not process_alive(int(info.get("pid", 0)), info.get("start_time")):
+        return None
+    return info
+
+
+def normalize_address(address: str) -> str:
+    """``HOST:PORT``, ``HOST`` or ``tcp://HOST:PORT`` → ``tcp://HOST:PORT``; anything else is refused."""
+    rest = address[len("tcp://") :] if address.startswith("tcp://") else address
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        host, port = rest, str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise ValueError(f"not a head address: {address!r} (expected HOST:PORT, e.g. 10.0.0.1:{DEFAULT_PORT})")
+    return f"tcp://{host}:{int(port)}"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (with the pid, it names one process, never a later reuse)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start_time: str | None = None) -> bool:
+    if pid <= 0:
+        return False
+    now = process_start_time(pid)
+    if now is None:
+        return False
+    return start_time is None or now == start_time
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def locate_head(address: str) -> tuple[str, str | None]:
+    """What a driver or ``actorlib`` was told (``auto``, ``HOST:PORT``) → the head's ``tcp://`` address and key file.
+
+    ``auto`` is ``$ACTORLIB_ADDRESS``, else the head running on this machine.
+    The key file is ``$ACTORLIB_KEY_FILE``, else the one a head or node
+    started here for that address recorded; None if neither.
+    """
+    if address == "auto":
+        address = os.environ.get("ACTORLIB_ADDRESS", "")
+        if not address:
+            head = find_head()
+            if head is None:
+                raise LookupError(
+                    "address='auto': no actorlib head is running on this machine (start one with "
+                    "`actorlib start --head`), and ACTORLIB_ADDRESS is not set"
+                )
+            address = head["address"]
+    tcp = normalize_address(address)
+    key_file = os.environ.get("ACTORLIB_KEY_FILE") or None
+    if key_file is None:
+        for info in read_started():
+            if info.get("key_file") and info.get("address") == tcp:
+                key_file = info["key_file"]
+    return tcp, key_file

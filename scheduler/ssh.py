@@ -1,0 +1,171 @@
+"""Node agents on other machines, started over SSH.
+
+For each host, the head runs ``ssh ... PYTHON -m scheduler node --head ...
+--key-stdin --exit-with-stdin`` and writes the cluster secret to the SSH
+channel's standard input (never on a command line, where ``ps`` shows it).
+The channel then stays open as the node's lifeline: when the head stops, or
+dies (the ``ssh`` client gets the parent-death signal), the channel closes,
+the remote agent reads end-of-file and stops with its workers. Heartbeats
+catch what the channel does not (a cut network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .forkserver import set_parent_death_signal
+
+__all__ = ["SSHNode", "SSHLaunch", "parse_nodes"]
+
+
+@dataclass(frozen=True)
+class SSHNode:
+    """One machine of a cluster file's ``nodes:`` list."""
+
+    host: str
+    user: str | None = None
+    port: int = 22
+    identity_file: str | None = None
+    python: str = "python3"
+    env: dict[str, str] = field(default_factory=dict)
+    num_cpus: float | None = None
+    num_gpus: int | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    node_address: str | None = None  # the address its workers bind to; the SSH host by default
+    ssh_options: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "node") -> SSHNode:
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a mapping with at least 'host', not {d!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        if not isinstance(d.get("host"), str) or not d["host"]:
+            raise ValueError(f"{where}: 'host' must be a host name or address")
+        args = dict(d)
+        if not isinstance(args.get("port", 22), int):
+            raise ValueError(f"{where}: 'port' must be a number")
+        for key in ("env", "resources"):
+            if not isinstance(args.get(key, {}), dict):
+                raise ValueError(f"{where}: {key!r} must be a mapping")
+        args["env"] = {str(k): str(v) for k, v in args.get("env", {}).items()}
+        opts = args.get("ssh_options", [])
+        if not isinstance(opts, list | tuple) or not all(isinstance(o, str) for o in opts):
+            raise ValueError(f"{where}: 'ssh_options' must be a list of strings")
+        args["ssh_options"] = tuple(opts)
+        if args.get("identity_file"):
+            args["identity_file"] = os.path.expanduser(args["identity_file"])
+        return cls(**args)
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def command(self, head_address: str, node_id: str) -> list[str]:
+        """The ``ssh`` command line that starts this node's agent (the secret is not in it)."""
+        remote = [
+            "env",
+            *(f"{k}={v}" for k, v in self.env.items()),
+            self.python,
+            "-m",
+            "scheduler",
+            "node",
+            "--head",
+            head_address,
+            "--node-id",
+            node_id,
+            "--host",
+            self.node_address or self.host,
+            "--resources",
+            _json(self.resources),
+            "--key-stdin",
+            "--exit-with-stdin",
+        ]
+        if self.num_cpus is not None:
+            remote += ["--num-cpus", str(self.num_cpus)]
+        if self.num_gpus is not None:
+            remote += ["--num-gpus", str(self.num_gpus)]
+        ssh = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-p", str(self.port)]
+        if self.identity_file:
+            ssh += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
+        return [*ssh, *self.ssh_options, self.target, shlex.join(remote)]
+
+
+def parse_nodes(nodes: Any) -> list[SSHNode]:
+    if nodes is None:
+        return []
+    if not isinstance(nodes, list):
+        raise ValueError(f"'nodes' must be a list of hosts, not {type(nodes).__name__}")
+    return [SSHNode.from_dict(d, where=f"nodes[{i}]") for i, d in enumerate(nodes)]
+
+
+class SSHLaunch:
+    """One ``ssh`` process running one remote node agent; its output goes to a log file."""
+
+    def __init__(self, node: SSHNode, head_address: str, secret: str | None, log_dir: str) -> None:
+        self.node = node
+        self.node_id = uuid.uuid4().hex
+        self.log_path = os.path.join(log_dir, f"ssh-{node.host}-{self.node_id[:8]}.log")
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                node.command(head_address, self.node_id),
+                stdin=subprocess.PIPE,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        assert self.proc.stdin is not None
+        try:  # one short line: fits the pipe buffer, never blocks
+            self.proc.stdin.write(((secret or "") + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # ssh already exited: the caller reads why from the log
+
+    def failure(self) -> str:
+        """Why the launch failed, from ssh's exit status and the last lines it wrote."""
+        code = self.proc.poll()
+        try:
+            with open(self.log_path, errors="replace") as f:
+                tail = "".join(f.readlines()[-8:]).strip()
+        except OSError:
+            tail = ""
+        how = f"ssh exited with code {code}" if code is not None else "the node did not join in time"
+        return f"node {self.node.target} (port {self.node.port}): {how}" + (f":\n{tail}" if tail else "")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Close the lifeline (the remote agent stops), then make sure ``ssh`` is gone."""
+        await asyncio.to_thread(self._stop, timeout)
+
+    def _stop(self, timeout: float) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    set_parent_death_signal(signal.SIGTERM)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
