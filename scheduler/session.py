@@ -130,12 +130,18 @@ def normalize_address(address: str) -> str:
 
 
 def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (with the pid, it names one process, never a later reuse)."""
+    """The kernel's start time of ``pid`` (with the pid, it names one process, never a later reuse).
+
+    None if there is no such process, or only its zombie (it has exited; its parent has not reaped it).
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def process_alive(pid: int, start_time: str | None = None) -> bool:
