@@ -1,0 +1,284 @@
+"""The standalone head through the command line: start, status, drivers, detached actors, failures, stop.
+
+Every process here is a daemon of ``actorlib start`` (not a child of this
+test), so leaks are found by environment instead: each test gives its
+processes a private ``ACTORLIB_TMPDIR``, which every head, node, fork server
+and worker inherits, and checks at the end that no process carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import ROOT_DIR, alive, wait_for
+
+pytestmark = pytest.mark.slow
+
+CLI_TIMEOUT = 90
+
+
+def tagged_processes(tag: str) -> set[int]:
+    """Living processes whose environment has ``ACTORLIB_TMPDIR=tag``."""
+    needle = f"ACTORLIB_TMPDIR={tag}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if needle in env and alive(int(entry)):
+                found.add(int(entry))
+    return found
+
+
+class Machine:
+    """This machine as one test's cluster sees it: its own session root, environment and CLI."""
+
+    def __init__(self, tmp: str, **env: str) -> None:
+        self.tmp = tmp
+        self.env = {**os.environ, "ACTORLIB_TMPDIR": tmp, "PYTHONPATH": ROOT_DIR, **env}
+        self.env.pop("ACTORLIB_ADDRESS", None)
+        self.env.pop("ACTORLIB_KEY_FILE", None)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "actorlib.cli", *args], env=self.env, capture_output=True, text=True, timeout=CLI_TIMEOUT
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"actorlib {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def python(self, code: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            cwd=ROOT_DIR,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def spawn_python(self, code: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT_DIR,
+        )
+
+    def processes(self) -> set[int]:
+        return tagged_processes(self.tmp)
+
+
+@pytest.fixture
+def machine(tmp_path):
+    m = Machine(str(tmp_path), ACTORLIB_NODE_TIMEOUT_S="2")
+    yield m
+    m.cli("stop", check=False)
+    left = m.processes()
+    for pid in left:  # never leave them to the next test, but fail this one
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running: {sorted(left)}"
+
+
+COUNTER = """
+import os, actorlib
+
+@actorlib.remote(resources={"other": 1})
+class Counter:
+    def __init__(self):
+        self.n = 0
+    def incr(self):
+        self.n += 1
+        return self.n
+    def node(self):
+        return actorlib.get_runtime_context().get_node_id()
+"""
+
+
+def test_command_line_round_trip_with_detached_actors(machine):
+    out = machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--num-cpus", "2").stdout
+    assert "actorlib head started at 127.0.0.1:" in out and 'actorlib.init(address="auto")' in out
+    head = json.load(open(os.path.join(machine.tmp, "head.json")))
+    key_file = head["key_file"]
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
+
+    out = machine.cli("start", "--address", "auto", "--num-cpus", "1", "--resources", '{"other": 2}').stdout
+    assert "joined the head" in out
+    st = machine.status()
+    assert [n["alive"] for n in st["nodes"]] == [True, True]
+    assert sorted(n["resources"].get("other", 0) for n in st["nodes"]) == [0, 2]
+    text = machine.cli("status").stdout
+    assert "Nodes: 2 alive, 0 dead" in text and "other 0/2" in text
+
+    # Driver 1 (another process, joined by address and key): one detached named actor, one owned.
+    first = machine.python(
+        COUNTER
+        + """
+actorlib.init(address="auto", namespace="team")
+keep = Counter.options(name="keeper", lifetime="detached").remote()
+mine = Counter.options(name="mine").remote()
+print(actorlib.get(keep.incr.remote()), actorlib.get(mine.incr.remote()))
+"""
+    )
+    assert first.stdout.split() == ["1", "1"]
+    # The actor this driver owned died with it; the detached one lives on.
+    states = {a["name"]: a["state"] for a in machine.status()["actors"]}
+    assert states == {"keeper": "ALIVE", "mine": "DEAD"}
+
+    # Driver 2, by explicit address and key file: finds it by name in its namespace, and only there.
+    second = machine.python(
+        """
+import actorlib
+actorlib.init(address="ADDRESS", namespace="team")
+keep = actorlib.get_actor("keeper")
+print(actorlib.get(keep.incr.remote()))
+try:
+    actorlib.get_actor("keeper", namespace="elsewhere")
+except ValueError as exc:
+    print("elsewhere:", exc)
+""".replace("ADDRESS", head["address"][len("tcp://") :]),
+        ACTORLIB_TMPDIR=os.path.join(machine.tmp, "nowhere"),  # no local head to find: the key file must do
+        ACTORLIB_KEY_FILE=key_file,
+    )
+    lines = second.stdout.splitlines()
+    assert lines[0] == "2" and "no actor named 'keeper' in namespace 'elsewhere'" in lines[1]
+
+    pids = {head["pid"]} | {a["pid"] for a in machine.status()["actors"] if a["state"] == "ALIVE"}
+    out = machine.cli("stop").stdout
+    assert "stopped head" in out and "stopped node" in out
+    assert not any(alive(p) for p in pids)
+    assert machine.cli("status", check=False).returncode == 1
+
+
+def test_errors_name_what_is_wrong(machine):
+    bad = machine.cli("start", "--head", "--resources", "{not json", check=False)
+    assert bad.returncode == 1 and "--resources is not JSON" in bad.stderr
+    nothing = machine.cli("status", check=False)
+    assert nothing.returncode == 1 and "no actorlib head is running on this machine" in nothing.stderr
+    no_key = machine.python(
+        """
+import actorlib
+try:
+    actorlib.init(address="127.0.0.1:1")
+except ConnectionError as exc:
+    print(exc)
+"""
+    )
+    assert "no cluster key for the head at tcp://127.0.0.1:1" in no_key.stdout
+    cluster = os.path.join(machine.tmp, "cluster.yaml")
+    with open(cluster, "w") as f:
+        f.write("head: {host: 127.0.0.1}\nnodes: [{hots: a}]\n")
+    up = machine.cli("up", cluster, check=False)
+    assert up.returncode == 1 and "unknown keys ['hots']" in up.stderr
+
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0")
+    again = machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", check=False)
+    assert again.returncode == 1 and "a head is already running on this machine" in again.stderr
+    wrong_key = os.path.join(machine.tmp, "wrong.key")
+    from transport import generate_key, write_key_file
+
+    write_key_file(wrong_key, generate_key())
+    refused = machine.cli("status", check=False)
+    assert refused.returncode == 0
+    machine.env["ACTORLIB_KEY_FILE"] = wrong_key  # a key that is not the cluster's: the head never answers it
+    refused = machine.python(
+        """
+import actorlib
+try:
+    actorlib.init(address="auto")
+except ConnectionError as exc:
+    print(exc)
+"""
+    )
+    assert "does this process hold its cluster key" in refused.stdout
+
+
+def test_a_killed_driver_takes_its_actors_detached_ones_stay(machine):
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--resources", '{"other": 4}')
+    driver = machine.spawn_python(
+        COUNTER
+        + """
+import sys
+actorlib.init(address="auto")
+keep = Counter.options(name="keeper", lifetime="detached").remote()
+mine = Counter.remote()
+actorlib.get([keep.incr.remote(), mine.incr.remote()])
+print("ready", flush=True)
+import time; time.sleep(600)
+"""
+    )
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        actors = {a["name"]: a for a in machine.status()["actors"]}
+        owned_pid = actors[None]["pid"]
+        driver.kill()  # no goodbye: the head notices its silence
+        driver.wait(10)
+        wait_for(
+            lambda: {a["name"]: a["state"] for a in machine.status()["actors"]} == {"keeper": "ALIVE", None: "DEAD"},
+            timeout=30,
+            what="the killed driver's actor to be reaped",
+        )
+        wait_for(lambda: not alive(owned_pid), timeout=10, what="its worker process to exit")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        driver.stdout.close()
+        driver.stderr.close()
+
+
+def test_node_death_and_rejoin(machine):
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--num-cpus", "1")
+    machine.cli("start", "--address", "auto", "--num-cpus", "1", "--resources", '{"other": 1}')
+    node = next(i for i in _started(machine) if i["role"] == "node")
+    machine.python(COUNTER + '\nactorlib.init(address="auto")\nc = Counter.options(lifetime="detached").remote()\nactorlib.get(c.incr.remote())\n')
+    worker = next(a["pid"] for a in machine.status()["actors"])
+    os.kill(node["pid"], signal.SIGSTOP)  # the agent goes silent; its worker keeps running
+    try:
+        wait_for(lambda: not _node_alive(machine, node), timeout=30, what="the head to declare the node dead")
+        (actor,) = machine.status()["actors"]
+        assert actor["state"] == "DEAD" and "stopped answering" in actor["death"]["reason"]
+    finally:
+        os.kill(node["pid"], signal.SIGCONT)
+    wait_for(lambda: _node_alive(machine, node), timeout=30, what="the node to join again")
+    wait_for(lambda: not alive(worker), timeout=10, what="the declared-dead worker to be killed on rejoin")
+    after = machine.python(COUNTER + '\nactorlib.init(address="auto")\nc = Counter.remote()\nprint(actorlib.get(c.node.remote()))\n')
+    assert after.stdout.strip() == node["node_id"]
+
+
+def test_killing_the_head_stops_its_nodes_and_workers(machine):
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--num-cpus", "1")
+    machine.cli("start", "--address", "auto", "--resources", '{"other": 1}')
+    machine.python(COUNTER + '\nactorlib.init(address="auto")\nc = Counter.options(name="c", lifetime="detached").remote()\nactorlib.get(c.incr.remote())\n')
+    assert len(machine.processes()) >= 5  # head + its fork server, node + its fork server, a worker
+    head = next(i for i in _started(machine) if i["role"] == "head")
+    os.kill(head["pid"], signal.SIGKILL)
+    wait_for(lambda: not machine.processes(), timeout=30, what=f"every process to stop after the head died: {machine.processes()}")
+
+
+def _started(machine: Machine) -> list[dict]:
+    folder = os.path.join(machine.tmp, "started")
+    return [json.load(open(os.path.join(folder, n))) for n in sorted(os.listdir(folder))]
+
+
+def _node_alive(machine: Machine, node: dict) -> bool:
+    st = machine.status()
+    return any(n["node_id"] == node["node_id"] and n["alive"] for n in st["nodes"])
