@@ -187,14 +187,19 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 def _foreground(cmd: list[str], secret: str | None) -> int:
+    """Run ``cmd`` until it exits; SIGINT or SIGTERM here stops it (cleanly: it gets the same signal)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
     assert proc.stdin is not None
     with proc.stdin:
         proc.stdin.write(((secret or "") + "\n").encode())
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the child got the same SIGINT and is stopping
-        return proc.wait()
+
+    def forward(sig: int, _frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return proc.wait()
 
 
 def _print_head(info: dict[str, Any]) -> None:

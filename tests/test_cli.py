@@ -208,3 +208,28 @@ def _started(machine: Machine) -> list[dict]:
 def _node_alive(machine: Machine, node: dict) -> bool:
     st = machine.status()
     return any(n["node_id"] == node["node_id"] and n["alive"] for n in st["nodes"])
+
+
+def test_start_block_stays_in_the_foreground_until_signalled(machine):
+    import subprocess
+    import sys
+
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "actorlib.cli", "start", "--head", "--block", "--host", "127.0.0.1", "--port", "0"],
+        env=machine.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert "head serving at tcp://127.0.0.1:" in cli.stdout.readline()
+        assert [n["alive"] for n in machine.status()["nodes"]] == [True]
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(30) == 0
+        assert "head stopped" in cli.stdout.read()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        cli.stdout.close()
+    wait_for(lambda: not machine.processes(), timeout=20, what="the head to stop")
