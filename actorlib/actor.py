@@ -57,8 +57,9 @@ def _validate_options(options: dict[str, Any]) -> dict[str, Any]:
     ):
         raise ValueError("env_vars must be a dict of str to str")
     for key in ("max_restarts", "max_task_retries"):
-        if options.get(key, 0) not in (0, None):
-            raise ValueError(f"{key} other than 0 is not supported yet")
+        n = options.get(key, 0)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -1):
+            raise ValueError(f"{key} must be an int >= -1 (-1: without limit), not {n!r}")
     pg = options.get("placement_group")
     if pg is not None and not isinstance(pg, PlacementGroup):
         raise TypeError(f"placement_group must be a PlacementGroup, not {type(pg).__name__}")
@@ -152,6 +153,8 @@ class ActorClass(Generic[T]):
             "sys_path": [p for p in sys.path if isinstance(p, str)],
             "placement_group": o["placement_group"].id if o["placement_group"] is not None else None,
             "bundle_index": o["bundle_index"],
+            "max_restarts": o["max_restarts"] or 0,
+            "max_task_retries": o["max_task_retries"] or 0,
         }
         rt.create_actor(spec, payload)
         return ActorHandle(actor_id, class_name, self._methods, o["name"], namespace)

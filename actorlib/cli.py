@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     role.add_argument("--head", action="store_true", help="start a head and its local node")
     role.add_argument("--address", help="join the head at HOST:PORT as a node ('auto': the head running here)")
     start.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the head's port (default {DEFAULT_PORT}; 0: any free port)")
-    start.add_argument("--host", default=None, help="the address to bind and advertise (default: this machine's address)")
+    start.add_argument(
+        "--host",
+        default=None,
+        help="the address to bind and advertise (default: 127.0.0.1 for a head; for a node, its address on the route to the head)",
+    )
     start.add_argument("--num-cpus", type=float, default=None)
     start.add_argument("--num-gpus", type=int, default=None)
     start.add_argument("--resources", default="{}", help='custom resources as JSON, e.g. \'{"trainer": 1}\'')
@@ -106,7 +110,7 @@ def _start(args: argparse.Namespace) -> int:
         raise CLIError("--resources must be a JSON object, e.g. '{\"trainer\": 1}'")
     options = _node_options(args.num_cpus, args.num_gpus, resources)
     if args.head:
-        head = _start_head(args.host or default_host(), args.port, options, block=args.block)
+        head = _start_head(args.host or "127.0.0.1", args.port, options, block=args.block)
         if head is not None:
             _print_head(head)
         return 0
@@ -216,12 +220,12 @@ def _print_head(info: dict[str, Any]) -> None:
     print("Status and stop:  actorlib status   actorlib stop")
 
 
-def default_host(towards: str | None = None) -> str:
-    """This machine's address on the route to ``towards`` (a ``tcp://`` address), or to the world; else loopback.
+def default_host(towards: str) -> str:
+    """This machine's address on the route to ``towards`` (a ``tcp://`` address); else loopback.
 
     A UDP ``connect`` only asks the kernel for a route: no packet is sent.
     """
-    target = towards[len("tcp://") :].rsplit(":", 1)[0] if towards else "192.0.2.1"
+    target = towards[len("tcp://") :].rsplit(":", 1)[0]
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((target, 9))

@@ -3,11 +3,16 @@
 ::
 
     RESOLVING ──▶ CONNECTED ──▶ DEAD
-        └────────────────────────▲
+        ▲ └───────────┼─────────▲
+        └─────────────┘  (the actor is restarting)
 
 RESOLVING: the head has not yet said where the actor lives (it may still be
 starting); calls queue. CONNECTED: calls go straight to the worker's socket.
 DEAD: every pending, queued and later call fails with ``ActorDiedError``.
+When the head says the actor is restarting (``max_restarts``), calls in
+flight fail with ``ActorDiedError``, or, within the actor's
+``max_task_retries``, go first in the queue to be sent again; then the
+connection resolves the actor's new address.
 
 Calls leave in submission order. A call with ``ObjectRef`` arguments waits
 for them, and every later call to the same actor queues behind it, so a sync
@@ -50,7 +55,7 @@ class ConnState(str, enum.Enum):
 class Call:
     """One method call on its way out. ``sink`` is an ObjectRef or a StreamState."""
 
-    __slots__ = ("method", "args", "kwargs", "options", "frames", "sink", "req_id", "deps", "cancelled")
+    __slots__ = ("method", "args", "kwargs", "options", "frames", "sink", "req_id", "deps", "cancelled", "retries")
 
     def __init__(
         self,
@@ -71,6 +76,7 @@ class Call:
         self.req_id = 0
         self.deps = deps
         self.cancelled = False
+        self.retries = 0
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(self.sink, StreamState):
@@ -116,6 +122,7 @@ class ActorConnection:
         self.created: asyncio.Future[None] | None = None  # set while this process is creating the actor
         self.lock = threading.Lock()
         self.posted = 0  # calls handed to the loop from other threads, not yet submitted
+        self.max_task_retries = 0  # the actor's, learnt when resolving it
         rt.loop.create_task(self._resolve())
 
     # -- on the loop thread ------------------------------------------------
@@ -219,6 +226,7 @@ class ActorConnection:
         if info["state"] == "DEAD":
             self.mark_dead(info.get("death") or {"actor_id": self.actor_id, "class_name": self.class_name})
             return
+        self.max_task_retries = int(info.get("max_task_retries") or 0)
         with self.lock:
             if self.state is ConnState.DEAD:
                 return
@@ -280,6 +288,32 @@ class ActorConnection:
 
     def _died(self) -> ActorDiedError:
         return ActorDiedError(self._death or {"actor_id": self.actor_id, "class_name": self.class_name})
+
+    def restarting(self, death: dict[str, Any]) -> None:
+        """The actor's worker was lost and a new one is starting: settle the calls in flight, then resolve again."""
+        with self.lock:
+            if self.state is ConnState.DEAD:
+                return
+            self.state = ConnState.RESOLVING
+            inflight, self._inflight = self._inflight, {}
+            old, self.endpoint = self.endpoint, None
+            again = []
+            for req_id in sorted(inflight):
+                call = inflight[req_id]
+                retry = self.max_task_retries == -1 or call.retries < self.max_task_retries
+                if retry and not isinstance(call.sink, StreamState) and not call.cancelled:
+                    call.retries += 1
+                    call.req_id = 0
+                    again.append(call)
+            self._queue.extendleft(reversed(again))
+        if old is not None:
+            old.pending.clear()
+            old.close()
+        err = ActorDiedError(death)
+        for call in inflight.values():
+            if call.req_id != 0:
+                call.fail(err)
+        self.rt.loop.create_task(self._resolve())
 
     def mark_dead(self, death: dict[str, Any]) -> None:
         with self.lock:

@@ -164,6 +164,10 @@ class Runtime:
             conn = self._conns.pop(payload.get("actor_id", ""), None)  # a later call asks the head again
             if conn is not None:
                 conn.mark_dead(payload.get("death") or {})
+        elif topic == "actor_restarting":
+            conn = self._conns.get(payload.get("actor_id", ""))
+            if conn is not None:
+                conn.restarting(payload.get("death") or {})
         elif topic == "log":
             self._print_log(payload)
 

@@ -477,10 +477,10 @@ async def _serve(config: dict[str, Any]) -> int:
         await host.construct(cls, args, kwargs)
     except BaseException as exc:
         traceback.print_exc()
-        await rt.control("actor_failed", actor_id=rt.actor_id, error=_plain(error_record(exc, host.label)))
+        await rt.control("actor_failed", actor_id=rt.actor_id, error=_plain(error_record(exc, host.label)), pid=os.getpid())
         return 1
     host.endpoint = Endpoint.bind(config["bind_address"], on_message=host.on_message, name=host.label)
-    await rt.control("actor_ready", actor_id=rt.actor_id, address=host.endpoint.address)
+    await rt.control("actor_ready", actor_id=rt.actor_id, address=host.endpoint.address, pid=os.getpid())
     await host.stopped.wait()
     return 0
 

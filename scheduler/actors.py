@@ -18,18 +18,28 @@ class ActorState(str, enum.Enum):
     ::
 
         PENDING ──▶ STARTING ──▶ ALIVE ──▶ DEAD
-           │           │                    ▲
-           │           └────────────────────┤  (constructor raised, worker died)
-           └────────────────────────────────┘  (killed while waiting)
+           │         ▲  │           │        ▲
+           │         │  │           ▼        │  (constructor raised, worker died, killed)
+           │      RESTARTING ◀──────┴────────┤  (worker or node lost, restarts left)
+           └─────────────────────────────────┘  (killed while waiting)
 
     PENDING: waiting for resources. STARTING: a worker process is running the
-    constructor. ALIVE: serving calls at ``address``. DEAD is final.
+    constructor. ALIVE: serving calls at ``address``. RESTARTING: its worker
+    was lost and ``max_restarts`` allows another; it waits for resources (in
+    the same bundle, for an actor of a placement group) like PENDING, and its
+    constructor then runs again with the same arguments. DEAD is final.
     """
 
     PENDING = "PENDING"
     STARTING = "STARTING"
     ALIVE = "ALIVE"
+    RESTARTING = "RESTARTING"
     DEAD = "DEAD"
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting to be placed."""
+        return self in (ActorState.PENDING, ActorState.RESTARTING)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class ActorSpec:
     sys_path: list[str] = field(default_factory=list)
     placement_group: str | None = None
     bundle_index: int = -1
+    max_restarts: int = 0  # -1: forever
+    max_task_retries: int = 0  # for callers: how often a call in flight when the worker died is sent again
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], owner: str) -> ActorSpec:
@@ -64,6 +76,7 @@ class ActorSpec:
             "methods": self.methods,
             "name": self.name,
             "namespace": self.namespace,
+            "max_task_retries": self.max_task_retries,
         }
 
 
@@ -78,6 +91,8 @@ class ActorRecord:
     pool: NodePool | None = None  # where ``allocation`` came from: a node, or a placement-group bundle
     death: dict[str, Any] | None = None
     kill_requested: bool = False
+    restarts: int = 0
+    retired_pids: set[int] = field(default_factory=set)  # earlier incarnations' processes
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_state(self, state: ActorState) -> None:
@@ -95,4 +110,9 @@ class ActorRecord:
             "death": self.death,
             "resources": self.spec.demand,
             "gpu_ids": list(self.allocation.gpu_ids) if self.allocation else [],
+            "restarts": self.restarts,
+            "max_restarts": self.spec.max_restarts,
         }
+
+    def may_restart(self) -> bool:
+        return not self.kill_requested and (self.spec.max_restarts == -1 or self.restarts < self.spec.max_restarts)

@@ -14,7 +14,7 @@
         port: 22              # the SSH port
         identity_file: ~/.ssh/id_ed25519
         python: /opt/venv/bin/python
-        env: {NCCL_SOCKET_IFNAME: eth0}
+        env_vars: {NCCL_SOCKET_IFNAME: eth0}
         num_gpus: 8
         resources: {trainer: 1}
         ssh_options: ["-o", "UserKnownHostsFile=~/.ssh/cluster_hosts"]

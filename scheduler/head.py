@@ -162,12 +162,18 @@ class Head:
         node.alive = False
         for record in list(self.actors.values()):
             if record.node_id == node_id and record.state in (ActorState.STARTING, ActorState.ALIVE):
-                self._mark_dead(record, {"reason": f"its node {node_id[:8]} {how}", "host": node.address})
+                self._lost(record, {"reason": f"its node {node_id[:8]} {how}", "host": node.address})
         for pg in list(self.pgs.values()):  # groups that held bundles there are placed again, whole
             if pg.state == PlacementGroupState.CREATED and any(b.node_id == node_id for b in pg.placed):
                 for record in list(self.actors.values()):
-                    if record.spec.placement_group == pg.pg_id and record.state != ActorState.DEAD:
-                        self._kill(record, f"a node of its placement group ({node_id[:8]}) {how}")
+                    if record.spec.placement_group != pg.pg_id or record.state in (ActorState.DEAD, ActorState.RESTARTING):
+                        continue
+                    reason = f"a node of its placement group ({node_id[:8]}) {how}"
+                    if record.may_restart():  # its bundle moves: this incarnation ends, the next starts there
+                        self._end_incarnation(record)
+                        self._lost(record, {"reason": reason})
+                    else:
+                        self._kill(record, reason)
                 for bundle in pg.placed:
                     other = self.nodes.get(bundle.node_id)
                     if other is not None and other.alive:
@@ -353,7 +359,7 @@ class Head:
         still: list[str] = []
         for actor_id in self._pending:
             record = self.actors.get(actor_id)
-            if record is None or record.state != ActorState.PENDING:
+            if record is None or not record.state.waiting:
                 continue
             found = self._find_pool(record.spec)
             if found is None:
@@ -474,6 +480,7 @@ class Head:
 
     async def _start(self, record: ActorRecord, node: NodeRecord) -> None:
         s = record.spec
+        incarnation = record.restarts
         assert self.endpoint is not None and record.allocation is not None
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(record.allocation.gpu_ids),
@@ -517,6 +524,10 @@ class Head:
                 record, {"reason": f"the worker could not be started on node {node.node_id[:8]}: {type(exc).__name__}: {exc}"}
             )
             return
+        if record.restarts != incarnation:  # lost (its node, say) while spawning: this worker is not wanted
+            record.retired_pids.add(pid)
+            await self._kill_pid(node, pid)
+            return
         if record.state == ActorState.DEAD:  # killed, or its worker already exited, while spawning
             if record.pid is None:
                 await self._kill_pid(node, pid)
@@ -527,18 +538,25 @@ class Head:
 
     async def op_worker_hello(self, peer: bytes, actor_id: str, pid: int) -> dict[str, Any]:
         record = self._record(actor_id)
+        self._check_current(record, pid)
         record.pid = pid
         return {"payload": record.spec.payload}
 
-    async def op_actor_ready(self, peer: bytes, actor_id: str, address: str) -> None:
+    def _check_current(self, record: ActorRecord, pid: int | None) -> None:
+        if pid is not None and pid in record.retired_pids:
+            raise ControlError("ValueError", f"worker {pid} belongs to an earlier incarnation of actor {record.spec.actor_id[:8]}")
+
+    async def op_actor_ready(self, peer: bytes, actor_id: str, address: str, pid: int | None = None) -> None:
         record = self._record(actor_id)
+        self._check_current(record, pid)
         if record.state != ActorState.STARTING:
             return
         record.address = address
         record.set_state(ActorState.ALIVE)
 
-    async def op_actor_failed(self, peer: bytes, actor_id: str, error: dict[str, Any]) -> None:
+    async def op_actor_failed(self, peer: bytes, actor_id: str, error: dict[str, Any], pid: int | None = None) -> None:
         record = self._record(actor_id)
+        self._check_current(record, pid)
         self._mark_dead(record, {"reason": "the actor's constructor raised", "init_error": error})
 
     async def op_resolve_actor(self, peer: bytes, actor_id: str) -> dict[str, Any]:
@@ -546,7 +564,7 @@ class Head:
         record = self._record(actor_id)
         if record.state != ActorState.DEAD:
             self._watchers.setdefault(actor_id, set()).add(peer)
-        while record.state in (ActorState.PENDING, ActorState.STARTING):
+        while record.state in (ActorState.PENDING, ActorState.STARTING, ActorState.RESTARTING):
             await record.changed.wait()
         return record.view()
 
@@ -580,7 +598,7 @@ class Head:
         pending = []
         for actor_id in self._pending:
             record = self.actors.get(actor_id)
-            if record is None or record.state != ActorState.PENDING:
+            if record is None or not record.state.waiting:
                 continue
             s = record.spec
             if s.placement_group is not None:
@@ -625,7 +643,7 @@ class Head:
 
     def _kill(self, record: ActorRecord, reason: str) -> None:
         record.kill_requested = True
-        if record.state == ActorState.PENDING:
+        if record.state.waiting:
             self._mark_dead(record, {"reason": reason})
             return
         record.death = {"reason": reason}
@@ -647,6 +665,45 @@ class Head:
 
         if records:
             await asyncio.wait([asyncio.ensure_future(one(r)) for r in records], timeout=timeout)
+
+    def _lost(self, record: ActorRecord, death: dict[str, Any]) -> None:
+        """The actor's worker is gone (exited, or its node): restart it if ``max_restarts`` allows, else it is dead."""
+        if record.state == ActorState.DEAD:
+            return
+        if not record.may_restart():
+            self._mark_dead(record, death)
+            return
+        self._end_incarnation(record, kill=False)  # its process is gone, or its node is
+        record.restarts += 1
+        limit = "unlimited" if record.spec.max_restarts == -1 else str(record.spec.max_restarts)
+        log.warning("actor %s restarting (%d of %s): %s", record.spec.actor_id[:8], record.restarts, limit, death.get("reason"))
+        record.set_state(ActorState.RESTARTING)
+        notice = {
+            "class_name": record.spec.class_name,
+            "name": record.spec.name,
+            "actor_id": record.spec.actor_id,
+            "node_id": death.get("node_id"),
+            **death,
+            "reason": f"{death.get('reason') or 'its worker was lost'}; restarting ({record.restarts} of {limit})",
+        }
+        for peer in self._watchers.get(record.spec.actor_id, set()):
+            self._notify(peer, "actor_restarting", {"actor_id": record.spec.actor_id, "death": notice})
+        self._pending.append(record.spec.actor_id)
+        self._schedule()
+
+    def _end_incarnation(self, record: ActorRecord, *, kill: bool = True) -> None:
+        """Forget the actor's current worker (killed, with ``kill``) and give back what it held."""
+        if record.pid is not None:
+            record.retired_pids.add(record.pid)
+            node = self.nodes.get(record.node_id or "")
+            if kill and node is not None and node.alive:
+                self._spawn_task(self._kill_pid(node, record.pid))
+        record.pid = None
+        record.address = None
+        if record.allocation is not None and record.pool is not None:
+            record.pool.release(record.allocation)
+        record.allocation = None
+        record.pool = None
 
     def _mark_dead(self, record: ActorRecord, death: dict[str, Any]) -> None:
         if record.state == ActorState.DEAD:
@@ -691,10 +748,11 @@ class Head:
         if topic == "worker_exited":
             record = self.actors.get(payload.get("actor_id", ""))
             # pid None: the worker died before the spawn answer was read (one worker per actor at a time)
-            if record is None or record.pid not in (None, payload.get("pid")) or record.state == ActorState.PENDING:
+            pid = payload.get("pid")
+            if record is None or record.pid not in (None, pid) or record.state.waiting or pid in record.retired_pids:
                 return
-            record.pid = payload.get("pid")
-            self._mark_dead(
+            record.pid = pid
+            self._lost(
                 record,
                 {
                     "reason": payload.get("reason") or "the worker process died",

@@ -161,18 +161,22 @@ class NodeAgent:
             self.finished.set()
 
     async def stop(self) -> None:
-        """Kill every worker (through the fork server), tell the head, and close. Bounded in time."""
+        """Leave the head, kill every worker (through the fork server), and close. Bounded in time.
+
+        Leaving first means the head places nothing more here, and restarts
+        this node's actors elsewhere, before their workers are gone.
+        """
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._head is not None and not self._head.closed:
+            try:
+                await control_call(self._head, "unregister_node", node_id=self.node_id, timeout=2)
+            except Exception as exc:
+                log.debug("could not unregister node %s: %s", self.node_id[:8], exc)
         await self._forkserver.stop()
         for pid in list(self._workers):
             self._finish(pid, -signal.SIGKILL, reason="its node was stopped")
-        if self._head is not None and not self._head.closed:
-            try:
-                await control_call(self._head, "unregister_node", node_id=self.node_id, timeout=5)
-            except Exception as exc:
-                log.debug("could not unregister node %s: %s", self.node_id[:8], exc)
         self._control.cancel_all()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
         if self._head is not None:
             self._head.close()
         self.finished.set()

@@ -35,7 +35,7 @@ class SSHNode:
     port: int = 22
     identity_file: str | None = None
     python: str = "python3"
-    env: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
     num_cpus: float | None = None
     num_gpus: int | None = None
     resources: dict[str, float] = field(default_factory=dict)
@@ -55,10 +55,10 @@ class SSHNode:
         args = dict(d)
         if not isinstance(args.get("port", 22), int):
             raise ValueError(f"{where}: 'port' must be a number")
-        for key in ("env", "resources"):
+        for key in ("env_vars", "resources"):
             if not isinstance(args.get(key, {}), dict):
                 raise ValueError(f"{where}: {key!r} must be a mapping")
-        args["env"] = {str(k): str(v) for k, v in args.get("env", {}).items()}
+        args["env_vars"] = {str(k): str(v) for k, v in args.get("env_vars", {}).items()}
         opts = args.get("ssh_options", [])
         if not isinstance(opts, list | tuple) or not all(isinstance(o, str) for o in opts):
             raise ValueError(f"{where}: 'ssh_options' must be a list of strings")
@@ -75,7 +75,7 @@ class SSHNode:
         """The ``ssh`` command line that starts this node's agent (the secret is not in it)."""
         remote = [
             "env",
-            *(f"{k}={v}" for k, v in self.env.items()),
+            *(f"{k}={v}" for k, v in self.env_vars.items()),
             self.python,
             "-m",
             "scheduler",

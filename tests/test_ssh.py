@@ -133,7 +133,7 @@ def node_entry(machine: Machine, keys: Keys, host: str, port: int, **extra) -> d
         "user": "root",
         "identity_file": keys.client_key,
         "python": sys.executable,
-        "env": {"ACTORLIB_TMPDIR": machine.tmp, "PYTHONPATH": ROOT_DIR, "ACTORLIB_NODE_TIMEOUT_S": "3", **extra.pop("env", {})},
+        "env_vars": {"ACTORLIB_TMPDIR": machine.tmp, "PYTHONPATH": ROOT_DIR, "ACTORLIB_NODE_TIMEOUT_S": "3", **extra.pop("env_vars", {})},
         "ssh_options": ["-o", f"UserKnownHostsFile={keys.known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=15"],
         **extra,
     }
@@ -291,7 +291,7 @@ print(actorlib.get([a.all_reduce.remote(3), b.all_reduce.remote(4)], timeout=60)
 def test_gloo_all_reduce_across_two_hosts_joined_over_ssh(machine, keys, two_hosts):
     head_address, hosts = two_hosts
     nodes = [
-        node_entry(machine, keys, address, 22, resources={f"host_{name}": 1}, env={"GLOO_SOCKET_IFNAME": interface})
+        node_entry(machine, keys, address, 22, resources={f"host_{name}": 1}, env_vars={"GLOO_SOCKET_IFNAME": interface})
         for name, (ns, interface, address) in zip("ab", hosts, strict=True)
     ]
     cluster = os.path.join(machine.tmp, "cluster.yaml")

@@ -1,0 +1,150 @@
+"""max_restarts and max_task_retries: workers killed with real signals; handles keep working."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+import actorlib
+import actorlib.testing
+from actorlib.api import driver
+
+from .conftest import alive, running, wait_for
+
+
+@pytest.fixture(scope="module")
+def al():
+    with running(num_cpus=4, num_gpus=2) as al:
+        yield al
+
+
+@actorlib.remote
+class Keeper:
+    def __init__(self, start):
+        self.value = start
+
+    def add(self, n):
+        self.value += n
+        return self.value
+
+    def pid(self):
+        return os.getpid()
+
+    def gpus(self):
+        return os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+
+    def node(self):
+        return actorlib.get_runtime_context().get_node_id()
+
+    def wait_then_pid(self, path):
+        """Block until ``path`` exists, then answer with this process's pid."""
+        import time
+
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return os.getpid()
+
+
+def _restarts(al, actor_id):
+    rt = driver().rt
+    state = rt.run(rt.control("list_actors"))
+    return next(a for a in state if a["actor_id"] == actor_id)["restarts"]
+
+
+def test_a_restarted_actor_keeps_its_handles_and_constructor_arguments(al):
+    k = Keeper.options(max_restarts=2).remote(10)
+    assert al.get(k.add.remote(1)) == 11
+    for incarnation in (1, 2):
+        pid = al.get(k.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        # Once the head has seen the death (a call sent before that would fail: max_task_retries=0) ...
+        wait_for(lambda n=incarnation: _restarts(al, k._actor_id) == n, what="the restart")
+        # ... the same handle reaches the new worker, built again from the same arguments.
+        assert al.get(k.add.remote(1), timeout=30) == 11
+        assert al.get(k.pid.remote()) != pid
+    pid = al.get(k.pid.remote())
+    os.kill(pid, signal.SIGKILL)  # restarts used up: now it is dead for good
+    with pytest.raises(actorlib.ActorDiedError, match="signal=SIGKILL"):
+        al.get(k.add.remote(1), timeout=30)
+
+
+def test_calls_in_flight_fail_or_are_retried(al, tmp_path):
+    go = tmp_path / "go"
+    plain = Keeper.options(max_restarts=1).remote(0)
+    retried = Keeper.options(max_restarts=1, max_task_retries=1).remote(0)
+    old = al.get([plain.pid.remote(), retried.pid.remote()])
+    lost = plain.wait_then_pid.remote(str(go))
+    kept = retried.wait_then_pid.remote(str(go))
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(actorlib.ActorDiedError, match="restarting \\(1 of 1\\)"):
+        al.get(lost, timeout=30)
+    go.touch()
+    new_pid = al.get(kept, timeout=30)  # sent again to the new worker, which answers
+    assert new_pid not in old and new_pid == al.get(retried.pid.remote())
+
+
+def test_restarts_forever_and_kill_still_ends_it(al):
+    k = Keeper.options(max_restarts=-1, max_task_retries=-1).remote(0)
+    for _ in range(3):
+        pid = al.get(k.pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda pid=pid: not alive(pid), what="the worker to die")
+    assert al.get(k.add.remote(5), timeout=30) == 5
+    al.kill(k)  # a kill is final, whatever max_restarts says
+    with pytest.raises(actorlib.ActorDiedError, match="killed"):
+        al.get(k.add.remote(1), timeout=30)
+
+
+def test_calls_from_many_threads_survive_a_restart(al):
+    k = Keeper.options(max_restarts=1, max_task_retries=-1).remote(0)
+    pid = al.get(k.pid.remote())
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def caller():
+        try:
+            results.extend(al.get([k.add.remote(1) for _ in range(50)], timeout=60))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(90)
+    assert not errors and len(results) == 200  # every call answered once, by one incarnation or the other
+
+
+def test_bad_restart_options_are_refused(al):
+    with pytest.raises(ValueError, match="max_restarts must be an int >= -1"):
+        Keeper.options(max_restarts=-2)
+    with pytest.raises(ValueError, match="max_task_retries"):
+        Keeper.options(max_task_retries="3")
+
+
+def test_an_actor_of_a_placement_group_restarts_in_its_bundle(al):
+    pg = al.placement_group([{"GPU": 1}, {"GPU": 1}], strategy="PACK")
+    assert pg.wait(30)
+    k = Keeper.options(placement_group=pg, bundle_index=1, num_gpus=1, max_restarts=1, max_task_retries=1).remote(0)
+    before = al.get(k.gpus.remote())
+    os.kill(al.get(k.pid.remote()), signal.SIGKILL)
+    assert al.get(k.gpus.remote(), timeout=30) == before == al.placement_group_table(pg)["bundle_gpu_ids"][1]
+    al.remove_placement_group(pg)
+
+
+def test_an_actor_whose_node_is_lost_restarts_on_another(al):
+    first = actorlib.testing.add_node(num_cpus=1, resources={"spot": 1})
+    second = actorlib.testing.add_node(num_cpus=1, resources={"spot": 1})
+    k = Keeper.options(resources={"spot": 1}, max_restarts=1, max_task_retries=1).remote(7)
+    where = al.get(k.node.remote())
+    assert where in (first, second)
+    actorlib.testing.remove_node(where)
+    other = second if where == first else first
+    assert al.get(k.node.remote(), timeout=60) == other
+    assert al.get(k.add.remote(0)) == 7
+    actorlib.testing.remove_node(other)
