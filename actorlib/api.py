@@ -17,7 +17,7 @@ from . import runtime
 from .actor import ActorHandle
 from .completion import wait_for
 from .driver import Driver
-from .exceptions import ActorLibError, GetTimeoutError
+from .exceptions import ActorLibError, GetTimeoutError, HeadUnreachableError
 from .object_ref import ObjectRef, ObjectRefGenerator
 
 __all__ = [
@@ -121,9 +121,9 @@ def _locate(address: str) -> tuple[str, str]:
     try:
         head_address, key_file = locate_head(address)
     except LookupError as exc:
-        raise ConnectionError(str(exc)) from None
+        raise HeadUnreachableError(str(exc)) from None
     if key_file is None:
-        raise ConnectionError(
+        raise HeadUnreachableError(
             f"no cluster key for the head at {head_address}: set ACTORLIB_KEY_FILE to a copy of its "
             "cluster.key (in the head's session directory; keep it mode 0600)"
         )

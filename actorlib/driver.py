@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from scheduler import Head, NodeAgent, new_session_dir, remove_sockets, socket_d
 from scheduler.resources import node_resources
 from transport import generate_key, set_cluster_key
 
-from .exceptions import ActorLibError
+from .exceptions import ActorLibError, HeadUnreachableError
 from .runtime import Runtime
 
 __all__ = ["Driver"]
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
-_CONNECT_TIMEOUT = 15.0
+_CONNECT_TIMEOUT = float(os.environ.get("ACTORLIB_CONNECT_TIMEOUT_S", "15"))  # for a standalone head's first answer
 
 
 class Driver:
@@ -121,7 +122,7 @@ class Driver:
         try:
             reply = await rt.control("register_driver", timeout=timeout, namespace=namespace, log_to_driver=log_to_driver)
         except asyncio.TimeoutError:
-            raise ConnectionError(
+            raise HeadUnreachableError(
                 f"no answer from an actorlib head at {address} within {timeout:g} s: is it running (actorlib status), "
                 "is the address right, and does this process hold its cluster key (ACTORLIB_KEY_FILE)?"
             ) from None

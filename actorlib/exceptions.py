@@ -21,6 +21,7 @@ __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
     "GetTimeoutError",
+    "HeadUnreachableError",
     "InfeasibleError",
     "PlacementGroupError",
     "RemoteError",
@@ -150,6 +151,13 @@ class PlacementGroupError(ActorLibError):
 
 class AuthenticationError(ActorLibError):
     """A peer did not present the cluster's key."""
+
+
+class HeadUnreachableError(ActorLibError, ConnectionError):
+    """No actorlib head could be reached: none runs there, the address is wrong, or no cluster key was found.
+
+    A head never answers a peer without its cluster key, so a wrong key looks like silence.
+    """
 
 
 class InfeasibleError(ActorLibError, ValueError):

@@ -11,6 +11,7 @@ from typing import Any
 from scheduler.placement import validate_bundles
 
 from . import runtime
+from .exceptions import ActorLibError, PlacementGroupError
 
 __all__ = ["PlacementGroup", "placement_group", "placement_group_table", "remove_placement_group"]
 
@@ -47,19 +48,30 @@ class PlacementGroup:
         if timeout_seconds is not None and timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0, not {timeout_seconds!r}")
         rt = runtime.current()
-        if rt.run(rt.control("wait_placement_group", pg_id=self.id, timeout_s=timeout_seconds)):
-            return True
+        try:
+            if rt.run(rt.control("wait_placement_group", pg_id=self.id, timeout_s=timeout_seconds)):
+                return True
+        except (ActorLibError, ValueError):
+            self._check_created()  # the head's refusal of the group says more than "no such group"
+            raise
         self._check_created()
         return False
 
     async def ready(self) -> PlacementGroup:
-        """Await until every bundle is reserved (from any event loop)."""
+        """Await until every bundle is reserved (from any event loop); raise if the group was refused or removed."""
         rt = runtime.current()
         coro = rt.control("wait_placement_group", pg_id=self.id, timeout_s=None)
-        if rt.in_loop():
-            await coro
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, rt.loop))
+        try:
+            if rt.in_loop():
+                placed = await coro
+            else:
+                placed = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, rt.loop))
+        except (ActorLibError, ValueError):
+            if self._created is not None and self._created.done():
+                self._created.result()
+            raise
+        if not placed:
+            raise PlacementGroupError(f"placement group {self.id[:8]} was removed before it was placed")
         return self
 
     def __reduce__(self) -> Any:

@@ -154,7 +154,7 @@ class Head:
         node = self.nodes.get(node_id)
         if node is None or node.peer != peer or not node.alive:
             return False
-        self._node_gone(node, "left the cluster")
+        self._node_gone(node, LEFT)
         return True
 
     def _node_gone(self, node: NodeRecord, how: str) -> None:
@@ -182,7 +182,7 @@ class Head:
                 pg.pending_reason = f"waiting for resources: node {node_id[:8]} holding its bundles {how}"
                 pg.set_state(PlacementGroupState.PENDING)
                 self._pending_pgs.append(pg.pg_id)
-        log.warning("node %s %s", node_id[:8], how)
+        (log.info if how == LEFT else log.warning)("node %s %s", node_id[:8], how)
         self._schedule()
 
     async def op_launch_nodes(self, peer: bytes, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[dict[str, Any]]:
@@ -774,6 +774,7 @@ class Head:
 
 
 SPAWN_TIMEOUT = 60.0  # for a node to fork a worker
+LEFT = "left the cluster"  # how a node that unregistered went: no cause for alarm
 KEEP_FINISHED = 1000  # dead actors and removed placement groups kept for reading
 
 

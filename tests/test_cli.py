@@ -125,6 +125,7 @@ except ConnectionError as exc:
     refused = machine.cli("status", check=False)
     assert refused.returncode == 0
     machine.env["ACTORLIB_KEY_FILE"] = wrong_key  # a key that is not the cluster's: the head never answers it
+    machine.env["ACTORLIB_CONNECT_TIMEOUT_S"] = "3"
     refused = machine.python(
         """
 import actorlib

@@ -29,14 +29,6 @@ from .conftest import ROOT_DIR, alive, assert_no_descendants, wait_for
 DOCS = ["README.md", "docs/api.md", "docs/migrating-from-ray.md"]
 BLOCK_TIMEOUT = 60.0
 
-# Known fragments still fenced as ```python, until the file is fixed: {doc: [a line of the block]}.
-# Each is expected to fail; the marker is strict, so once such a block runs the entry must go
-# (and once it is fenced as ```py the entry matches nothing and can go too).
-KNOWN_FRAGMENTS: dict[str, list[str]] = {
-    "README.md": ["workers = [Worker.options(placement_group=pg, bundle_index=i).remote(i)"],
-}
-
-
 def python_blocks(text: str) -> list[tuple[int, str]]:
     """``(first line number, code)`` of every fenced block whose info string is ``python``.
 
@@ -83,10 +75,7 @@ def collect() -> list:
         if not os.path.exists(os.path.join(ROOT_DIR, doc)):
             continue  # test_every_doc_has_runnable_code says so
         for index, (line, code) in enumerate(python_blocks(read(doc))):
-            marks = []
-            if any(known in code for known in KNOWN_FRAGMENTS.get(doc, [])):
-                marks.append(pytest.mark.xfail(strict=True, reason="a fragment fenced as ```python: fence it as ```py"))
-            params.append(pytest.param(doc, index, line, code, id=f"{doc}#{index}", marks=marks))
+            params.append(pytest.param(doc, index, line, code, id=f"{doc}#{index}"))
     return params
 
 
