@@ -154,6 +154,9 @@ import time; time.sleep(600)
     )
     try:
         assert driver.stdout.readline().strip() == "ready"
+        # A second driver, connected at the same time, uses the first one's named actor.
+        other = machine.python('import actorlib\nactorlib.init(address="auto")\nprint(actorlib.get(actorlib.get_actor("keeper").incr.remote()))\n')
+        assert other.stdout.strip() == "2"
         actors = {a["name"]: a for a in machine.status()["actors"]}
         owned_pid = actors[None]["pid"]
         driver.kill()  # no goodbye: the head notices its silence
