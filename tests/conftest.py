@@ -1,42 +1,19 @@
-"""Fixtures that own what they start: a cluster per module, and a check that no process is left."""
+"""Fixtures that own what they start: a cluster per module, and a check that no process is left (actorlib.testing)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
 import pytest
 
 import actorlib
+from actorlib.testing import assert_no_leaks, descendants, local_cluster
+
+pytest_plugins = ["actorlib.testing", "pytester"]
+__all__ = ["ROOT_DIR", "alive", "assert_no_leaks", "descendants", "local_cluster", "wait_for"]
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def descendants(pid: int | None = None) -> set[int]:
-    """Every living descendant of ``pid`` (default: this process), read from /proc."""
-    root = os.getpid() if pid is None else pid
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] == "Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -59,25 +36,10 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
-def assert_no_descendants(timeout: float = 10.0) -> None:
-    wait_for(lambda: not descendants(), timeout, what=f"child processes {sorted(descendants())} to exit")
-
-
-@contextlib.contextmanager
-def running(**init_kwargs):
-    """actorlib initialised for the block; afterwards shut down, and no process left."""
-    actorlib.init(**init_kwargs)
-    try:
-        yield actorlib
-    finally:
-        actorlib.shutdown()
-        assert_no_descendants()
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """An embedded cluster with 4 CPUs and 4 logical GPUs, shared by a test module."""
-    with running(num_cpus=4, num_gpus=4) as al:
+    with local_cluster(num_cpus=4, num_gpus=4) as al:
         yield al
 
 
@@ -87,4 +49,4 @@ def fresh():
     actorlib.shutdown()
     yield actorlib
     actorlib.shutdown()
-    assert_no_descendants()
+    assert_no_leaks()

@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from .conftest import ROOT_DIR, alive, assert_no_descendants, wait_for
+from .conftest import ROOT_DIR, alive, assert_no_leaks, wait_for
 
 DOCS = ["README.md", "docs/api.md", "docs/migrating-from-ray.md"]
 BLOCK_TIMEOUT = 60.0
@@ -150,7 +150,7 @@ def test_block_runs(doc, index, line, code, tmp_path):
     assert not timed_out, f"{where} did not finish within {BLOCK_TIMEOUT:g} s\n{report}"
     assert proc.returncode == 0, f"{where} exited with {proc.returncode}\n{report}"
     assert not left, f"{where} left processes running (now killed):\n" + "\n".join(left)
-    assert_no_descendants()
+    assert_no_leaks()
 
 
 def _wait_gone(item: bytes, timeout: float = 10.0) -> list[str]:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import alive, assert_no_descendants, descendants, wait_for
+from .conftest import alive, assert_no_leaks, descendants, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def test_shutdown_leaves_nothing_and_init_works_again(fresh):
         assert set(pids) <= descendants()
         actorlib.shutdown()
         assert not actorlib.is_initialized()
-        assert_no_descendants(timeout=5)
+        assert_no_leaks(timeout=5)
     actorlib.shutdown()  # twice is fine
 
 
@@ -89,7 +89,7 @@ def test_driver_sigkill_takes_every_worker_within_5_seconds(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    assert_no_descendants()
+    assert_no_leaks()
 
 
 def test_worker_output_reaches_the_driver_and_the_log_files(tmp_path):

@@ -9,13 +9,13 @@ import pytest
 
 import actorlib.testing
 
-from .conftest import ROOT_DIR, descendants, running
+from .conftest import ROOT_DIR, descendants, local_cluster
 
 
 @pytest.fixture(scope="module")
 def three_nodes():
     """The head's node (1 CPU, no GPU) and two more with 2 CPUs and 2 GPUs each; one has resource "big"."""
-    with running(num_cpus=1, num_gpus=0) as al:
+    with local_cluster(num_cpus=1, num_gpus=0) as al:
         a = actorlib.testing.add_node(num_cpus=2, num_gpus=2, resources={"big": 1})
         b = actorlib.testing.add_node(num_cpus=2, num_gpus=2)
         yield al, a, b

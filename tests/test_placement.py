@@ -7,12 +7,12 @@ import pytest
 
 from actorlib.exceptions import ActorDiedError, GetTimeoutError, InfeasibleError
 
-from .conftest import running, wait_for
+from .conftest import local_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
 def al():
-    with running(num_cpus=4, num_gpus=8) as actorlib:
+    with local_cluster(num_cpus=4, num_gpus=8) as actorlib:
         yield actorlib
 
 

@@ -12,12 +12,12 @@ import actorlib
 import actorlib.testing
 from actorlib.api import driver
 
-from .conftest import alive, running, wait_for
+from .conftest import alive, local_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
 def al():
-    with running(num_cpus=4, num_gpus=2) as al:
+    with local_cluster(num_cpus=4, num_gpus=2) as al:
         yield al
 
 

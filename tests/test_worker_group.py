@@ -8,7 +8,7 @@ import pytest
 from actorlib import MultiWorkerFuture, NamedSharding, VirtualCluster, WorkerGroup
 from actorlib.exceptions import PlacementGroupError
 
-from .conftest import descendants, running, wait_for
+from .conftest import descendants, local_cluster, wait_for
 
 
 class Plain:
@@ -57,7 +57,7 @@ class Plain:
 
 @pytest.fixture(scope="module")
 def al():
-    with running(num_cpus=4, num_gpus=16) as actorlib:
+    with local_cluster(num_cpus=4, num_gpus=16) as actorlib:
         yield actorlib
 
 
