@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from scheduler.cluster_file import ClusterFile
@@ -38,6 +39,8 @@ from scheduler.session import (
     record_started,
 )
 from transport import Endpoint, RemoteFailure, control_call, generate_key, read_key_file, set_cluster_key, write_key_file
+
+from .progress import gather_with_progress
 
 __all__ = ["main"]
 
@@ -284,24 +287,29 @@ def _locate(address: str) -> tuple[str, str]:
 
 def ask_head(address: str, op: str, timeout: float = 15.0, **kwargs: Any) -> Any:
     """One control request to the head at ``address`` ('auto', HOST:PORT), as a client, not a driver."""
+    return with_head(address, lambda ep: control_call(ep, op, timeout=timeout, **kwargs), timeout)
+
+
+def with_head(address: str, use: Callable[[Endpoint], Awaitable[Any]], timeout: float) -> Any:
+    """Run ``use(endpoint)`` on a connection to the head at ``address``; its failures become :class:`CLIError`."""
     head_address, key_file = _locate(address)
     set_cluster_key(read_key_file(key_file))
 
-    async def ask() -> Any:
+    async def run() -> Any:
         ep = Endpoint.connect(head_address, on_message=None, name="actorlib cli")
         try:
-            return await control_call(ep, op, timeout=timeout, **kwargs)
+            return await use(ep)
         finally:
             ep.close()
 
     try:
-        return asyncio.run(ask())
+        return asyncio.run(run())
     except asyncio.TimeoutError:
         raise CLIError(
             f"no answer from a head at {head_address} within {timeout:g} s: is it running, and is the cluster key right?"
         ) from None
     except RemoteFailure as exc:
-        raise CLIError(f"the head refused {op}: {exc}") from None
+        raise CLIError(f"the head refused: {exc}") from None
 
 
 def _status(address: str, as_json: bool) -> int:
@@ -368,7 +376,15 @@ def _up(path: str, timeout: float) -> int:
     if not plan.nodes:
         return 0
     print(f"\nstarting {len(plan.nodes)} node(s) over SSH ...", flush=True)
-    results = ask_head("auto", "launch_nodes", timeout=timeout + 10, nodes=plan.node_dicts(), timeout_s=timeout)
+
+    async def launch_all(ep: Endpoint) -> list[dict[str, Any]]:
+        async def launch(node: dict[str, Any]) -> dict[str, Any]:
+            (result,) = await control_call(ep, "launch_nodes", timeout=timeout + 10, nodes=[node], timeout_s=timeout)
+            return result
+
+        return await gather_with_progress(plan.node_dicts(), launch, "nodes joining over SSH")
+
+    results = with_head("auto", launch_all, timeout + 10)
     for r in results:
         print(f"  {r['host']}: " + (f"joined as node {r['node_id'][:8]}" if r["ok"] else f"FAILED\n    {r['error']}"))
     failed = sum(1 for r in results if not r["ok"])

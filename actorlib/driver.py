@@ -27,6 +27,7 @@ from scheduler.resources import node_resources
 from transport import generate_key, set_cluster_key
 
 from .exceptions import ActorLibError, HeadUnreachableError
+from .progress import gather_with_progress
 from .runtime import Runtime
 
 __all__ = ["Driver"]
@@ -162,7 +163,11 @@ class Driver:
 
     def launch_nodes(self, nodes: list[dict[str, Any]], timeout: float = 120.0) -> list[str]:
         """Start a node agent on each host over SSH (see :mod:`scheduler.ssh`); raise naming every one that failed."""
-        results = self.rt.run(self.rt.control("launch_nodes", nodes=nodes, timeout_s=timeout), timeout + 10)
+        async def launch(node: dict[str, Any]) -> dict[str, Any]:
+            (result,) = await self.rt.control("launch_nodes", nodes=[node], timeout_s=timeout)
+            return result
+
+        results = self.rt.run(gather_with_progress(nodes, launch, "nodes joining over SSH"), timeout + 10)
         failed = [r["error"] for r in results if not r["ok"]]
         if failed:
             raise ActorLibError(f"{len(failed)} of {len(results)} nodes did not join:\n" + "\n".join(failed))

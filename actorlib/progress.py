@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "gather_with_progress"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _interactive() -> bool:
@@ -71,3 +76,16 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def gather_with_progress(items: Sequence[T], fn: Callable[[T], Awaitable[R]], desc: str) -> list[R]:
+    """``fn`` on every item at once; a bar counts them as they finish. Results in ``items``' order."""
+    with Progress(len(items), desc) as progress:
+
+        async def one(item: T) -> R:
+            try:
+                return await fn(item)
+            finally:
+                progress.update()
+
+        return list(await asyncio.gather(*(one(item) for item in items)))
