@@ -23,7 +23,6 @@ from .progress import Progress
 __all__ = ["VirtualCluster"]
 
 
-@remote
 class RendezvousStore:
     """Hosts a TCPStore for one worker group's ``init_process_group()``."""
 
@@ -34,6 +33,9 @@ class RendezvousStore:
 
     def port(self) -> int:
         return int(self.store.port)
+
+
+_RendezvousStore = remote(RendezvousStore)
 
 
 class VirtualCluster:
@@ -126,7 +128,7 @@ class VirtualCluster:
 
     def get_master_address_and_port(self) -> tuple[str, int]:
         """A fresh rendezvous store next to bundle 0: ``(address, port)`` for ``MASTER_ADDR``/``MASTER_PORT``."""
-        store = RendezvousStore.options(placement_group=self._pgs[0], bundle_index=0, num_cpus=0).remote()
+        store = _RendezvousStore.options(placement_group=self._pgs[0], bundle_index=0, num_cpus=0).remote()
         self._stores.append(store)
         port = api.get(store.port.remote(), timeout=120)
         return self.bundle_node_addresses()[0][0], port

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, cast
 
 __all__ = [
     "ActorDiedError",
@@ -59,20 +59,20 @@ def _rebuild_remote_error(class_name: str, message: str, tb: str, actor: str, ca
     return make_remote_error(class_name, message, tb, actor=actor, cause=cause)
 
 
-_derived: dict[type, type] = {}
+_derived: dict[type, type[RemoteError]] = {}
 
 
 def make_remote_error(
     class_name: str, message: str, traceback_text: str, *, actor: str = "", cause: BaseException | None = None
 ) -> RemoteError:
     """A :class:`RemoteError` that is also an instance of ``type(cause)`` when Python allows it."""
-    cls: type = RemoteError
+    cls: type[RemoteError] = RemoteError
     if cause is not None and not isinstance(cause, RemoteError):
         base = type(cause)
         cls = _derived.get(base) or RemoteError
         if base not in _derived:
             try:
-                cls = type(f"RemoteError[{base.__name__}]", (RemoteError, base), {"__module__": __name__})
+                cls = cast("type[RemoteError]", type(f"RemoteError[{base.__name__}]", (RemoteError, base), {"__module__": __name__}))
             except TypeError:  # incompatible layouts (rare C types): plain RemoteError
                 cls = RemoteError
             _derived[base] = cls

@@ -171,7 +171,7 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            loop.call_soon_threadsafe(lambda: exited.done() or exited.set_result(None))
+            loop.call_soon_threadsafe(_resolve, exited)
 
         threading.Thread(target=wait, name="forkserver-reaper", daemon=True).start()
         await exited
@@ -316,3 +316,8 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -150,12 +150,12 @@ def place(
                     break
             ok = len(chosen) == len(bundles)
     elif strategy == "STRICT_SPREAD":
-        used: set[str] = set()
+        taken: set[str] = set()
         for b in bundles:
-            node = next((n for n in order if n not in used and trial[n].fits(b)), None)
+            node = next((n for n in order if n not in taken and trial[n].fits(b)), None)
             if node is None or not take(node, b):
                 break
-            used.add(node)
+            taken.add(node)
         ok = len(chosen) == len(bundles)
     else:  # SPREAD
         for b in bundles:

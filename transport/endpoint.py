@@ -86,7 +86,8 @@ class Endpoint:
         self._outbox: dict[bytes | None, list[tuple[Kind, int, bytes]]] = {}
         self._flushing = False
         self._refused = 0
-        self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
+        self._fd = int(sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._on_readable)
         # Edge-triggered FD: anything already queued must be read now.
         self._schedule_drain()
         self.address: str = ""
@@ -201,7 +202,7 @@ class Endpoint:
                     raise ConnectionClosedError(f"{self.name}: peer {peer!r} is not connected", by_us=False) from None
                 raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
             # A send can swallow the socket's read edge: look again.
-            readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            readable = int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
         finally:
             self._lock.release()
         if readable and not self._drain_scheduled:
@@ -329,7 +330,7 @@ class Endpoint:
                         return
                     # Header frames are small: copy them (cheaper than a Frame);
                     # buffer frames stay zero-copy.
-                    frames = [sock.recv(zmq.NOBLOCK)]
+                    frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
                     if self._routed:
                         frames.append(sock.recv(zmq.NOBLOCK))
                     while sock.get(zmq.RCVMORE):
@@ -400,7 +401,7 @@ class Endpoint:
                 return
             self._closed = True
             try:
-                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._fd)
             except Exception:
                 pass
             self._sock.close(linger=0)
