@@ -30,7 +30,19 @@ from typing import Any
 import cloudpickle
 import uvloop
 
-from transport import DecodeError, EncodeError, Endpoint, Kind, Message, dumps, loads, set_cluster_key, wait_sent
+from transport import (
+    DecodeError,
+    EncodeError,
+    Endpoint,
+    Kind,
+    Message,
+    TransportError,
+    dumps,
+    loads,
+    send_event,
+    set_cluster_key,
+    wait_sent,
+)
 
 from . import runtime as runtime_mod
 from .runtime import Runtime
@@ -481,8 +493,23 @@ async def _serve(config: dict[str, Any]) -> int:
         return 1
     host.endpoint = Endpoint.bind(config["bind_address"], on_message=host.on_message, name=host.label)
     await rt.control("actor_ready", actor_id=rt.actor_id, address=host.endpoint.address, pid=os.getpid())
+    beat = loop.create_task(_heartbeats(rt, float(config.get("heartbeat_s") or 0)))
     await host.stopped.wait()
+    beat.cancel()
     return 0
+
+
+async def _heartbeats(rt: Runtime, every: float) -> None:
+    """Tell the head, from this loop, that the worker still answers: a hung worker goes silent."""
+    if every <= 0:
+        return
+    payload = {"actor_id": rt.actor_id, "pid": os.getpid()}
+    while rt.head is not None and not rt.head.closed:
+        try:
+            send_event(rt.head, "actor_heartbeat", payload)
+        except TransportError:
+            return
+        await asyncio.sleep(every)
 
 
 def _plain(record: dict[str, Any]) -> dict[str, Any]:

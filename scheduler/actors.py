@@ -92,6 +92,7 @@ class ActorRecord:
     death: dict[str, Any] | None = None
     kill_requested: bool = False
     restarts: int = 0
+    last_seen: float = 0.0  # the loop time of its worker's last heartbeat
     retired_pids: set[int] = field(default_factory=set)  # earlier incarnations' processes
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -22,7 +22,7 @@ from transport import ControlError, ControlServer, Endpoint, TransportError, con
 from transport.security import cluster_key
 
 from .actors import ActorRecord, ActorSpec, ActorState
-from .node import NODE_TIMEOUT
+from .node import NODE_TIMEOUT, WORKER_TIMEOUT
 from .placement import Bundle, PlacementGroupRecord, PlacementGroupState, infeasibility, place, validate_bundles
 from .resources import NodePool, to_float
 from .session import socket_dir
@@ -67,9 +67,12 @@ class DriverRecord:
 
 
 class Head:
-    def __init__(self, *, session_dir: str, address: str, node_timeout: float = NODE_TIMEOUT) -> None:
+    def __init__(
+        self, *, session_dir: str, address: str, node_timeout: float = NODE_TIMEOUT, worker_timeout: float = WORKER_TIMEOUT
+    ) -> None:
         self.session_dir = session_dir
         self.node_timeout = node_timeout
+        self.worker_timeout = worker_timeout
         self._bind_address = address
         self.nodes: dict[str, NodeRecord] = {}
         self.actors: dict[str, ActorRecord] = {}
@@ -242,6 +245,9 @@ class Head:
             for node in list(self.nodes.values()):
                 if node.alive and now - node.last_seen > self.node_timeout:
                     self._node_gone(node, silent)
+            for record in list(self.actors.values()):
+                if record.state == ActorState.ALIVE and now - record.last_seen > self.worker_timeout:
+                    self._hung(record)
             for driver in list(self.drivers.values()):
                 if now - driver.last_seen > self.node_timeout:
                     log.warning("driver %s %s", driver.job_id, silent)
@@ -505,6 +511,7 @@ class Head:
             "gpu_ids": record.allocation.gpu_ids,
             "sys_path": s.sys_path,
             "max_concurrency": s.max_concurrency,
+            "heartbeat_s": self.worker_timeout / 5,
         }
         label = f"{s.name or s.class_name}"
         try:
@@ -552,6 +559,7 @@ class Head:
         if record.state != ActorState.STARTING:
             return
         record.address = address
+        record.last_seen = asyncio.get_running_loop().time()
         record.set_state(ActorState.ALIVE)
 
     async def op_actor_failed(self, peer: bytes, actor_id: str, error: dict[str, Any], pid: int | None = None) -> None:
@@ -691,6 +699,21 @@ class Head:
         self._pending.append(record.spec.actor_id)
         self._schedule()
 
+    def _hung(self, record: ActorRecord) -> None:
+        """An ALIVE actor's worker stopped sending heartbeats: kill it (it may be stopped or deadlocked), then restart or bury it."""
+        node = self.nodes.get(record.node_id or "")
+        pid = record.pid
+        log.warning("actor %s: worker %s sent no heartbeat for %g s: killing it", record.spec.actor_id[:8], pid, self.worker_timeout)
+        self._end_incarnation(record)  # SIGKILL through its node, if that node still answers
+        self._lost(
+            record,
+            {
+                "reason": f"its worker stopped answering (no heartbeat for {self.worker_timeout:g} s: hung, stopped or deadlocked)",
+                "pid": pid,
+                "host": node.address if node else None,
+            },
+        )
+
     def _end_incarnation(self, record: ActorRecord, *, kill: bool = True) -> None:
         """Forget the actor's current worker (killed, with ``kill``) and give back what it held."""
         if record.pid is not None:
@@ -744,6 +767,11 @@ class Head:
     def _on_event(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
         if not isinstance(payload, dict):
             log.warning("head: malformed %r event from %r", topic, peer)
+            return
+        if topic == "actor_heartbeat":
+            record = self.actors.get(payload.get("actor_id", ""))
+            if record is not None and record.pid == payload.get("pid"):
+                record.last_seen = asyncio.get_running_loop().time()
             return
         if topic == "worker_exited":
             record = self.actors.get(payload.get("actor_id", ""))

@@ -35,6 +35,9 @@ STDERR_TAIL_LINES = 20
 # Silence after which the head declares a node (or driver) dead, and a node agent its head.
 NODE_TIMEOUT = float(os.environ.get("ACTORLIB_NODE_TIMEOUT_S", "6"))
 HEARTBEAT_EVERY = NODE_TIMEOUT / 5
+# Silence after which the head declares a worker hung (its process alive, its event loop not answering).
+# Longer than a node's: a C extension holding the GIL for seconds must not look hung.
+WORKER_TIMEOUT = float(os.environ.get("ACTORLIB_WORKER_TIMEOUT_S", "30"))
 
 
 @dataclass

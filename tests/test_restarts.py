@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -12,7 +15,7 @@ import actorlib
 import actorlib.testing
 from actorlib.api import driver
 
-from .conftest import alive, local_cluster, wait_for
+from .conftest import ROOT_DIR, alive, local_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +151,46 @@ def test_an_actor_whose_node_is_lost_restarts_on_another(al):
     assert al.get(k.node.remote(), timeout=60) == other
     assert al.get(k.add.remote(0)) == 7
     actorlib.testing.remove_node(other)
+
+
+def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
+    """SIGSTOP a worker: alive but silent. The head kills it and restarts it; with no restarts left, calls fail."""
+    script = textwrap.dedent(
+        """
+        import os, signal, time, actorlib
+        actorlib.init(num_cpus=1)
+
+        @actorlib.remote(max_restarts=1, max_task_retries=1)
+        class Sleeper:
+            def pid(self):
+                return os.getpid()
+
+        s = Sleeper.remote()
+        first = actorlib.get(s.pid.remote(), timeout=60)
+        os.kill(first, signal.SIGSTOP)
+        t0 = time.monotonic()
+        second = actorlib.get(s.pid.remote(), timeout=60)  # in flight while it hangs: retried on the new worker
+        print("RESTARTED", second != first, round(time.monotonic() - t0, 1))
+        os.kill(second, signal.SIGSTOP)
+        try:
+            actorlib.get(s.pid.remote(), timeout=60)
+        except actorlib.ActorDiedError as exc:
+            print("DIED", exc.pid == second, "stopped answering" in str(exc))
+        def gone(pid):
+            try:
+                return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+        deadline = time.monotonic() + 10  # the kill goes through the node agent: wait for it, bounded
+        while not (gone(first) and gone(second)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("GONE", gone(first), gone(second))
+        actorlib.shutdown()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT_DIR, "ACTORLIB_TMPDIR": str(tmp_path), "ACTORLIB_WORKER_TIMEOUT_S": "1.5"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "RESTARTED True" in out.stdout, out.stdout + out.stderr
+    assert "DIED True True" in out.stdout
+    assert "GONE True True" in out.stdout
