@@ -86,6 +86,7 @@ class Endpoint:
         self._outbox: dict[bytes | None, list[tuple[Kind, int, bytes]]] = {}
         self._flushing = False
         self._refused = 0
+        self._unwatch: Callable[[], None] | None = None  # stops the log of refused (keyless) connections
         self._fd = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._on_readable)
         # Edge-triggered FD: anything already queued must be read now.
@@ -119,6 +120,8 @@ class Endpoint:
             raise TransportError(f"cannot bind {address}: {exc}") from exc
         ep = cls(sock, routed=True, on_message=on_message, name=name)
         ep.address = bound
+        if security.is_secured(sock):
+            ep._unwatch = security.watch_refusals(sock, ep._loop, name)
         return ep
 
     @classmethod
@@ -404,6 +407,8 @@ class Endpoint:
                 self._loop.remove_reader(self._fd)
             except Exception:
                 pass
+            if self._unwatch is not None:
+                self._unwatch()
             self._sock.close(linger=0)
 
 

@@ -15,14 +15,25 @@ other machines over SSH's standard input, never on a command line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import zmq
+import zmq.utils.monitor
 import zmq.utils.z85
 
-__all__ = ["ClusterKey", "cluster_key", "generate_key", "read_key_file", "set_cluster_key", "write_key_file"]
+__all__ = [
+    "ClusterKey",
+    "cluster_key",
+    "generate_key",
+    "read_key_file",
+    "set_cluster_key",
+    "watch_refusals",
+    "write_key_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +142,67 @@ def _serve_zap(rep: zmq.Socket) -> None:
             log.warning("refused a connection from %s: it does not hold the cluster key", peer)
         status = [b"200", b"OK"] if ok else [b"400", b"not a member of this cluster"]
         rep.send_multipart([version, request_id, *status, b"", b""])
+
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+_WHY: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "its handshake was not CURVE with this cluster's server key",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "its key is not the cluster's",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed",
+}
+
+
+def is_secured(sock: zmq.Socket) -> bool:
+    return bool(sock.getsockopt(zmq.CURVE_SERVER))
+
+
+def watch_refusals(sock: zmq.Socket, loop: asyncio.AbstractEventLoop, name: str) -> Callable[[], None]:
+    """Log every connection a CURVE server refused (a peer without the cluster key); returns a stop function.
+
+    The refusal itself is ZeroMQ's (the handshake fails before any message is
+    read); this makes it visible. Logs are rate-limited: a flood of attempts
+    must not become a flood of lines.
+    """
+    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    fd = int(monitor.getsockopt(zmq.FD))
+    count = 0
+
+    def drain() -> None:
+        nonlocal count
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            count += 1
+            if count <= 10 or count % 1000 == 0:
+                where = event.get("endpoint", b"?")
+                log.warning(
+                    "%s: refused a connection on %s (%d so far): the peer does not hold the cluster key (%s)",
+                    name,
+                    where.decode(errors="replace") if isinstance(where, bytes) else where,
+                    count,
+                    _WHY.get(int(event.get("event", 0)), "the handshake failed"),
+                )
+
+    loop.add_reader(fd, drain)
+    loop.call_soon(drain)  # edge-triggered: anything already queued
+
+    def stop() -> None:
+        try:
+            loop.remove_reader(fd)
+        except Exception:
+            pass
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(linger=0)
+
+    return stop
