@@ -35,7 +35,9 @@ from .placement_group import (
     placement_group_table as placement_group_table,
     remove_placement_group as remove_placement_group,
 )
+from .rank_program import CommandFailedError as CommandFailedError
 from .sharding import NamedSharding as NamedSharding
+from .spmd import RunResult as RunResult, WorkerFailure as WorkerFailure, WorkerGroupError as WorkerGroupError
 from .worker_group import MultiWorkerFuture as MultiWorkerFuture, WorkerGroup as WorkerGroup
 
 __version__ = "0.1.0"
@@ -46,6 +48,7 @@ __all__ = [
     "ActorHandle",
     "ActorLibError",
     "ActorMethod",
+    "CommandFailedError",
     "AuthenticationError",
     "GetTimeoutError",
     "HeadUnreachableError",
@@ -56,11 +59,14 @@ __all__ = [
     "PlacementGroup",
     "PlacementGroupError",
     "RemoteError",
+    "RunResult",
     "RuntimeContext",
     "SerializationError",
     "TaskCancelledError",
     "VirtualCluster",
+    "WorkerFailure",
     "WorkerGroup",
+    "WorkerGroupError",
     "available_resources",
     "cancel",
     "cluster_resources",

@@ -45,6 +45,7 @@ from transport import (
 )
 
 from . import runtime as runtime_mod
+from .rank_program import RUN_METHOD, run_in_worker
 from .runtime import Runtime
 
 __all__ = ["main"]
@@ -176,7 +177,7 @@ class ActorHost:
         self.label = f"{config.get('name') or config.get('class_name', 'Actor')}(pid={os.getpid()})"
         self.instance: Any = None
         self.endpoint: Endpoint | None = None
-        self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
+        self._methods: dict[str, tuple[Callable[..., Any], int]] = {RUN_METHOD: (run_in_worker, SYNC)}  # for WorkerGroup.run
         self._sync_jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._sync_thread = threading.Thread(target=self._sync_loop, name="actorlib-sync", daemon=True)
         self._max_concurrency = int(config.get("max_concurrency") or 1000)

@@ -35,7 +35,9 @@ from .cluster import VirtualCluster
 from .exceptions import ActorDiedError, ActorLibError, GetTimeoutError
 from .object_ref import ObjectRef, ObjectRefGenerator
 from .progress import Progress
+from .rank_program import RUN_METHOD
 from .sharding import NamedSharding
+from .spmd import RunResult, WorkerFailure, WorkerGroupError, gather
 from .worker import ASYNC_GENERATOR, GENERATOR
 
 __all__ = ["MultiWorkerFuture", "WorkerGroup"]
@@ -48,6 +50,8 @@ class MultiWorkerFuture:
     futures: list[Any]
     called_workers: list[int] = field(default_factory=list)
     return_from_workers: list[int] | None = None
+    worker_metadata: list[dict[str, Any]] = field(default_factory=list)  # of the whole group, by rank
+    failure_grace_s: float = 5.0
 
     def get_results(
         self, worker_group: WorkerGroup | None = None, return_generators_as_proxies: bool = False, timeout: float | None = None
@@ -62,7 +66,11 @@ class MultiWorkerFuture:
             return [self.futures[i] for i in keep]
         kept = [self.futures[i] for i in keep]
         if not any(isinstance(f, ObjectRefGenerator) for f in kept):
-            return api.get(kept, timeout=timeout)
+            # Every called worker is watched, not only the returned ones: one failure fails the whole dispatch.
+            ranks = self.called_workers or list(range(len(self.futures)))
+            meta = self.worker_metadata or [{} for _ in range(max(ranks, default=-1) + 1)]
+            values = gather(self.futures, ranks, meta, timeout, self.failure_grace_s, "this dispatch")
+            return [values[i] for i in keep]
         # Streams are read all at once (a thread each): one worker's stream may only progress
         # while another's is read, as in a collective.
         items: list[list[Any]] = [[] for _ in kept]
@@ -137,7 +145,13 @@ class WorkerGroup:
                 f"the sharding annotations cover {sharding_annotations.size} ranks but the group has {self.world_size} workers"
             )
         self.sharding_annotations = sharding_annotations
-        self.master_address, self.master_port = cluster.get_master_address_and_port()
+        self._recipe = (bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs, start_timeout)
+        self._start()
+
+    def _start(self) -> None:
+        """Create every worker (with a fresh rendezvous for torch.distributed) and wait until all have started."""
+        bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs, start_timeout = self._recipe
+        self.master_address, self.master_port = self.cluster.get_master_address_and_port()
         try:
             self._create(bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs)
             self._wait_started(start_timeout)
@@ -376,7 +390,58 @@ class WorkerGroup:
                 continue
             futures.extend(self._call([rank], method_name, worker_args, worker_kwargs | common))
             called.append(rank)
-        return MultiWorkerFuture(futures, called_workers=called, return_from_workers=returned)
+        return MultiWorkerFuture(futures, called_workers=called, return_from_workers=returned, worker_metadata=self._worker_metadata)
+
+    def run(
+        self,
+        target: Any,
+        *args: Any,
+        max_restarts: int = 0,
+        timeout: float | None = None,
+        failure_grace_s: float = 5.0,
+        **kwargs: Any,
+    ) -> RunResult:
+        """Run ``target`` on every worker at once (SPMD), torchelastic-style; restart the whole group on failure.
+
+        ``target`` is a function (called as ``target(*args, **kwargs)`` in each
+        worker, which has ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ... in its
+        environment) or a command line (a string or argv list; ``args`` and
+        ``kwargs`` are appended as ``arg`` and ``--key=value``). When any rank
+        fails (its code raises, its command exits non-zero, its process dies),
+        the others get ``failure_grace_s`` to finish, then every worker is
+        stopped and the group started again — fresh processes, a fresh
+        rendezvous: its collective group is broken — up to ``max_restarts``
+        times. Returns a :class:`RunResult`: each global rank's return value,
+        or the last attempt's failures with the first one by time named first
+        (``result.raise_on_failure()`` raises them as :class:`WorkerGroupError`).
+        """
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, not {max_restarts!r}")
+        if not (callable(target) or isinstance(target, str) or (isinstance(target, list | tuple) and target)):
+            raise TypeError(f"run() takes a function or a command line (a str or a list of str), not {type(target).__name__}")
+        if not self._workers:
+            raise ActorLibError("this worker group has been shut down")
+        history: list[list[WorkerFailure]] = []
+        while True:
+            ranks = list(range(len(self._workers)))
+            targets = [(w._actor_id, self._cls.__name__) for w in self._workers]
+            refs = runtime.current().submit_many(targets, RUN_METHOD, (target, *args), kwargs, stream_window=None)
+            try:
+                values = gather(refs, ranks, self._worker_metadata, timeout, failure_grace_s, "run()")
+                return RunResult(values, [], len(history), history)
+            except WorkerGroupError as exc:
+                if len(history) == max_restarts:
+                    return RunResult([None] * len(ranks), exc.failures, len(history), history)
+                history.append(exc.failures)
+            self._restart_all()
+
+    def _restart_all(self) -> None:
+        """Stop every worker, then start the group again from scratch (same bundles, same constructor arguments)."""
+        rt = runtime.current()
+        ids = [w._actor_id for w in self._workers]
+        rt.run(rt.control("kill_actors", actor_ids=ids, wait_s=30.0))
+        self._workers, self._worker_metadata, self.tied_workers_groups = [], [], []
+        self._start()
 
     def get_all_worker_results(
         self, future_bundle: MultiWorkerFuture, return_generators_as_proxies: bool = False, timeout: float | None = None
