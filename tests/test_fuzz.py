@@ -1,6 +1,9 @@
 """Bad input never kills a process: the decoder and a live worker fed random, truncated and malformed messages."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import msgpack
 import pytest
@@ -9,6 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from transport import DecodeError, Kind, ProtocolError, dumps, loads
 from transport.protocol import VERSION, decode, decode_batch, encode_header
+
+from .conftest import ROOT_DIR
 
 plain = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text() | st.binary(),
@@ -143,3 +148,38 @@ def test_oversized_messages_are_refused_by_the_socket(tmp_path):
         server.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_the_largest_message_is_configurable_and_a_call_over_it_fails_clearly(tmp_path):
+    script = textwrap.dedent(
+        """
+        import numpy as np, actorlib
+        actorlib.init(num_cpus=1)
+
+        @actorlib.remote
+        class A:
+            def size(self, x):
+                return x.nbytes
+            def make(self, n):
+                return np.zeros(n, dtype=np.uint8)
+
+        a = A.remote()
+        try:
+            a.size.remote(np.zeros(2_000_000, dtype=np.uint8))
+        except actorlib.exceptions.SerializationError as exc:
+            print("CALL", "over the largest message" in str(exc) and "1,000,000 bytes" in str(exc))
+        try:
+            actorlib.get(a.make.remote(2_000_000), timeout=30)
+        except actorlib.RemoteError as exc:
+            print("RESULT", "over the largest message" in str(exc))
+        except Exception as exc:
+            print("RESULT", type(exc).__name__, "over the largest message" in str(exc))
+        print("SMALL", actorlib.get(a.size.remote(np.zeros(1000, dtype=np.uint8)), timeout=30))
+        actorlib.shutdown()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT_DIR, "ACTORLIB_TMPDIR": str(tmp_path), "ACTORLIB_MAX_MESSAGE_BYTES": "1000000"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "CALL True" in out.stdout and "SMALL 1000" in out.stdout, out.stdout + out.stderr
+    assert "RESULT" in out.stdout and out.stdout.split("RESULT")[1].split("\n")[0].strip().endswith("True"), out.stdout

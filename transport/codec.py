@@ -19,6 +19,7 @@ only then.
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from typing import Any
@@ -28,7 +29,12 @@ import msgpack
 
 from .exceptions import DecodeError, EncodeError
 
-__all__ = ["dumps", "loads"]
+__all__ = ["MAX_MESSAGE_BYTES", "dumps", "loads"]
+
+# The largest message (header and buffers together) this process encodes, and each of its sockets
+# accepts per frame: a bound on what one peer can make another allocate. Larger tensors belong to
+# torch.distributed.
+MAX_MESSAGE_BYTES = int(os.environ.get("ACTORLIB_MAX_MESSAGE_BYTES", str(1 << 30)))
 
 # Extension type codes. Explicit values: they are part of the wire format.
 _EXT_TUPLE = 1
@@ -67,11 +73,19 @@ def dumps(obj: Any, *, allow_pickle: bool = True) -> tuple[bytes, list[Any]]:
         return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None))
 
     try:
-        return _pack(obj, default), buffers
+        body = _pack(obj, default)
     except EncodeError:
         raise
     except Exception as exc:  # msgpack's own errors: int too large, recursion ...
         raise EncodeError(f"cannot encode value of type {type(obj).__qualname__}: {exc}") from exc
+    if buffers or len(body) > MAX_MESSAGE_BYTES:
+        size = len(body) + sum(memoryview(b).nbytes for b in buffers)
+        if size > MAX_MESSAGE_BYTES:
+            raise EncodeError(
+                f"a {type(obj).__qualname__} of {size:,} bytes is over the largest message actorlib sends "
+                f"({MAX_MESSAGE_BYTES:,} bytes, set by ACTORLIB_MAX_MESSAGE_BYTES); move large tensors with torch.distributed"
+            )
+    return body, buffers
 
 
 def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bool = True) -> Any:  # type: ignore[assignment]

@@ -425,6 +425,9 @@ def wait_sent(tracker: zmq.MessageTracker | None, still_wanted: Callable[[], boo
 
 
 def _socket(kind: int, max_message_size: int) -> zmq.Socket:
+    """A socket for an Endpoint. ``max_message_size`` -1: what :data:`codec.MAX_MESSAGE_BYTES` allows (per frame)."""
+    if max_message_size == -1:
+        max_message_size = codec.MAX_MESSAGE_BYTES + 65536  # a frame may carry a little more than its payload
     sock = shared_context().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
