@@ -90,9 +90,9 @@ class Completion:
 
 def wait_for(completions: Sequence[Completion], count: int, timeout: float | None, *, stop_on_exception: bool = False) -> None:
     """Block until ``count`` of ``completions`` are done (or one failed, with ``stop_on_exception``), or ``timeout`` passes."""
-    left = [count - sum(1 for c in completions if c.done())]
-    if left[0] <= 0:
+    if sum(1 for c in completions if c.done()) >= count:
         return
+    left = [count]
     event = threading.Event()
     guard = threading.Lock()
 
@@ -102,7 +102,8 @@ def wait_for(completions: Sequence[Completion], count: int, timeout: float | Non
             if left[0] <= 0 or (stop_on_exception and c._exception is not None):
                 event.set()
 
+    # Every completion gets the callback, done or not (a done one calls it at once): counting the done
+    # ones first and then registering only the others would lose one that finished in between.
     for c in completions:
-        if not c.done():
-            c.add_done_callback(one)
+        c.add_done_callback(one)
     event.wait(timeout)

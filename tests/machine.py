@@ -78,6 +78,11 @@ class Machine:
             cwd=ROOT_DIR,
         )
 
+    def spawn_python_file(self, path: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, path, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR
+        )
+
     def processes(self) -> set[int]:
         return tagged_processes(self.tmp)
 
