@@ -35,3 +35,20 @@ def test_runner_prints_json_lines_for_every_workload(tmp_path):
         ("PG", "create_remove_per_s"),
     }
     assert all(r["value"] > 0 and r["system"] == "actorlib" for r in rows if "workload" in r)
+
+
+def test_soak_and_idle_runner_reports_cpu_and_memory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    idle = {r["metric"] for r in rows if r["workload"] == "IDLE"}
+    assert {"cpu_pct workers (4)", "cpu_pct node agent", "cpu_pct fork servers"} <= idle
+    soak = {r["metric"]: r["value"] for r in rows if r["workload"] == "SOAK"}
+    assert soak["calls_and_items"] > 0 and soak["rss_end head"] > 0 and soak["rss_start workers"] > 0
