@@ -27,6 +27,23 @@ def _interactive() -> bool:
         return False
 
 
+def _bar_class() -> Any:
+    """tqdm's notebook widget in Jupyter when ipywidgets is there, its terminal bar otherwise; None without tqdm."""
+    try:
+        if "ipykernel" in sys.modules:
+            import ipywidgets  # noqa: F401  (tqdm.notebook needs it; without it tqdm.auto only warns)
+            from tqdm.notebook import tqdm as notebook_bar
+
+            return notebook_bar
+    except ImportError:
+        pass
+    try:
+        from tqdm.std import tqdm as text_bar
+    except ImportError:
+        return None
+    return text_bar
+
+
 class Progress:
     """``with Progress(total, "starting workers") as p: ... p.update()``.
 
@@ -43,11 +60,10 @@ class Progress:
         self._text = False
         if total <= 0 or not _interactive():
             return
-        try:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, leave=False)
-        except ImportError:
+        bar = _bar_class()
+        if bar is not None:
+            self._bar = bar(total=total, desc=desc, leave=False)
+        else:
             self._text = True
             self._draw()
 
