@@ -25,6 +25,7 @@ import uvloop
 from scheduler import Head, NodeAgent, new_session_dir, remove_sockets, socket_dir
 from scheduler.resources import node_resources
 from transport import generate_key, set_cluster_key
+from transport.security import cluster_key
 
 from .exceptions import ActorLibError, HeadUnreachableError
 from .progress import gather_with_progress
@@ -69,12 +70,12 @@ class Driver:
         head_host: str | None = None,
         head_port: int = 0,
     ) -> None:
-        """Start the head and the local node in this process: over ``ipc://``, or TCP when ``head_host`` is given."""
-        if head_host is not None:  # reachable from other machines: a fresh cluster key guards it
-            set_cluster_key(generate_key())
-            address = f"tcp://{head_host}:{head_port}"
-        else:
-            address = None
+        """Start the head and the local node in this process: over ``ipc://``, or TCP when ``head_host`` is given.
+
+        Either way the cluster gets a fresh key: every socket of it admits only its own processes.
+        """
+        set_cluster_key(generate_key())
+        address = f"tcp://{head_host}:{head_port}" if head_host is not None else None
         try:
             self.rt.run(self._start_embedded(num_cpus, num_gpus, resources or {}, namespace, log_to_driver, address), _START_TIMEOUT)
         except BaseException:
@@ -152,12 +153,13 @@ class Driver:
         assert self.head is not None
         node_id = uuid.uuid4().hex
         cmd = [sys.executable, "-m", "scheduler", "node", "--head", self.head.address, "--session-dir", self.head.session_dir]
-        cmd += ["--node-id", node_id, "--resources", json.dumps(resources), "--die-with-parent"]
+        cmd += ["--node-id", node_id, "--resources", json.dumps(resources), "--die-with-parent", "--key-stdin"]
         if num_cpus is not None:
             cmd += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:
             cmd += ["--num-gpus", str(num_gpus)]
-        self.extra_nodes[node_id] = _spawn(cmd)
+        key = cluster_key()
+        self.extra_nodes[node_id] = _spawn(cmd, key.secret.decode() if key is not None else "")
         await asyncio.wait_for(self.head.wait_for_node(node_id), _START_TIMEOUT)
         return node_id
 
@@ -235,6 +237,10 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
-def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
-    """Start a node agent process (a fork+exec: quick enough to do on the loop)."""
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+def _spawn(cmd: list[str], secret: str) -> subprocess.Popen[bytes]:
+    """Start a node agent process (a fork+exec: quick enough to do on the loop); the secret goes on its stdin."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    assert proc.stdin is not None
+    with proc.stdin:  # one short line: the pipe buffer takes it without blocking
+        proc.stdin.write((secret + "\n").encode())
+    return proc

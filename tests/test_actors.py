@@ -17,6 +17,7 @@ from actorlib.exceptions import (
     SerializationError,
     TaskCancelledError,
 )
+from transport.security import cluster_key
 
 
 class Boom(Exception):
@@ -350,6 +351,7 @@ def test_garbage_on_a_worker_socket_leaves_it_serving(cluster, Counter):
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
+    cluster_key().apply(raw, server=False)  # a member of the cluster, sending garbage
     raw.connect(info["address"])
     try:
         for frames in ([b"\xff" * 64], [b""], [b"\x94\x01\x01\x05\xc4\x03abc"], [os.urandom(1000), os.urandom(10)]):

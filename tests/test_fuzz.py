@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from transport import DecodeError, Kind, ProtocolError, dumps, loads
 from transport.protocol import VERSION, decode, decode_batch, encode_header
+from transport.security import cluster_key
 
 from .conftest import ROOT_DIR
 
@@ -78,8 +79,10 @@ def live(cluster):
 
 
 def _sock(address):
+    """A raw socket that holds the cluster key: a member of the cluster sending garbage."""
     s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.LINGER, 2000)  # closing waits (bounded) until the frames are out: they must really arrive
+    cluster_key().apply(s, server=False)
     s.connect(address)
     return s
 

@@ -1,13 +1,14 @@
 """The cluster secret: who may speak to a cluster over TCP.
 
-A cluster has one secret, a CURVE secret key (40 characters of Z85). Every
-process of the cluster — head, node agents, workers, drivers, the command
-line — holds it. Over ``tcp://`` each bound socket is a CURVE server with that
-key, and each connecting socket a CURVE client presenting the same key pair,
-so traffic is encrypted and a bound socket admits only peers whose public key
-is the cluster's (checked by this process's ZAP handler). ``ipc://`` sockets
-are left alone: they live in a session directory of mode 0700, and the file
-system is their access control.
+A cluster has one secret, a CURVE secret key (40 characters of Z85), made
+when the cluster starts. Every process of the cluster — head, node agents,
+workers, drivers, the command line — holds it. Each bound socket is a CURVE
+server with that key, and each connecting socket a CURVE client presenting
+the same key pair, so traffic is encrypted and a bound socket admits only
+peers whose public key is the cluster's (checked by this process's ZAP
+handler); refused handshakes are logged. This holds for ``ipc://`` sockets
+too (they also live in a session directory of mode 0700), unless
+``ACTORLIB_IPC_CURVE=0`` trades that second lock for speed on one machine.
 
 The secret lives in a file of mode 0600 (``write_key_file``) and travels to
 other machines over SSH's standard input, never on a command line.
@@ -97,9 +98,12 @@ def cluster_key() -> ClusterKey | None:
     return _key
 
 
+_IPC_CURVE = os.environ.get("ACTORLIB_IPC_CURVE", "1") not in ("0", "off", "false")
+
+
 def secure(sock: zmq.Socket, address: str, *, server: bool) -> None:
-    """Make ``sock`` a CURVE server or client before it binds or connects to ``address`` over TCP."""
-    if _key is None or not address.startswith("tcp://"):
+    """Make ``sock`` a CURVE server or client (once a cluster key is set) before it binds or connects to ``address``."""
+    if _key is None or (address.startswith("ipc://") and not _IPC_CURVE) or address.startswith("inproc://"):
         return
     if server:
         _ensure_zap(sock.context)
@@ -152,7 +156,7 @@ _HANDSHAKE_FAILED = (
 _WHY: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "its handshake was not CURVE with this cluster's server key",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "its key is not the cluster's",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed: no CURVE, or it hung up",
 }
 
 
@@ -184,7 +188,7 @@ def watch_refusals(sock: zmq.Socket, loop: asyncio.AbstractEventLoop, name: str)
             if count <= 10 or count % 1000 == 0:
                 where = event.get("endpoint", b"?")
                 log.warning(
-                    "%s: refused a connection on %s (%d so far): the peer does not hold the cluster key (%s)",
+                    "%s: refused a connection on %s (%d so far): no proof it holds the cluster key (%s)",
                     name,
                     where.decode(errors="replace") if isinstance(where, bytes) else where,
                     count,
