@@ -86,6 +86,14 @@ except ValueError as exc:
     )
     lines = second.stdout.splitlines()
     assert lines[0] == "2" and "no actor named 'keeper' in namespace 'elsewhere'" in lines[1]
+    # Driver 3: address="auto" on a machine with no head of its own follows $ACTORLIB_ADDRESS.
+    third = machine.python(
+        'import actorlib\nactorlib.init(address="auto", namespace="team")\nprint(actorlib.get(actorlib.get_actor("keeper").incr.remote()))\n',
+        ACTORLIB_TMPDIR=os.path.join(machine.tmp, "nowhere"),
+        ACTORLIB_KEY_FILE=key_file,
+        ACTORLIB_ADDRESS=head["address"][len("tcp://") :],
+    )
+    assert third.stdout.strip() == "3"
 
     pids = {head["pid"]} | {a["pid"] for a in machine.status()["actors"] if a["state"] == "ALIVE"}
     out = machine.cli("stop").stdout
