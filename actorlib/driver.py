@@ -24,7 +24,7 @@ import uvloop
 
 from scheduler import Head, NodeAgent, new_session_dir, remove_sockets, socket_dir
 from scheduler.resources import node_resources
-from transport import generate_key, set_cluster_key
+from transport import generate_key, set_cluster_key, shm
 from transport.security import cluster_key
 
 from .exceptions import ActorLibError, HeadUnreachableError
@@ -220,6 +220,7 @@ class Driver:
         if self.head is not None:
             await self.head.stop()
             remove_sockets(self.head.session_dir)
+        shm.sweep(os.getpid())  # buffers this driver sent that no worker lived to claim
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:
             t.cancel()

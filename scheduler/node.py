@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport import ControlServer, Endpoint, control_call, send_event
+from transport import ControlServer, Endpoint, control_call, send_event, shm
 from transport.security import cluster_key
 
 from .forkserver import ForkServer
@@ -32,6 +32,7 @@ __all__ = ["NodeAgent"]
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 20
+SHM_GRACE = 30.0  # after a worker exits, how long its receivers have to claim its last shared-memory buffers
 # Silence after which the head declares a node (or driver) dead, and a node agent its head.
 NODE_TIMEOUT = float(os.environ.get("ACTORLIB_NODE_TIMEOUT_S", "6"))
 HEARTBEAT_EVERY = NODE_TIMEOUT / 5
@@ -76,6 +77,7 @@ class NodeAgent:
         self.host = host
         self.is_head_node = is_head_node
         self._workers: dict[int, _Worker] = {}
+        self._unswept: set[int] = set()  # exited workers whose unclaimed shared-memory files are not removed yet
         self._early_exits: dict[int, int] = {}  # exits read before their spawn answer was handled
         self._forkserver = ForkServer(preload=worker_preload, entry=worker_entry, on_exit=self._on_exit)
         self._control = ControlServer(self, on_event=self._on_event)
@@ -180,6 +182,8 @@ class NodeAgent:
         for pid in list(self._workers):
             self._finish(pid, -signal.SIGKILL, reason="its node was stopped")
         self._control.cancel_all()
+        for pid in list(self._unswept):  # the node is going: nobody is left to claim them
+            self._sweep(pid)
         if self._head is not None:
             self._head.close()
         self.finished.set()
@@ -216,6 +220,11 @@ class NodeAgent:
         except ProcessLookupError:
             return False
         return True
+
+    def _sweep(self, pid: int) -> None:
+        if pid in self._unswept:
+            self._unswept.discard(pid)
+            shm.sweep(pid)
 
     # -- worker output and exits ----------------------------------------
 
@@ -294,6 +303,8 @@ class NodeAgent:
         w = self._workers.pop(pid, None)
         if w is None:
             return
+        self._unswept.add(pid)
+        asyncio.get_running_loop().call_later(SHM_GRACE, self._sweep, pid)
         self._drain(w)
         w.out_file.close()
         w.err_file.close()

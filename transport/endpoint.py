@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from . import codec, security
+from . import codec, security, shm
 from .exceptions import ConnectionClosedError, ProtocolError, TransportError
 from .protocol import FINAL_KINDS, RESPONSE_KINDS, Kind, Message, decode, decode_batch, encode_batch, encode_header, peek_request
 
@@ -87,6 +87,7 @@ class Endpoint:
         self._flushing = False
         self._refused = 0
         self._unwatch: Callable[[], None] | None = None  # stops the log of refused (keyless) connections
+        self._shm = False  # large buffers through shared memory: every peer is on this machine
         self._fd = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._on_readable)
         # Edge-triggered FD: anything already queued must be read now.
@@ -120,6 +121,7 @@ class Endpoint:
             raise TransportError(f"cannot bind {address}: {exc}") from exc
         ep = cls(sock, routed=True, on_message=on_message, name=name)
         ep.address = bound
+        ep._shm = shm.ENABLED and shm.local_address(bound)
         if security.is_secured(sock):
             ep._unwatch = security.watch_refusals(sock, ep._loop, name)
         return ep
@@ -143,6 +145,7 @@ class Endpoint:
             raise TransportError(f"cannot connect to {address}: {exc}") from exc
         ep = cls(sock, routed=False, on_message=on_message, name=name)
         ep.address = address
+        ep._shm = shm.ENABLED and shm.local_address(address)
         return ep
 
     # -- sending --------------------------------------------------------
@@ -165,6 +168,10 @@ class Endpoint:
         track: bool = False,
         block: bool = True,
     ) -> zmq.MessageTracker | None:
+        if buffers and self._shm:
+            frames, moved = shm.export(buffers)
+            if moved:  # copied out already: the caller may change its arrays, nothing to track
+                return self.send_frames([encode_header(kind, req_id, body, moved), *frames], peer, block=block)
         return self.send_frames([encode_header(kind, req_id, body), *buffers], peer, track=track, block=block)
 
     def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None = None) -> None:
@@ -356,8 +363,13 @@ class Endpoint:
         try:
             msg = decode(frames, peer)
             batch = decode_batch(msg) if msg.kind == Kind.BATCH else None
+            if msg.shm:
+                shm.claim(msg.shm, msg.buffers)
         except ProtocolError as exc:
             self._refuse(frames, peer, exc)
+            return
+        except (OSError, ValueError) as exc:
+            self._refuse(frames, peer, ProtocolError(f"its shared-memory buffer is unusable: {exc}"))
             return
         for one in batch if batch is not None else (msg,):
             self._handle(one)

@@ -83,9 +83,13 @@ class Message(NamedTuple):
     body: bytes
     buffers: list[Any]
     peer: bytes | None  # the sender's routing id, on a ROUTER socket
+    shm: tuple[Any, ...] = ()  # buffers sent through shared memory: ((frame index, file name, size), ...)
 
 
-def encode_header(kind: Kind, req_id: int, body: bytes) -> bytes:
+def encode_header(kind: Kind, req_id: int, body: bytes, shm: list[tuple[int, str, int]] | None = None) -> bytes:
+    """The header frame; ``shm`` lists buffer frames whose bytes travel in shared memory (see ``transport.shm``)."""
+    if shm:
+        return msgpack.packb((VERSION, kind, req_id, body, shm), use_bin_type=True)
     return msgpack.packb((VERSION, kind, req_id, body), use_bin_type=True)
 
 
@@ -103,9 +107,12 @@ def decode(frames: list[Any], peer: bytes | None = None) -> Message:
         envelope = msgpack.unpackb(raw, raw=False, use_list=False)
     except Exception as exc:
         raise ProtocolError(f"header is not msgpack: {exc}") from exc
-    if type(envelope) is not tuple or len(envelope) != 4:
-        raise ProtocolError("header is not a 4-element array")
-    version, kind, req_id, body = envelope
+    if type(envelope) is not tuple or len(envelope) not in (4, 5):
+        raise ProtocolError("header is not a 4- or 5-element array")
+    version, kind, req_id, body = envelope[:4]
+    shm = envelope[4] if len(envelope) == 5 else ()
+    if type(shm) is not tuple:
+        raise ProtocolError("the shared-memory list is not an array")
     if version != VERSION:
         raise ProtocolError(f"protocol version {version!r} is not {VERSION}")
     k = _KINDS.get(kind) if type(kind) is int else None
@@ -114,7 +121,7 @@ def decode(frames: list[Any], peer: bytes | None = None) -> Message:
     if type(req_id) is not int or type(body) is not bytes:
         raise ProtocolError("request id must be an int and body bytes")
     buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames[1:]]
-    return Message(k, req_id, body, buffers, peer)
+    return Message(k, req_id, body, buffers, peer, shm)
 
 
 def encode_batch(items: list[tuple[Kind, int, bytes]]) -> bytes:

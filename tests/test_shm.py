@@ -1,0 +1,85 @@
+"""Large buffers between processes of one machine travel through /dev/shm: intact, writable, and nothing left behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from transport import shm
+from transport.protocol import VERSION, Kind, decode
+from transport.security import cluster_key
+
+pytestmark = pytest.mark.skipif(not shm.ENABLED, reason="no /dev/shm here (or ACTORLIB_SHM=0)")
+
+
+def ours() -> list[str]:
+    return glob.glob(f"/dev/shm/actorlib-{os.getpid()}-*")
+
+
+@pytest.fixture(scope="module")
+def big(cluster):
+    @cluster.remote
+    class Big:
+        def checksum(self, x):
+            return float(x.sum()), x.flags.writeable
+
+        def make(self, n):
+            import torch
+
+            return np.arange(n, dtype=np.float32), torch.arange(n, dtype=torch.bfloat16)
+
+        def pid(self):
+            return os.getpid()
+
+    return Big.remote()
+
+
+def test_large_arrays_go_through_shared_memory_both_ways(cluster, big, monkeypatch):
+    sent = []
+    real_export = shm.export
+    monkeypatch.setattr(shm, "export", lambda buffers: sent.append(1) or real_export(buffers))
+    x = np.ones(3 << 20, dtype=np.float32)  # 12 MiB
+    total, writable = cluster.get(big.checksum.remote(x), timeout=60)
+    assert total == float(3 << 20) and writable and sent  # the worker got a writable array, by shared memory
+    arr, tensor = cluster.get(big.make.remote(1 << 20), timeout=60)
+    assert arr[-1] == (1 << 20) - 1 and arr.flags.writeable
+    arr[0] = 42.0  # writable, and ours alone (a private mapping)
+    assert tensor.shape == (1 << 20,) and float(tensor[10]) == 10.0
+    worker = cluster.get(big.pid.remote())
+    assert not ours() and not glob.glob(f"/dev/shm/actorlib-{worker}-*")  # every file was claimed and unlinked
+
+
+def test_a_bad_shared_memory_reference_is_refused_and_the_worker_keeps_serving(cluster, big):
+    rt = cluster.api.runtime.current()
+    (info,) = [a for a in rt.run(rt.control("list_actors")) if a["actor_id"] == big._actor_id]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    cluster_key().apply(sock, server=False)
+    sock.connect(info["address"])
+    try:
+        for name in ("actorlib-1-0123456789abcdef", "../../etc/passwd"):
+            header = msgpack.packb((VERSION, int(Kind.CALL), 7, b"\x94\xa3pid\x90\x80\xc0", ((0, name, 10),)))
+            sock.send_multipart([header, b""])
+            assert sock.poll(10_000), "no answer to a call naming a missing file"
+            reply = decode(sock.recv_multipart())
+            assert reply.kind == Kind.ERROR
+            assert b"shared-memory" in reply.body
+    finally:
+        sock.close()
+    assert cluster.get(big.pid.remote(), timeout=30) > 0
+
+
+def test_files_of_a_sender_that_died_are_swept():
+    code = "from transport import shm; import numpy as np; print(shm.export([np.ones(1 << 20, dtype=np.uint8)])[1][0][1])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    name = out.stdout.strip()
+    pid = int(name.split("-")[1])
+    assert os.path.exists(f"/dev/shm/{name}")  # nobody claimed it
+    assert shm.sweep(pid) == 1 and not os.path.exists(f"/dev/shm/{name}")

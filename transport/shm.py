@@ -1,0 +1,117 @@
+"""Large buffers between processes of one machine go through shared memory, not the socket.
+
+A message's buffer frame of at least ``ACTORLIB_SHM_MIN_BYTES`` (1 MiB) sent
+on a same-machine endpoint (``ipc://``, or TCP on a loopback address) is
+written to a new file in ``/dev/shm`` (mode 0600, named
+``actorlib-<sender pid>-<random>``); the frame travels empty and the header
+lists ``(frame index, file name, size)``. The receiver maps the file
+copy-on-write (so the array it gets is writable and costs no copy) and
+unlinks it at once: the memory lives as long as the array does. One copy in
+all, instead of the socket's several, and no encryption of bulk bytes.
+
+A file never claimed (its receiver died first) is removed by :func:`sweep`
+once its sender has exited: the node agent sweeps its workers, a driver its
+own. Anything that fails on the way (no ``/dev/shm``, no space) falls back
+to the socket. ``ACTORLIB_SHM=0`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import re
+import secrets
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["ENABLED", "MIN_BYTES", "claim", "export", "local_address", "sweep"]
+
+SHM_DIR = "/dev/shm"
+ENABLED = os.environ.get("ACTORLIB_SHM", "1") not in ("0", "off", "false") and os.path.isdir(SHM_DIR)
+MIN_BYTES = int(os.environ.get("ACTORLIB_SHM_MIN_BYTES", str(1 << 20)))
+_NAME = re.compile(r"actorlib-[0-9]+-[0-9a-f]{16}")
+
+
+def local_address(address: str) -> bool:
+    """Whether every peer of an endpoint at ``address`` is on this machine."""
+    return address.startswith("ipc://") or address.startswith("tcp://127.") or address.startswith("tcp://localhost:")
+
+
+def export(buffers: Sequence[Any]) -> tuple[list[Any], list[tuple[int, str, int]]]:
+    """Move the large buffers into shared-memory files: ``(frames to send, [(index, name, size), ...])``."""
+    out = list(buffers)
+    moved: list[tuple[int, str, int]] = []
+    for i, buf in enumerate(buffers):
+        view = memoryview(buf)
+        if view.nbytes < MIN_BYTES:
+            continue
+        name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            continue
+        try:
+            _write_all(fd, view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+        except OSError:  # e.g. /dev/shm is full: this one goes over the socket
+            os.close(fd)
+            _unlink(path)
+            continue
+        os.close(fd)
+        out[i] = b""
+        moved.append((i, name, view.nbytes))
+    return out, moved
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    done = 0
+    while done < view.nbytes:
+        done += os.write(fd, view[done:])
+
+
+def claim(moved: Any, buffers: list[Any]) -> None:
+    """Map the shared-memory buffers a message names into ``buffers`` (in place), and unlink their files.
+
+    Raises ``ValueError`` for a malformed list and ``OSError`` for a file that is
+    missing, not a regular file of ours, or of another size than announced.
+    """
+    if not isinstance(moved, tuple):
+        raise ValueError("the shared-memory list is not an array")
+    for item in moved:
+        if not (isinstance(item, tuple) and len(item) == 3):
+            raise ValueError("a shared-memory entry is not [index, name, size]")
+        index, name, size = item
+        if type(index) is not int or not 0 <= index < len(buffers) or type(size) is not int or size < 0:
+            raise ValueError(f"bad shared-memory entry {item!r}")
+        if type(name) is not str or not _NAME.fullmatch(name):
+            raise ValueError(f"bad shared-memory file name {name!r}")
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size:
+                raise OSError(f"{path} is not the {size}-byte file of ours that was announced")
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
+        finally:
+            os.close(fd)
+            _unlink(path)
+        buffers[index] = memoryview(mapped)
+
+
+def sweep(pid: int) -> int:
+    """Remove the files process ``pid`` sent that nobody claimed (call once it has exited); returns how many."""
+    removed = 0
+    for path in glob.glob(os.path.join(SHM_DIR, f"actorlib-{int(pid)}-*")):
+        if _unlink(path):
+            removed += 1
+    return removed
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
