@@ -25,7 +25,7 @@ from .forkserver import set_parent_death_signal
 from .head import Head
 from .node import NodeAgent
 from .resources import node_resources
-from .session import forget_started, new_session_dir, process_start_time, record_started, remove_sockets
+from .session import forget_started, new_session_dir, process_start_time, record_started, remove_sockets, socket_dir
 
 _JOIN_TIMEOUT = 60.0
 
@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         **common,
     )
-    return uvloop.run(_run_node(agent, args.exit_with_stdin, args.ready_file))
+    try:
+        return uvloop.run(_run_node(agent, args.exit_with_stdin, args.ready_file))
+    finally:
+        try:  # its logs stay; its socket directory goes if nothing else (a head) still has a socket there
+            os.rmdir(socket_dir(agent.session_dir))
+        except OSError:
+            pass
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
