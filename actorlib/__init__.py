@@ -1,6 +1,6 @@
 """actorlib: actors for GPU workloads over ZeroMQ + msgpack, without a cluster daemon."""
 
-from . import exceptions as exceptions
+from . import dag as dag, exceptions as exceptions
 from .actor import ActorClass as ActorClass, ActorHandle as ActorHandle, ActorMethod as ActorMethod, remote as remote
 from .api import (
     available_resources as available_resources,
@@ -70,6 +70,7 @@ __all__ = [
     "available_resources",
     "cancel",
     "cluster_resources",
+    "dag",
     "exceptions",
     "get",
     "get_actor",

@@ -221,6 +221,12 @@ class ActorMethod:
         window = (self._window or runtime.DEFAULT_STREAM_WINDOW) if stream else None
         return runtime.current().submit(h._actor_id, h._class_name, self._name, args, kwargs, stream_window=window)
 
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        """A node of a compiled graph (:mod:`actorlib.dag`): this method, called with these arguments on each execution."""
+        from .dag import ClassMethodNode
+
+        return ClassMethodNode(self._handle, self._name, self._kind, args, kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor methods are called with .remote(): {self._handle._class_name}.{self._name}.remote(...)")
 

@@ -51,6 +51,7 @@ from .runtime import Runtime
 __all__ = ["main"]
 
 SYNC, ASYNC, GENERATOR, ASYNC_GENERATOR = 0, 1, 2, 3
+RESERVED_PREFIX = "__actorlib_"  # methods of the runtime itself (compiled graphs), not of the actor's class
 _FLUSH_AT = 256
 
 
@@ -215,6 +216,10 @@ class ActorHost:
         self._sync_jobs.put(job)
         self.instance = await fut
 
+    def post_sync(self, job: Callable[[], None]) -> None:
+        """Run ``job()`` on the sync-method thread, after the sync calls queued before it (compiled graphs)."""
+        self._sync_jobs.put(job)
+
     # -- sending ---------------------------------------------------------------
 
     def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
@@ -285,6 +290,10 @@ class ActorHost:
                 producer.on_close()
         elif msg.kind == Kind.CANCEL:
             self._on_cancel(key)
+        elif msg.kind == Kind.EVENT:  # one-way messages of compiled graphs: an execution's input, a stage's output
+            from . import dag_worker
+
+            dag_worker.on_event(self, msg)
         else:
             self._reply_error(msg, "ProtocolError", f"{msg.kind.name} is not accepted by an actor")
 
@@ -294,6 +303,13 @@ class ActorHost:
     def _lookup(self, name: str) -> tuple[Callable[..., Any], int] | None:
         found = self._methods.get(name)
         if found is None:
+            if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
+                from . import dag_worker  # compiled graphs: imported only by actors that take part in one
+
+                found = dag_worker.reserved_method(self, name)
+                if found is not None:
+                    self._methods[name] = found
+                return found
             if not isinstance(name, str) or name.startswith("__"):
                 return None
             fn = getattr(self.instance, name, None)
@@ -326,7 +342,10 @@ class ActorHost:
             self._queued.add(key)
             self._sync_jobs.put(lambda: self._run_sync(key, fn, args, kwargs))
         elif kind == ASYNC:
-            self._start_async(key, self._run_async(key, fn, args, kwargs))
+            if method.startswith(RESERVED_PREFIX):  # the runtime's own: told which call it is, never queued behind the user's
+                self._start_async(key, self._run_async(key, fn, (key, *args), kwargs), counted=False)
+            else:
+                self._start_async(key, self._run_async(key, fn, args, kwargs))
         else:
             producer = self._producers[key] = _Producer(self, msg.peer, msg.req_id, max(1, window))
             if kind == GENERATOR:
@@ -335,8 +354,14 @@ class ActorHost:
             else:
                 self._start_async(key, self._run_async_generator(key, producer, fn, args, kwargs))
 
-    def _start_async(self, key: tuple[bytes | None, int], coro: Any) -> None:
-        """Run an async call now, or queue it while ``max_concurrency`` calls are running."""
+    def _start_async(self, key: tuple[bytes | None, int], coro: Any, counted: bool = True) -> None:
+        """Run an async call now, or queue it while ``max_concurrency`` calls are running.
+
+        Reserved (runtime) methods are not ``counted``: they never wait behind the user's calls.
+        """
+        if not counted:
+            self._tasks[key] = self.loop.create_task(coro)
+            return
         if self._running >= self._max_concurrency:
             self._waiting.append((key, coro))
             return

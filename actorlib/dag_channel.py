@@ -1,0 +1,325 @@
+"""Tensor channels of compiled graphs: values split into tensors and the rest, moved by torch.distributed.
+
+A value leaving a stage is pickled with every ``torch.Tensor`` in it — bare,
+or anywhere inside lists, tuples, dicts, dataclasses or other objects —
+replaced by a persistent id (:func:`split`). The pickle and each tensor's
+shape, dtype and device travel over ZeroMQ; the tensors' bytes travel over a
+:class:`Channel`: a two-rank torch.distributed process group dedicated to one
+direction of one pair of actors, built from a ``PrefixStore`` over the
+graph's ``TCPStore`` (so no default group and no collective ``new_group``).
+
+Transfers are posted without blocking, in the same order at both ends (the
+sender posts them together with the message announcing them, the receiver
+when that message arrives), so sends and receives match by order alone; the
+thread that needs the data waits for it (an actor's sync-method thread, or a
+helper thread for async methods), never the event loop. Each tensor travels as its raw bytes (a ``uint8``
+view), so every dtype goes over gloo. Receive buffers of 1 MiB or more come
+from a :class:`BufferPool` that reuses a buffer once nothing references it
+any more (as CUDA's caching allocator does for GPU memory).
+
+torch is imported only when a graph is set up, never by ``import actorlib``.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import io
+import logging
+import pickle
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["BufferPool", "Channel", "TensorMeta", "choose_backend", "join", "make_group", "meta_of", "split", "wait_all"]
+
+log = logging.getLogger(__name__)
+
+TensorMeta = list  # [shape, dtype name, device type, backend, offset in a packed slot or -1]: plain data (ZeroMQ)
+POOL_MIN_BYTES = 1 << 20
+SLOT_BYTES = 64 << 10  # values whose tensors fit travel packed, into a receive posted ahead
+SLOT_TAG = 1 << 20  # packed transfers' tag; tensors sent one by one are tagged by their position
+_ALIGN = 64
+
+
+class _Splitter(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, tensors: list[Any], tensor_type: type) -> None:
+        super().__init__(file, protocol=5)
+        self.tensors = tensors
+        self.tensor_type = tensor_type
+
+    def persistent_id(self, obj: Any) -> int | None:  # noqa: D102 - pickle's hook
+        if isinstance(obj, self.tensor_type):
+            self.tensors.append(obj)
+            return len(self.tensors) - 1
+        return None
+
+
+class _Joiner(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: list[Any]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle's hook
+        if type(pid) is not int or not 0 <= pid < len(self.tensors):
+            raise pickle.UnpicklingError(f"unknown tensor id {pid!r}")
+        return self.tensors[pid]
+
+
+def split(value: Any) -> tuple[bytes, list[Any]]:
+    """``(pickle of value with tensors replaced by ids, the tensors in id order)``; one tensor seen twice is sent once.
+
+    A bare tensor (the common case) is ``(b"", [tensor])``: nothing to pickle.
+    """
+    import torch
+
+    if type(value) is torch.Tensor:
+        return b"", [value]
+    tensors: list[Any] = []
+    buf = io.BytesIO()
+    _Splitter(buf, tensors, torch.Tensor).dump(value)
+    return buf.getvalue(), tensors
+
+
+def join(skeleton: bytes, tensors: list[Any]) -> Any:
+    """The inverse of :func:`split`."""
+    if not skeleton:
+        return tensors[0]
+    return _Joiner(io.BytesIO(skeleton), tensors).load()
+
+
+def choose_backend(tensor: Any, transport: str, has_nccl: bool) -> str:
+    """Which channel carries ``tensor``: NCCL for CUDA tensors, gloo for CPU ones (``auto``), or as forced."""
+    cuda = tensor.device.type == "cuda"
+    if transport == "nccl":
+        if not cuda:
+            raise TypeError(
+                f"with_tensor_transport('nccl') needs CUDA tensors, got a {tensor.device.type} tensor; "
+                "use 'gloo' or 'auto' for CPU tensors"
+            )
+        return "nccl"
+    if transport == "auto" and cuda and has_nccl:
+        return "nccl"
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"cannot send a tensor on device {tensor.device} between actors")
+    return "gloo"  # CUDA tensors over gloo go through host memory
+
+
+def meta_of(tensor: Any, backend: str, offset: int = -1) -> TensorMeta:
+    return [list(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.device.type, backend, offset]
+
+
+class BufferPool:
+    """Receive buffers for CPU tensors, reused once no tensor refers to them (1 MiB and up)."""
+
+    def __init__(self, per_size: int) -> None:
+        import torch
+
+        self._torch = torch
+        self._per_size = per_size
+        self._free: dict[int, list[Any]] = {}
+        self._lock = threading.Lock()
+        self._use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+    def empty(self, shape: list[int], dtype: Any) -> Any:
+        torch = self._torch
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        if nbytes < POOL_MIN_BYTES or self._use_count is None:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            storages = self._free.setdefault(nbytes, [])
+            storage = next((s for s in storages if self._use_count(s._cdata) == 1), None)
+            if storage is None:
+                storage = torch.UntypedStorage(nbytes)
+                if len(storages) < self._per_size:
+                    storages.append(storage)
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+def make_group(backend: str, store: Any, rank: int, address: str, timeout_s: float) -> Any:
+    """A two-rank process group on ``store`` (a PrefixStore of its own); blocks until the peer joins."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+        opts._timeout = timeout
+        return dist.ProcessGroupGloo(store, rank, 2, opts)
+    if backend == "nccl":
+        nccl_cls = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl_cls is None:
+            raise RuntimeError("this torch has no NCCL support")
+        opts = nccl_cls.Options()
+        opts._timeout = timeout
+        return nccl_cls(store, rank, 2, opts)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+class Channel:
+    """One direction between two actors on one backend.
+
+    Transfers are posted without blocking, by whichever thread has the data
+    (torch's send/recv return at once); the sender posts them together with
+    the message that announces them (under its lock for that peer), so both
+    ends post in the same order. Whoever needs the data waits with
+    :func:`wait_all`.
+
+    Small transfers skip gloo's rendezvous: the receiving end of a gloo
+    channel keeps ``slots`` receives of ``SLOT_BYTES`` posted ahead, and a
+    value whose tensors fit in one slot travels packed in one send that meets
+    a receive already waiting for it (so the bytes are there before the
+    message announcing them is read). Bigger ones are sent tensor by tensor,
+    into buffers the receiver posts when the message arrives.
+    """
+
+    def __init__(self, group: Any, backend: str, peer_rank: int, name: str, pool: BufferPool, *, role: str, slots: int) -> None:
+        import torch
+
+        self._torch = torch
+        self.group = group
+        self.backend = backend
+        self.peer = peer_rank
+        self.name = name
+        self._pool = pool
+        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        self._slots: collections.deque[tuple[Any, Any]] = collections.deque()  # posted ahead, in order
+        self._packs = backend == "gloo" and slots > 0
+        self._outgoing: collections.deque[Any] = collections.deque()  # packed sends not yet known to be done
+        self._slot_lock = threading.Lock()
+        self._ahead = slots if role == "recv" and self._packs else 0
+        for _ in range(self._ahead):
+            self._post_slot()
+
+    # -- sending ------------------------------------------------------------------
+
+    def offsets(self, tensors: list[Any]) -> list[int] | None:
+        """Where each tensor goes in one packed slot, or None if they are sent one by one."""
+        if not self._packs:
+            return None
+        offsets, end = [], 0
+        for t in tensors:
+            offsets.append(end)
+            end += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        return offsets if end <= SLOT_BYTES else None
+
+    def post_send(self, tensors: list[Any], offsets: list[int] | None) -> list[Any]:
+        """Start sending ``tensors`` (in order); returns the transfers to wait for before reusing their memory.
+
+        Packed (``offsets``): the tensors are copied into one buffer, so nothing of the caller's needs waiting for.
+        """
+        torch = self._torch
+        if offsets is not None:
+            size = max((o + t.numel() * t.element_size() for o, t in zip(offsets, tensors, strict=True)), default=0)
+            packed = torch.empty(max(size, 1), dtype=torch.uint8)
+            for o, t in zip(offsets, tensors, strict=True):
+                n = t.numel() * t.element_size()
+                if n:
+                    packed[o : o + n].copy_(self._bytes(t))
+            while self._outgoing and self._outgoing[0].is_completed():
+                self._outgoing.popleft()
+            self._outgoing.append(self._start(self.group.send, packed, SLOT_TAG))  # kept: a dropped send is never made
+            return []
+        works = []
+        for i, t in enumerate(tensors):
+            if t.numel():
+                works.append(self._start(self.group.send, self._bytes(t), i))
+        return works
+
+    def _bytes(self, t: Any) -> Any:
+        if self.backend == "gloo" and t.device.type != "cpu":
+            t = t.cpu()  # CUDA tensors over gloo go through host memory
+        return t.detach().contiguous().reshape(-1).view(self._torch.uint8)
+
+    # -- receiving ------------------------------------------------------------------
+
+    def repost(self) -> None:
+        """Post receives in place of the slots packed transfers took (any thread; after the latency-critical work)."""
+        with self._slot_lock:
+            while len(self._slots) < self._ahead:
+                self._post_slot()
+
+    def _post_slot(self) -> None:
+        buf = self._torch.empty(SLOT_BYTES, dtype=self._torch.uint8)
+        self._slots.append((buf, self._start(self.group.recv, buf, SLOT_TAG)))
+
+    def post_recv(self, metas: list[TensorMeta]) -> tuple[Any, list[Any]]:
+        """Start receiving one tensor per ``[shape, dtype, device, backend, offset]``: ``(received, transfers)``.
+
+        Once :func:`wait_all` has returned for the transfers, :meth:`finish_recv`
+        makes the tensors. A packed transfer (offset >= 0) takes the next slot,
+        whose receive was posted long before; :meth:`repost` replaces it. Only
+        what must happen now happens here (on the loop): the rest is done by
+        whoever waits for the data.
+        """
+        if metas and metas[0][4] >= 0:
+            with self._slot_lock:
+                if not self._slots:  # all taken (many executions in flight): the next in order, posted now
+                    self._post_slot()
+                buf, work = self._slots.popleft()
+            return _Packed(buf), [work]
+        torch = self._torch
+        tensors, works = [], []
+        for i, meta in enumerate(metas):
+            shape, dtype = meta[0], _dtype(torch, meta[1])
+            t = torch.empty(shape, dtype=dtype, device=self._device) if self._device is not None else self._pool.empty(shape, dtype)
+            if t.numel():
+                works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
+            tensors.append(t)
+        return tensors, works
+
+    def finish_recv(self, metas: list[TensorMeta], received: Any) -> list[Any]:
+        """The tensors, once their transfers are done (CUDA ones that came through host memory back on this GPU)."""
+        torch = self._torch
+        if isinstance(received, _Packed):
+            tensors = []
+            for shape, dtype_name, _, _, offset in metas:
+                dtype = _dtype(torch, dtype_name)
+                n = dtype.itemsize
+                for d in shape:
+                    n *= d
+                tensors.append(received.buf[offset : offset + n].view(dtype).reshape(shape))
+        else:
+            tensors = received
+        if self.backend != "gloo":
+            return tensors
+        return [t.to("cuda") if meta[2] == "cuda" else t for meta, t in zip(metas, tensors, strict=True)]
+
+    def _start(self, op: Callable[..., Any], flat: Any, tag: int) -> Any:
+        try:
+            return op([flat], self.peer, tag)
+        except Exception as exc:
+            raise ConnectionError(f"tensor channel {self.name} ({self.backend}) failed: {exc}") from exc
+
+
+class _Packed:
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+
+
+def _dtype(torch: Any, name: Any) -> Any:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"not a dtype: {name!r}")
+    return dtype
+
+
+def wait_all(works: list[Any], name: str = "") -> None:
+    """Block until every transfer is done; a failed one (its peer died ...) raises ``ConnectionError``."""
+    for w in works:
+        try:
+            w.wait()
+        except Exception as exc:
+            raise ConnectionError(f"tensor transfer {name} failed: {exc}") from exc
+
+

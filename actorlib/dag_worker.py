@@ -1,0 +1,548 @@
+"""The actor's side of a compiled graph: the nodes it hosts, run as their inputs arrive.
+
+The worker routes the reserved method ``__actorlib_dag__(op, ...)`` here
+(see ``ActorHost._lookup``); it runs on the loop and never waits behind the
+actor's own calls:
+
+- at compile time: ``probe`` (has this actor a GPU?), ``store`` (host the
+  rendezvous ``TCPStore``), ``setup`` (this actor's plan: build its channels'
+  process groups, resolve its peers), ``results`` (the driver's call that
+  stays open for the graph's lifetime; each output comes back on it as a
+  stream item, and if the actor dies the call fails with ``ActorDiedError``
+  and so does the graph);
+- ``teardown`` at the end.
+
+Per execution, one-way EVENT messages (no reply, no task; see
+:func:`on_event`): ``exec`` from the driver (the execution's arguments) and
+``deliver`` from another actor (one node's output, whose tensors follow on a
+channel), each on a socket of the graph's own to that actor.
+
+Values are keyed by ``(source node, seq)``. When every input of a node for
+the next ``seq`` it has to run has arrived, the node runs: a sync method as a
+job on the actor's sync-method thread (in order with the actor's other sync
+calls), which waits there for the tensors still on their way, calls the
+method and hands the output on from that thread; an async method in the
+node's task on the loop (tensor waits on a helper thread). Handing on means:
+to this actor's nodes directly; to another actor a ``deliver`` message over
+ZeroMQ and the tensors on the channel to it, posted together under one lock
+per peer (so both ends post transfers in the same order); to the driver a
+stream item on the ``results`` call. A stage that raised hands on its error
+record instead; the nodes after it skip their call and pass it on, so that
+execution fails at the driver and the next one runs normally. Nothing polls:
+every wait is on a future, a queue, a socket or a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import functools
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from transport import DecodeError, EncodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
+
+from .dag_channel import BufferPool, Channel, choose_backend, join, make_group, meta_of, split, wait_all
+from .exceptions import ActorLibError
+from .worker import ASYNC, error_record, method_kind
+
+if TYPE_CHECKING:
+    from .worker import ActorHost
+
+__all__ = ["CONTROL", "INPUT", "event", "on_event", "reserved_method"]
+
+log = logging.getLogger(__name__)
+
+CONTROL = "__actorlib_dag__"
+INPUT = -1  # the source id of the execution's arguments
+COPY_BELOW = 64 << 10  # buffers this small are copied rather than waited for until ZeroMQ has sent them
+MAX_SLOTS = 4  # small transfers' receives posted ahead, per channel
+OP_TIMEOUT_S = 300.0  # a transfer is posted at both ends only once its sender is ready: this bounds a dead link
+
+_graphs: dict[str, GraphRuntime] = {}  # this worker's graphs, by id
+_stores: dict[str, Any] = {}  # rendezvous stores this worker hosts, by graph id
+
+
+def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
+    """``(function, kind)`` for a reserved method name, or None. The function takes the call's key first."""
+    if name == CONTROL:
+        return functools.partial(_control, host), ASYNC
+    return None
+
+
+class _Failed:
+    """An execution's error travelling through the graph in place of a value."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+
+class _Incoming:
+    """A value from another actor whose tensors are on their way; :meth:`resolve` waits for them (any thread, once)."""
+
+    def __init__(self, skeleton: bytes, parts: list[tuple[Channel, list[int], list[Any], list[Any], list[Any]]], count: int, sender: str) -> None:
+        self._skeleton = skeleton
+        self._parts = parts  # (channel, indices, metas, tensors, transfers)
+        self._count = count
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._done = False
+
+    def resolve(self) -> Any:
+        with self._lock:
+            if not self._done:
+                self._value = self._finish()
+                self._done = True
+                self._parts = []
+            return self._value
+
+    def _finish(self) -> Any:
+        tensors: list[Any] = [None] * self._count
+        try:
+            for channel, indices, metas, received, works in self._parts:
+                wait_all(works, channel.name)
+                for i, t in zip(indices, channel.finish_recv(metas, received), strict=True):
+                    tensors[i] = t
+        except ConnectionError as exc:
+            return _Failed({"type": "dag_channel", "message": str(exc), "peer": self._sender})
+        except Exception as exc:
+            return _Failed({"type": "serialization", "message": f"could not rebuild the tensors from the previous stage: {exc}"})
+        return _join(self._skeleton, tensors)
+
+
+class _Node:
+    def __init__(self, spec: dict[str, Any], host: ActorHost) -> None:
+        self.id: int = spec["id"]
+        self.method: str = spec["method"]
+        self.args: list[Any] = spec["args"]
+        self.kwargs: dict[str, Any] = spec["kwargs"]
+        self.srcs: list[int] = spec["srcs"]
+        self.outputs: list[int] = spec["outputs"]
+        self.remote: list[str] = spec["remote"]
+        self.transport: str = spec["transport"]
+        fn = getattr(host.instance, self.method, None)
+        if fn is None or not callable(fn):
+            raise AttributeError(f"actor {type(host.instance).__name__} has no method {self.method!r}")
+        self.fn = fn
+        self.is_async = method_kind(fn) == ASYNC
+        self.what = f"{type(host.instance).__name__}.{self.method}"
+        self.waiting: dict[int, dict[int, Any]] = {}  # seq -> the inputs arrived so far
+        self.next_seq = 0  # the next execution this node runs: they run in order
+        self.queue: asyncio.Queue[tuple[int, dict[int, Any]]] = asyncio.Queue()  # async nodes only
+        self.sending: list[Any] = []  # transfers of the last output: done before the method runs again
+
+
+def event(topic: str, gid: str, seq: int, payload: Any) -> bytes:
+    """The body of a one-way message of a graph: plain data only, so it can always be read."""
+    return dumps([topic, gid, seq, payload], allow_pickle=False)[0]
+
+
+def on_event(host: ActorHost, msg: Message) -> None:
+    """An ``exec`` or ``deliver`` message (loop thread). The envelope is plain data; an execution's
+    arguments are decoded apart, so arguments that cannot be decoded fail that execution, not the graph."""
+    try:
+        topic, gid, seq, payload = loads(msg.body, allow_pickle=False)
+    except (DecodeError, TypeError, ValueError) as exc:
+        log.warning("%s: dropped a malformed message: %s", host.label, exc)
+        return
+    graph = _graphs.get(gid)
+    if graph is None:
+        return  # torn down: what was still on its way is dropped
+    if topic == "exec":
+        try:
+            value = tuple(loads(payload, msg.buffers))
+        except DecodeError as exc:
+            value = _Failed({"type": "serialization", "message": f"could not deserialize the execution's arguments: {exc}"})
+        graph.arrive(INPUT, seq, value)
+    elif topic == "deliver":
+        src, metas, skeleton, record, sender = payload
+        graph.on_deliver(seq, src, metas, skeleton, record, sender)
+
+
+async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *args: Any) -> Any:
+    if op == "results":
+        (gid,) = args
+        graph = _graph(gid)
+        graph.attach_results(key)
+        await graph.done.wait()
+        return None
+    if op == "probe":
+        import torch
+
+        return {"cuda": bool(torch.cuda.is_available() and torch.cuda.device_count() > 0), "pid": os.getpid()}
+    if op == "store":
+        gid, address, timeout = args
+        return await host.loop.run_in_executor(None, _host_store, gid, address, timeout)
+    if op == "setup":
+        (plan,) = args
+        graph = GraphRuntime(host, plan)
+        _graphs[graph.gid] = graph
+        try:
+            await graph.start()
+        except BaseException:
+            _graphs.pop(graph.gid, None)
+            graph.close()
+            raise
+        return True
+    if op == "teardown":
+        (gid,) = args
+        graph = _graphs.pop(gid, None)
+        if graph is not None:
+            graph.close()
+        _stores.pop(gid, None)
+        return True
+    raise ValueError(f"unknown compiled-graph operation {op!r}")
+
+
+def _graph(gid: str) -> GraphRuntime:
+    graph = _graphs.get(gid)
+    if graph is None:
+        raise ActorLibError(f"compiled graph {gid[:8]} is not set up on this actor (torn down?)")
+    return graph
+
+
+def _host_store(gid: str, address: str, timeout: float) -> int:
+    import torch.distributed as dist
+
+    store = dist.TCPStore(address, 0, None, True, timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    _stores[gid] = store
+    return int(store.port)
+
+
+class GraphRuntime:
+    """One compiled graph on this actor: its nodes, its channels, the inputs that have arrived."""
+
+    def __init__(self, host: ActorHost, plan: dict[str, Any]) -> None:
+        self.host = host
+        self.loop = host.loop
+        self.gid: str = plan["graph"]
+        self.plan = plan
+        self.me: str = host.actor_id
+        self.label = host.label
+        self.nodes = [_Node(spec, host) for spec in plan["nodes"]]
+        self.readers: dict[int, list[_Node]] = {}
+        for node in self.nodes:
+            for src in node.srcs:
+                self.readers.setdefault(src, []).append(node)
+        self.peers: dict[str, str] = plan["peers"]  # the actors this one sends to: their addresses
+        self.send_locks = {peer: threading.Lock() for peer in self.peers}
+        self.links: dict[str, Endpoint] = {}  # this graph's own sockets to them
+        self.channels: dict[tuple[str, str, str], Channel] = {}
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.pool = BufferPool(per_size=int(plan["max_inflight"]) + 2)
+        self.closed = False
+        self.done = asyncio.Event()
+        self._results: tuple[bytes | None, int] | None = None  # (driver, request id) of the results call
+        self._unsent: list[tuple[bytes, list[Any]]] = []  # outputs made before the results call arrived
+        self._results_lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- set up and torn down ---------------------------------------------------
+
+    async def start(self) -> None:
+        groups = await self.loop.run_in_executor(None, self._build_groups)
+        for (peer, role, backend), group in groups.items():
+            name = f"{role}-{peer[:8]}-{backend}"
+            slots = min(int(self.plan["max_inflight"]), MAX_SLOTS)
+            self.channels[(peer, role, backend)] = Channel(
+                group, backend, 1 if role == "send" else 0, name, self.pool, role=role, slots=slots
+            )
+        for peer, address in self.peers.items():
+            self.links[peer] = Endpoint.connect(address, on_message=None, name=f"graph {self.gid[:8]} to {peer[:8]}")
+        timeout = float(self.plan["timeout"])  # a round trip on each now, so the first execution's messages leave at once
+        await asyncio.gather(*(link.call(Kind.PING, None, timeout=timeout) for link in self.links.values()))
+        self.tasks = [self.loop.create_task(self._async_node(node)) for node in self.nodes if node.is_async]
+
+    def _build_groups(self) -> dict[tuple[str, str, str], Any]:
+        """Every channel's process group, in the graph's channel order (so no two actors wait on each other)."""
+        channels = sorted(self.plan["channels"])
+        if not channels:
+            return {}
+        import torch
+        import torch.distributed as dist
+
+        timeout = float(self.plan["timeout"])
+        store = _stores.get(self.gid)
+        if store is None:
+            host, port = self.plan["store"]
+            store = dist.TCPStore(host, int(port), None, False, timeout=datetime.timedelta(seconds=timeout))
+        groups = {}
+        for channel_id, peer, role, backend in channels:
+            prefix = dist.PrefixStore(f"actorlib-dag/{self.gid}/{channel_id}/", store)
+            rank = 0 if role == "send" else 1
+            if backend == "nccl":
+                torch.cuda.set_device(0)  # this actor's first (usually only) visible GPU
+            group = make_group(backend, prefix, rank, self.plan["address"], max(timeout, OP_TIMEOUT_S))
+            if backend == "nccl":  # NCCL makes its communicator on the first operation: do it now, at both ends
+                t = torch.zeros(1, device="cuda")
+                (group.send([t], 1, 0) if rank == 0 else group.recv([t], 0, 0)).wait()
+            groups[(peer, role, backend)] = group
+        return groups
+
+    def close(self) -> None:
+        self.closed = True
+        self.done.set()
+        for task in self.tasks:
+            task.cancel()
+        self.channels.clear()  # a transfer still being waited for keeps its own channel alive
+        for link in self.links.values():
+            link.close()
+        self.pool.clear()
+        for node in self.nodes:
+            node.waiting.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def attach_results(self, key: tuple[bytes | None, int]) -> None:
+        with self._results_lock:
+            self._results = key
+            unsent, self._unsent = self._unsent, []
+            for body, buffers in unsent:
+                self._send_result(body, buffers, track=False)
+
+    # -- inputs ------------------------------------------------------------------
+
+    def arrive(self, src: int, seq: int, value: Any) -> None:
+        """``src``'s output (or the input) for execution ``seq`` is here, or on its way (loop thread)."""
+        if self.closed:
+            return
+        for node in self.readers.get(src, ()):
+            inputs = node.waiting.get(seq)
+            if inputs is None:
+                inputs = node.waiting[seq] = {}
+            inputs[src] = value
+            if seq == node.next_seq:
+                self._dispatch(node)
+
+    def _dispatch(self, node: _Node) -> None:
+        while True:
+            seq = node.next_seq
+            inputs = node.waiting.get(seq)
+            if inputs is None or len(inputs) < len(node.srcs):
+                return
+            del node.waiting[seq]
+            node.next_seq = seq + 1
+            if node.is_async:
+                node.queue.put_nowait((seq, inputs))
+            else:
+                self.host.post_sync(functools.partial(self._run_sync, node, seq, inputs))
+
+    def on_deliver(self, seq: int, src: int, metas: list[Any] | None, skeleton: bytes | None, record: Any, sender: str) -> None:
+        """Another actor's output: post the receives for its tensors now, in arrival order (loop thread)."""
+        if record is not None or metas is None or skeleton is None:
+            self.arrive(src, seq, _Failed(record or {"type": "dag_channel", "message": "malformed delivery", "peer": sender}))
+            return
+        if not metas:
+            self.arrive(src, seq, _join(skeleton, []))
+            return
+        by_backend: dict[str, list[int]] = {}
+        for i, meta in enumerate(metas):
+            by_backend.setdefault(str(meta[3]), []).append(i)
+        parts = []
+        try:
+            for backend, indices in by_backend.items():
+                channel = self.channels.get((sender, "recv", backend))
+                if channel is None:
+                    raise ConnectionError(f"no {backend} channel from {sender[:8]}")
+                chosen = [metas[i] for i in indices]
+                tensors, works = channel.post_recv(chosen)
+                parts.append((channel, indices, chosen, tensors, works))
+        except (ConnectionError, TypeError) as exc:
+            self.arrive(src, seq, _Failed({"type": "dag_channel", "message": str(exc), "peer": sender}))
+            self._repost()
+            return
+        self.arrive(src, seq, _Incoming(skeleton, parts, len(metas), sender))
+
+    # -- running a node -------------------------------------------------------------
+
+    def _run_sync(self, node: _Node, seq: int, inputs: dict[int, Any]) -> None:
+        """One execution of a sync node, on the actor's sync-method thread."""
+        if self.closed:
+            return
+        try:
+            values = {src: (v.resolve() if isinstance(v, _Incoming) else v) for src, v in inputs.items()}
+            inputs.clear()  # nothing of ours keeps the inputs alive after the call (their buffers are reused)
+            self._sent(node)
+            out = _first_failure(values) or self._invoke(node, values)
+            del values
+            node.sending = self._emit(node, seq, out, on_loop=False)
+        except BaseException as exc:  # a bug of ours must fail the execution, not leave it hanging
+            log.exception("%s: compiled graph node %s failed", self.label, node.what)
+            self._emit(node, seq, _Failed(error_record(exc, self.label)), on_loop=False)
+        self._repost()
+
+    def _repost(self) -> None:
+        """Replace the receive slots that packed transfers took, once their values have been handed on."""
+        for (_, role, _), channel in list(self.channels.items()):
+            if role == "recv":
+                try:
+                    channel.repost()
+                except ConnectionError as exc:
+                    log.warning("%s: %s", self.label, exc)
+
+    def _sent(self, node: _Node) -> None:
+        """Wait until the last output's tensors have left: the method may change that memory once it runs again."""
+        works, node.sending = node.sending, []
+        try:
+            wait_all(works)
+        except ConnectionError as exc:
+            log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
+
+    def _invoke(self, node: _Node, values: dict[int, Any]) -> Any:
+        try:
+            args, kwargs = _arguments(node, values)
+        except Exception as exc:
+            return _Failed(error_record(exc, self.label))
+        try:
+            return node.fn(*args, **kwargs)
+        except BaseException as exc:
+            return _Failed(error_record(exc, self.label, skip_frames=1))
+
+    async def _async_node(self, node: _Node) -> None:
+        """An async node's executions, one at a time, in order."""
+        while True:
+            seq, inputs = await node.queue.get()
+            values = {}
+            for src, v in inputs.items():
+                values[src] = await self.loop.run_in_executor(self._helpers(), v.resolve) if isinstance(v, _Incoming) else v
+            del inputs
+            if node.sending and not all(w.is_completed() for w in node.sending):
+                await self.loop.run_in_executor(self._helpers(), self._sent, node)
+            node.sending = []
+            out = _first_failure(values)
+            if out is None:
+                try:
+                    args, kwargs = _arguments(node, values)
+                except Exception as exc:
+                    out = _Failed(error_record(exc, self.label))
+                else:
+                    try:
+                        out = await node.fn(*args, **kwargs)
+                    except asyncio.CancelledError:
+                        raise
+                    except BaseException as exc:
+                        out = _Failed(error_record(exc, self.label, skip_frames=1))
+            node.sending = self._emit(node, seq, out, on_loop=True)
+            del values, out
+            self._repost()
+
+    def _helpers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="actorlib-dag")
+        return self._executor
+
+    # -- handing an output on -----------------------------------------------------------
+
+    def _emit(self, node: _Node, seq: int, out: Any, *, on_loop: bool) -> list[Any]:
+        """Hand ``out`` to its readers here, on other actors and at the driver; returns the transfers started."""
+        plans: list[tuple[str, list[Any], dict[str, tuple[Channel, list[Any], list[int] | None]]]] = []
+        skeleton = b""
+        if node.remote and not isinstance(out, _Failed):
+            try:
+                skeleton, tensors = split(out)
+                for peer in node.remote:
+                    backends = [choose_backend(t, node.transport, (peer, "send", "nccl") in self.channels) for t in tensors]
+                    metas: list[Any] = [None] * len(tensors)
+                    by_backend = {}
+                    for backend in dict.fromkeys(backends):
+                        channel = self.channels.get((peer, "send", backend))
+                        if channel is None:
+                            raise RuntimeError(f"no {backend} channel to the next stage (transport {node.transport!r})")
+                        indices = [i for i, b in enumerate(backends) if b == backend]
+                        ts = [tensors[i] for i in indices]
+                        offsets = channel.offsets(ts)
+                        for n, i in enumerate(indices):
+                            metas[i] = meta_of(tensors[i], backend, -1 if offsets is None else offsets[n])
+                        by_backend[backend] = (channel, ts, offsets)
+                    plans.append((peer, metas, by_backend))
+            except Exception as exc:
+                record = error_record(exc, self.label)
+                record["message"] = f"could not send the output of {node.what} to the next stage: {record['message']}"
+                out = _Failed(record)
+        works: list[Any] = []
+        if isinstance(out, _Failed):
+            for peer in node.remote:
+                self._deliver(peer, seq, node.id, None, None, out.record)
+        else:
+            for peer, metas, by_backend in plans:
+                with self.send_locks[peer]:  # the message and its transfers, in one order at both ends
+                    self._deliver(peer, seq, node.id, metas, skeleton, None)
+                    try:
+                        for channel, ts, offsets in by_backend.values():
+                            works.extend(channel.post_send(ts, offsets))
+                    except ConnectionError as exc:
+                        log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
+        if node.id in self.readers:
+            if on_loop:
+                self.arrive(node.id, seq, out)
+            else:
+                self.loop.call_soon_threadsafe(self.arrive, node.id, seq, out)
+        for index in node.outputs:
+            self._result(seq, index, out, on_loop=on_loop)
+        return works
+
+    def _deliver(self, peer: str, seq: int, src: int, metas: Any, skeleton: Any, record: Any) -> None:
+        try:
+            self.links[peer].send(Kind.EVENT, 0, event("deliver", self.gid, seq, [src, metas, skeleton, record, self.me]))
+        except TransportError as exc:
+            log.warning("%s: could not hand an output on: %s", self.label, exc)  # torn down, or the peer is gone
+
+    def _result(self, seq: int, index: int, out: Any, *, on_loop: bool) -> None:
+        """One output for the driver, as a stream item of the results call (any thread)."""
+        item = (seq, index, False, out.record) if isinstance(out, _Failed) else (seq, index, True, out)
+        try:
+            body, buffers = dumps([item])
+        except EncodeError as exc:
+            record = {"type": "serialization", "message": f"could not serialize the graph's output {index}: {exc}"}
+            body, buffers = dumps([(seq, index, False, record)])
+        with self._results_lock:
+            if self._results is None:
+                self._unsent.append((body, [bytes(b) for b in buffers]))
+                return
+        # small buffers are copied; big ones are waited for until sent (off the loop), or copied (on it)
+        buffers = [bytes(b) if on_loop or memoryview(b).nbytes < COPY_BELOW else b for b in buffers]
+        self._send_result(body, buffers, track=any(type(b) is not bytes for b in buffers))
+
+    def _send_result(self, body: bytes, buffers: list[Any], *, track: bool) -> None:
+        ep, target = self.host.endpoint, self._results
+        if ep is None or target is None:
+            return
+        try:
+            tracker = ep.send(Kind.STREAM_ITEM, target[1], body, buffers, target[0], track=track)
+        except TransportError:
+            return  # the driver is gone
+        if track:
+            wait_sent(tracker, lambda: not ep.closed)
+
+
+def _first_failure(values: dict[int, Any]) -> _Failed | None:
+    return next((v for v in values.values() if isinstance(v, _Failed)), None)
+
+
+def _arguments(node: _Node, values: dict[int, Any]) -> tuple[list[Any], dict[str, Any]]:
+    return [_arg(spec, values) for spec in node.args], {k: _arg(spec, values) for k, spec in node.kwargs.items()}
+
+
+def _arg(spec: list[Any], values: dict[int, Any]) -> Any:
+    kind, value = spec
+    if kind == "c":
+        return value
+    if kind == "n":
+        return values[value]
+    args, kwargs = values[INPUT]
+    if value is None:
+        return args[0]
+    return args[value] if isinstance(value, int) else kwargs[value]
+
+
+def _join(skeleton: bytes, tensors: list[Any]) -> Any:
+    try:
+        return join(skeleton, tensors)
+    except Exception as exc:
+        return _Failed({"type": "serialization", "message": f"could not deserialize a value from the previous stage: {exc}"})
