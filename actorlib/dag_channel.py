@@ -26,6 +26,7 @@ import collections
 import datetime
 import io
 import logging
+import math
 import pickle
 import threading
 from collections.abc import Callable
@@ -49,11 +50,15 @@ class _Splitter(cloudpickle.Pickler):
         super().__init__(file, protocol=5)
         self.tensors = tensors
         self.tensor_type = tensor_type
+        self.seen: dict[int, int] = {}
 
     def persistent_id(self, obj: Any) -> int | None:  # noqa: D102 - pickle's hook
         if isinstance(obj, self.tensor_type):
-            self.tensors.append(obj)
-            return len(self.tensors) - 1
+            pid = self.seen.get(id(obj))
+            if pid is None:  # pickle does not memoize persistent ids: a tensor met twice is sent once, and arrives as one
+                pid = self.seen[id(obj)] = len(self.tensors)
+                self.tensors.append(obj)
+            return pid
         return None
 
 
@@ -196,6 +201,8 @@ class Channel:
         self._outgoing: collections.deque[Any] = collections.deque()  # packed sends not yet known to be done
         self._slot_lock = threading.Lock()
         self._ahead = slots if role == "recv" and self._packs else 0
+        self.transfers = 0  # values sent or received on this channel (for stats())
+        self.nbytes = 0  # their tensors' bytes
         for _ in range(self._ahead):
             self._post_slot()
 
@@ -217,6 +224,8 @@ class Channel:
         Packed (``offsets``): the tensors are copied into one buffer, so nothing of the caller's needs waiting for.
         """
         torch = self._torch
+        self.transfers += 1
+        self.nbytes += sum(t.numel() * t.element_size() for t in tensors)
         if offsets is not None:
             size = max((o + t.numel() * t.element_size() for o, t in zip(offsets, tensors, strict=True)), default=0)
             packed = torch.empty(max(size, 1), dtype=torch.uint8)
@@ -260,16 +269,19 @@ class Channel:
         what must happen now happens here (on the loop): the rest is done by
         whoever waits for the data.
         """
+        torch = self._torch
+        dtypes = [_dtype(torch, meta[1]) for meta in metas]
+        self.transfers += 1
+        self.nbytes += sum(dtype.itemsize * math.prod(meta[0]) for meta, dtype in zip(metas, dtypes, strict=True))
         if metas and metas[0][4] >= 0:
             with self._slot_lock:
                 if not self._slots:  # all taken (many executions in flight): the next in order, posted now
                     self._post_slot()
                 buf, work = self._slots.popleft()
             return _Packed(buf), [work]
-        torch = self._torch
         tensors, works = [], []
-        for i, meta in enumerate(metas):
-            shape, dtype = meta[0], _dtype(torch, meta[1])
+        for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
+            shape = meta[0]
             t = torch.empty(shape, dtype=dtype, device=self._device) if self._device is not None else self._pool.empty(shape, dtype)
             if t.numel():
                 works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
@@ -283,9 +295,7 @@ class Channel:
             tensors = []
             for shape, dtype_name, _, _, offset in metas:
                 dtype = _dtype(torch, dtype_name)
-                n = dtype.itemsize
-                for d in shape:
-                    n *= d
+                n = dtype.itemsize * math.prod(shape)
                 tensors.append(received.buf[offset : offset + n].view(dtype).reshape(shape))
         else:
             tensors = received

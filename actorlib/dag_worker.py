@@ -52,7 +52,7 @@ from .worker import ASYNC, error_record, method_kind
 if TYPE_CHECKING:
     from .worker import ActorHost
 
-__all__ = ["CONTROL", "INPUT", "event", "on_event", "reserved_method"]
+__all__ = ["CONTROL", "INPUT", "event", "on_event", "reserved_method", "stats"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def on_event(host: ActorHost, msg: Message) -> None:
     graph = _graphs.get(gid)
     if graph is None:
         return  # torn down: what was still on its way is dropped
+    graph.events[topic] = graph.events.get(topic, 0) + 1
     if topic == "exec":
         try:
             value = tuple(loads(payload, msg.buffers))
@@ -200,6 +201,21 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
     raise ValueError(f"unknown compiled-graph operation {op!r}")
 
 
+def stats() -> dict[str, Any]:
+    """What this actor's compiled graphs have done, by graph id: messages taken (``exec`` from the driver,
+    ``deliver`` from other actors) and, per channel, values moved and their tensors' bytes."""
+    return {
+        gid: {
+            "events": dict(graph.events),
+            "channels": {
+                f"{role} {'to' if role == 'send' else 'from'} {peer} ({backend})": {"transfers": ch.transfers, "bytes": ch.nbytes}
+                for (peer, role, backend), ch in graph.channels.items()
+            },
+        }
+        for gid, graph in _graphs.items()
+    }
+
+
 def _graph(gid: str) -> GraphRuntime:
     graph = _graphs.get(gid)
     if graph is None:
@@ -242,6 +258,7 @@ class GraphRuntime:
         self._unsent: list[tuple[bytes, list[Any]]] = []  # outputs made before the results call arrived
         self._results_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.events: dict[str, int] = {}  # messages taken, by kind (for stats())
 
     # -- set up and torn down ---------------------------------------------------
 

@@ -1,0 +1,523 @@
+"""Compiled graphs (actorlib.dag): shapes of graphs, values, pipelining, failures, teardown.
+
+Every test runs on gloo (CPU tensors); the ``nccl`` variants run the same
+tests with CUDA tensors where CUDA devices are available and skip otherwise.
+Where a test claims a value went actor to actor over a channel, it checks the
+actors' own counters (``actorlib.dag_worker.stats()``), not just the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import actorlib
+from actorlib.dag import InputNode, MultiOutputNode
+from actorlib.dag_channel import SLOT_BYTES
+
+from .conftest import local_cluster, wait_for
+
+CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+TRANSPORTS = [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(CUDA_DEVICES < 3, reason="NCCL needs 3 CUDA devices")),
+]
+
+
+@dataclasses.dataclass
+class IntermediateTensors:
+    """Like vLLM's: the tensors one pipeline stage hands the next, by name."""
+
+    tensors: dict[str, torch.Tensor]
+    step: int = 0
+
+
+class Stage:
+    """A pipeline stage: every method takes and returns tensors on ``device`` (what the transport carries)."""
+
+    def __init__(self, name: str, device: str) -> None:
+        self.name = name
+        self.device = device
+        self.kept: list[torch.Tensor] = []
+        self.calls = 0
+
+    def add(self, x, k=1):
+        return x.to(self.device) + k
+
+    def mul(self, x, k=2):
+        return x * k
+
+    async def aadd(self, x, k=1):
+        await asyncio.sleep(0)
+        return x.to(self.device) + k
+
+    def concat(self, a, b):
+        return torch.cat([a.to(self.device), b.to(self.device)])
+
+    def to_host(self, x):
+        return x.cpu()
+
+    def first_stage(self, x):
+        """Nested: a dataclass holding a dict of tensors of several dtypes, plus plain values and a shared tensor."""
+        x = x.to(self.device)
+        hidden = x * 2
+        return {
+            "it": IntermediateTensors({"hidden_states": hidden, "residual": x.to(torch.float64)}, step=int(x.numel())),
+            "pair": (hidden, [x.to(torch.int32), "text"]),
+            "meta": {"who": self.name, "n": 3},
+        }
+
+    def last_stage(self, out):
+        it = out["it"]
+        hidden, (as_int, text) = out["pair"]
+        return {
+            "same_object": hidden is it.tensors["hidden_states"],
+            "hidden": it.tensors["hidden_states"].cpu(),
+            "residual_dtype": str(it.tensors["residual"].dtype),
+            "int_sum": int(as_int.sum()),
+            "step": it.step,
+            "text": text,
+            "meta": out["meta"],
+            "device": it.tensors["hidden_states"].device.type,
+        }
+
+    def make(self, spec):
+        """A tensor of the asked shape and dtype (shapes and dtypes change from one execution to the next)."""
+        shape, dtype, *offset = spec
+        n = 1
+        for d in shape:
+            n *= d
+        values = torch.arange(n, dtype=torch.float64) % 97 + (offset[0] if offset else 0)
+        return values.to(getattr(torch, dtype)).reshape(shape).to(self.device)
+
+    def check(self, t):
+        return list(t.shape), str(t.dtype).removeprefix("torch."), float(t.to(torch.float64).sum()), t.device.type
+
+    def keep(self, t):
+        """Hold on to what arrived: later executions must not change what is held."""
+        self.kept.append(t)
+        return float(t.to(torch.float64).sum())
+
+    def kept_sums(self):
+        return [float(t.to(torch.float64).sum()) for t in self.kept]
+
+    def fail_on_negative(self, x):
+        if float(x.sum()) < 0:
+            raise ValueError(f"stage {self.name} refuses negative input")
+        return x + 1
+
+    def gate(self, x, path):
+        """Wait (bounded) for ``path`` to exist; tell the test it is waiting by writing ``path + '.in'``."""
+        with open(path + ".in", "w"):
+            pass
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return x
+
+    def pid(self):
+        return os.getpid()
+
+    def ping(self):
+        return self.name
+
+    def stats(self):
+        from actorlib import dag_worker
+
+        return dag_worker.stats()
+
+
+StageActor = actorlib.remote(Stage)
+
+
+@pytest.fixture(scope="module")
+def al():
+    with local_cluster(num_cpus=4, num_gpus=max(CUDA_DEVICES, 0) or None) as actorlib_:
+        yield actorlib_
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def env(request, al):
+    """Three stage actors shared by the module's tests, and the transport they use."""
+    transport = request.param
+    options = {"num_gpus": 1} if transport == "nccl" else {}
+    device = "cuda" if transport == "nccl" else "cpu"
+    stages = [StageActor.options(**options).remote(name, device) for name in "abc"]
+    assert al.get([s.ping.remote() for s in stages], timeout=60) == ["a", "b", "c"]
+    yield transport, stages
+    for s in stages:
+        al.kill(s)
+
+
+def channel_bytes(actor, graph) -> dict[str, dict[str, int]]:
+    return actorlib.get(actor.stats.remote(), timeout=30).get(graph.graph_id, {}).get("channels", {})
+
+
+def events(actor, graph) -> dict[str, int]:
+    return actorlib.get(actor.stats.remote(), timeout=30).get(graph.graph_id, {}).get("events", {})
+
+
+# -- shapes of graphs ----------------------------------------------------------------
+
+
+def test_one_stage(env):
+    transport, (a, _, _) = env
+    with InputNode() as inp:
+        dag = a.add.bind(inp, 10).with_tensor_transport(transport)
+    compiled = dag.compile()
+    try:
+        for i in range(3):
+            assert actorlib.get(compiled.execute(torch.full((3,), float(i))), timeout=30).tolist() == [10.0 + i] * 3
+        assert events(a, compiled) == {"exec": 3}
+        assert channel_bytes(a, compiled) == {}  # nothing crosses between actors
+    finally:
+        compiled.teardown()
+
+
+def test_two_stages_tensor_goes_actor_to_actor_on_the_channel(env):
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        dag = b.to_host.bind(b.mul.bind(a.add.bind(inp).with_tensor_transport(transport)))
+    compiled = dag.compile()
+    try:
+        x = torch.arange(4, dtype=torch.float32)
+        for i in range(4):
+            assert actorlib.get(compiled.execute(x + i), timeout=30).tolist() == ((x + i + 1) * 2).tolist()
+        # each execute is one message to the input actor only; the stage's output reached b from a, never the driver
+        assert events(a, compiled) == {"exec": 4}
+        assert events(b, compiled) == {"deliver": 4}
+        sent = channel_bytes(a, compiled)
+        received = channel_bytes(b, compiled)
+        backend = "nccl" if transport == "nccl" else "gloo"
+        assert sent == {f"send to {b._actor_id} ({backend})": {"transfers": 4, "bytes": 4 * 16}}
+        assert received == {f"recv from {a._actor_id} ({backend})": {"transfers": 4, "bytes": 4 * 16}}
+    finally:
+        compiled.teardown()
+
+
+def test_three_stages_with_an_async_one(env):
+    transport, (a, b, c) = env
+    with InputNode() as inp:
+        x = a.add.bind(inp, 1).with_tensor_transport(transport)
+        y = b.aadd.bind(x, 10).with_tensor_transport(transport)
+        dag = c.to_host.bind(c.mul.bind(y, 3))
+    compiled = dag.compile()
+    try:
+        for i in range(3):
+            assert actorlib.get(compiled.execute(torch.tensor([float(i)])), timeout=30).tolist() == [(i + 11) * 3.0]
+        assert events(c, compiled) == {"deliver": 3} and "exec" not in events(b, compiled)
+    finally:
+        compiled.teardown()
+
+
+def test_fan_out_and_fan_in(env):
+    transport, (a, b, c) = env
+    with InputNode() as inp:
+        left = a.add.bind(inp, 1).with_tensor_transport(transport)  # the input fans out to a and b
+        right = b.mul.bind(b.add.bind(inp, 0), 10).with_tensor_transport(transport)
+        joined = c.concat.bind(left, right)  # and fans in at c
+        also = b.add.bind(left, 100)  # a's output fans out to c and b
+        dag = MultiOutputNode([c.to_host.bind(joined), b.to_host.bind(also), left])
+    compiled = dag.compile()
+    try:
+        x = torch.tensor([1.0, 2.0])
+        joined_v, also_v, left_v = actorlib.get(compiled.execute(x), timeout=30)
+        assert joined_v.tolist() == [2.0, 3.0, 10.0, 20.0]
+        assert also_v.tolist() == [102.0, 103.0]
+        assert left_v.cpu().tolist() == [2.0, 3.0]  # an output that is also an intermediate value
+        assert events(a, compiled) == {"exec": 1} and events(b, compiled) == {"exec": 1, "deliver": 1}
+        assert events(c, compiled) == {"deliver": 2}
+        assert len(channel_bytes(a, compiled)) == 2  # a -> b and a -> c, one group each way used
+    finally:
+        compiled.teardown()
+
+
+def test_inputs_by_position_and_keyword_and_constants(env):
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        x = a.add.bind(inp[0], k=inp.k).with_tensor_transport(transport)
+        dag = b.to_host.bind(b.concat.bind(x, inp["y"]))
+    compiled = dag.compile()
+    try:
+        out = actorlib.get(compiled.execute(torch.zeros(2), k=5, y=torch.ones(1)), timeout=30)
+        assert out.tolist() == [5.0, 5.0, 1.0]
+        with pytest.raises(TypeError, match="keyword argument 'k'"):
+            compiled.execute(torch.zeros(2), y=torch.ones(1))
+    finally:
+        compiled.teardown()
+
+
+# -- values ----------------------------------------------------------------------------
+
+
+def test_nested_tensor_structures(env):
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        dag = b.last_stage.bind(a.first_stage.bind(inp).with_tensor_transport(transport))
+    compiled = dag.compile()
+    try:
+        got = actorlib.get(compiled.execute(torch.arange(3, dtype=torch.float32)), timeout=30)
+        assert got["hidden"].tolist() == [0.0, 2.0, 4.0]
+        assert got["residual_dtype"] == "torch.float64" and got["int_sum"] == 3 and got["step"] == 3
+        assert got["text"] == "text" and got["meta"] == {"who": "a", "n": 3}
+        assert got["same_object"] is True  # one tensor referenced twice arrives once, as one object
+        assert got["device"] == ("cuda" if transport == "nccl" else "cpu")
+        # the three distinct tensors (float32, float64, int32) crossed on the channel: 12 + 24 + 12 bytes
+        (received,) = channel_bytes(b, compiled).values()
+        assert received == {"transfers": 1, "bytes": 48}
+    finally:
+        compiled.teardown()
+
+
+def test_shapes_and_dtypes_change_between_executions(env):
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        dag = b.check.bind(a.make.bind(inp).with_tensor_transport(transport))
+    compiled = dag.compile()
+    big = SLOT_BYTES // 4 + 1  # past the packed path: sent tensor by tensor
+    specs = [
+        ((4,), "float32"),
+        ((2, 3), "int64"),
+        ((0, 5), "float32"),
+        ((3,), "bool"),
+        ((big,), "float32"),
+        ((2, 1 << 18), "float32"),  # 2 MiB: pooled receive buffers
+        ((5, 2), "bfloat16"),
+        ((2, 1 << 18), "float32"),
+        ((1,), "float16"),
+    ]
+    local = Stage("local", "cuda" if transport == "nccl" else "cpu")
+    try:
+        for spec in specs:
+            assert actorlib.get(compiled.execute(spec), timeout=60) == local.check(local.make(spec)), spec
+    finally:
+        compiled.teardown()
+
+
+def test_received_tensors_stay_valid_while_held(env):
+    """Receive buffers are reused only once nothing refers to them: what a stage keeps, stays."""
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        dag = b.keep.bind(a.make.bind(inp).with_tensor_transport(transport))
+    compiled = dag.compile()
+    try:
+        shape = (1 << 19,)  # 2 MiB of float32: the pooled path
+        totals = [actorlib.get(compiled.execute((shape, "float32", i)), timeout=60) for i in range(4)]
+        assert len(set(totals)) == 4
+        assert actorlib.get(b.kept_sums.remote(), timeout=30)[-4:] == totals  # each still holds its own values
+    finally:
+        compiled.teardown()
+
+
+# -- pipelining ----------------------------------------------------------------------------
+
+
+def test_pipelined_executions_return_in_order(env):
+    transport, (a, b, c) = env
+    with InputNode() as inp:
+        x = a.add.bind(inp, 1).with_tensor_transport(transport)
+        y = b.mul.bind(x, 2).with_tensor_transport(transport)
+        dag = c.to_host.bind(c.add.bind(y, 0))
+    compiled = dag.compile(max_inflight=4)
+    try:
+        refs = [compiled.execute(torch.tensor([float(i)])) for i in range(24)]  # more than max_inflight: execute waits
+        assert [v.item() for v in actorlib.get(refs, timeout=60)] == [(i + 1) * 2.0 for i in range(24)]
+
+        async def many():
+            return await asyncio.gather(*(compiled.execute_async(torch.tensor([float(i)])) for i in range(12)))
+
+        assert [v.item() for v in asyncio.run(many())] == [(i + 1) * 2.0 for i in range(12)]
+    finally:
+        compiled.teardown()
+
+
+def test_max_inflight_bounds_executions(env, tmp_path):
+    transport, (a, b, _) = env
+    gate = str(tmp_path / "gate")
+    with InputNode() as inp:
+        dag = b.to_host.bind(b.add.bind(a.gate.bind(inp, gate).with_tensor_transport(transport), 0))
+    compiled = dag.compile(max_inflight=2)
+    try:
+        first = [compiled.execute(torch.tensor([float(i)])) for i in range(2)]
+        wait_for(lambda: os.path.exists(gate + ".in"), timeout=30, what="the first stage to start")
+        third: list = []
+        t = threading.Thread(target=lambda: third.append(compiled.execute(torch.tensor([2.0]))), daemon=True)
+        t.start()
+        t.join(0.5)  # the absence of an event: execute() must still be waiting for a slot
+        assert t.is_alive() and not third and not any(r.done() for r in first)
+        open(gate, "w").close()
+        t.join(30)
+        assert not t.is_alive()
+        assert [v.item() for v in actorlib.get([*first, *third], timeout=30)] == [0.0, 1.0, 2.0]
+    finally:
+        open(gate, "w").close()
+        compiled.teardown()
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def test_a_stage_that_raises_fails_that_execution_only(env):
+    transport, (a, b, c) = env
+    with InputNode() as inp:
+        x = a.add.bind(inp, 0).with_tensor_transport(transport)
+        y = b.fail_on_negative.bind(x).with_tensor_transport(transport)
+        dag = c.to_host.bind(c.mul.bind(y, 1))
+    compiled = dag.compile(max_inflight=4)
+    try:
+        refs = [compiled.execute(torch.tensor([v])) for v in (1.0, -1.0, 2.0, -5.0, 3.0)]
+        assert actorlib.get(refs[0], timeout=30).item() == 2.0
+        with pytest.raises(ValueError, match="stage b refuses negative input") as info:
+            actorlib.get(refs[1], timeout=30)
+        assert isinstance(info.value, actorlib.RemoteError)
+        assert "in fail_on_negative" in info.value.traceback_text and "raise ValueError" in info.value.traceback_text
+        assert actorlib.get(refs[2], timeout=30).item() == 3.0
+        with pytest.raises(ValueError):
+            actorlib.get(refs[3], timeout=30)
+        assert actorlib.get(refs[4], timeout=30).item() == 4.0
+        assert actorlib.get(compiled.execute(torch.tensor([7.0])), timeout=30).item() == 8.0  # and it goes on
+    finally:
+        compiled.teardown()
+
+
+def test_teardown_then_recompile(env):
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        dag = b.to_host.bind(a.add.bind(inp, 1).with_tensor_transport(transport))
+    first = dag.compile()
+    assert actorlib.get(first.execute(torch.zeros(1)), timeout=30).item() == 1.0
+    first.teardown()
+    first.teardown()  # twice is fine
+    assert first.graph_id not in actorlib.get(a.stats.remote(), timeout=30)  # gone from the actors
+    with pytest.raises(actorlib.ActorLibError, match="torn down"):
+        first.execute(torch.zeros(1))
+    second = dag.compile()  # the same graph again, and another on the same actors
+    with InputNode() as inp:
+        other = a.to_host.bind(b.mul.bind(inp, 3).with_tensor_transport(transport))
+    third = other.compile()
+    try:
+        assert actorlib.get(second.execute(torch.ones(2)), timeout=30).tolist() == [2.0, 2.0]
+        assert actorlib.get(third.execute(torch.ones(2)), timeout=30).tolist() == [3.0, 3.0]
+        assert actorlib.get(a.ping.remote(), timeout=30) == "a"  # the actors still take ordinary calls
+    finally:
+        second.teardown()
+        third.teardown()
+
+
+def test_an_idle_compiled_graph_uses_no_cpu(env):
+    transport, stages = env
+    a, b, c = stages
+    with InputNode() as inp:
+        dag = c.to_host.bind(b.add.bind(a.add.bind(inp).with_tensor_transport(transport)).with_tensor_transport(transport))
+    compiled = dag.compile()
+    try:
+        actorlib.get(compiled.execute(torch.zeros(1)), timeout=30)
+        pids = actorlib.get([s.pid.remote() for s in stages], timeout=30)
+        before = [_cpu_seconds(p) for p in pids] + [_cpu_seconds(os.getpid())]
+        time.sleep(1.0)  # the measured idle window
+        after = [_cpu_seconds(p) for p in pids] + [_cpu_seconds(os.getpid())]
+        used = [round(y - x, 3) for x, y in zip(before, after, strict=True)]
+        assert all(u < 0.2 for u in used), f"CPU seconds used in 1 s idle (stages a, b, c, driver): {used}"
+    finally:
+        compiled.teardown()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_actor_killed_mid_graph_fails_the_graph(al, transport, tmp_path):
+    options = {"num_gpus": 1} if transport == "nccl" else {}
+    device = "cuda" if transport == "nccl" else "cpu"
+    a, b, c = (StageActor.options(**options).remote(name, device) for name in "xyz")
+    gate = str(tmp_path / "gate")
+    with InputNode() as inp:
+        x = a.add.bind(inp).with_tensor_transport(transport)
+        y = b.gate.bind(x, gate).with_tensor_transport(transport)
+        dag = c.to_host.bind(c.add.bind(y, 0))
+    compiled = dag.compile()
+    try:
+        ref = compiled.execute(torch.zeros(1))
+        wait_for(lambda: os.path.exists(gate + ".in"), timeout=30, what="the middle stage to start")
+        os.kill(actorlib.get(c.pid.remote(), timeout=30), signal.SIGKILL)  # the last stage dies while b works
+        with pytest.raises(actorlib.ActorDiedError):
+            actorlib.get(ref, timeout=30)
+        with pytest.raises(actorlib.ActorDiedError):
+            compiled.execute(torch.zeros(1))
+        assert compiled.state.value == "FAILED"
+    finally:
+        open(gate, "w").close()
+        compiled.teardown()
+    assert actorlib.get([a.ping.remote(), b.ping.remote()], timeout=30) == ["x", "y"]  # the others live on
+    for s in (a, b, c):
+        actorlib.kill(s)
+
+
+def test_an_actor_killed_while_idle_fails_the_next_execution(al):
+    a, b = (StageActor.remote(name, "cpu") for name in "pq")
+    with InputNode() as inp:
+        dag = b.to_host.bind(a.add.bind(inp).with_tensor_transport("gloo"))
+    compiled = dag.compile()
+    try:
+        assert actorlib.get(compiled.execute(torch.zeros(1)), timeout=30).item() == 1.0
+        os.kill(actorlib.get(a.pid.remote(), timeout=30), signal.SIGKILL)
+        wait_for(lambda: compiled.state.value == "FAILED", timeout=30, what="the graph to notice the death")
+        with pytest.raises(actorlib.ActorDiedError):
+            compiled.execute(torch.zeros(1))
+    finally:
+        compiled.teardown()
+        for s in (a, b):
+            actorlib.kill(s)
+
+
+# -- building graphs: errors raised before anything is sent ----------------------------------------
+
+
+def test_bad_graphs_are_refused_at_bind_or_compile(al):
+    @actorlib.remote
+    class Gen:
+        def stream(self, n):
+            yield n
+
+        def f(self, x):
+            return x
+
+    g, h = Gen.remote(), Gen.remote()
+    with pytest.raises(TypeError, match="generator"):
+        g.stream.bind(1)
+    with InputNode() as inp:
+        node = g.f.bind(inp)
+        with pytest.raises(TypeError, match="top-level"):
+            g.f.bind([node])
+        with pytest.raises(ValueError, match="transport"):
+            node.with_tensor_transport("tcp")
+        with pytest.raises(TypeError):
+            inp.with_tensor_transport("gloo")
+    with pytest.raises(TypeError, match="method node"):
+        inp.compile()
+    with pytest.raises(ValueError, match="max_inflight"):
+        node.compile(max_inflight=0)
+    with pytest.raises(ValueError, match="at most one InputNode"):
+        MultiOutputNode([g.f.bind(InputNode()), g.f.bind(InputNode())]).compile()
+    if CUDA_DEVICES == 0:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            h.f.bind(g.f.bind(inp).with_tensor_transport("nccl")).compile()
+    compiled = node.compile()
+    try:
+        with pytest.raises(TypeError, match="exactly one positional argument"):
+            compiled.execute(1, 2)
+        assert actorlib.get(compiled.execute("plain values work too"), timeout=30) == "plain values work too"
+    finally:
+        compiled.teardown()
+        actorlib.kill(g)
+        actorlib.kill(h)
