@@ -36,3 +36,14 @@ def test_rl_worker_group(tmp_path):
     assert "trainer dp size 2, generation engines 2" in out
     assert "step 1: losses per dp shard [{'rank': 0, 'loss': 0.1406, 'gpu': '0'}, {'rank': 2, 'loss': 1.6406, 'gpu': '2'}]" in out
     assert "p2:2:6.00" in out
+
+
+@pytest.mark.slow
+def test_pipeline_executor(tmp_path):
+    out = run_example("pipeline_executor.py", tmp_path)
+    assert "PP=2 x TP=2 over gloo" in out or "PP=2 x TP=2 over nccl" in out
+    if "over gloo" in out:  # two logical nodes: sorted by node, each worker sees its node's GPUs
+        for rank, node, local in ((0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)):
+            assert f"node {node}, rank {rank}: pp {rank // 2} tp {rank % 2} local_rank {local} CUDA_VISIBLE_DEVICES=0,1" in out
+    assert "matches the single-process reference: True" in out
+    assert "pipelined: ['b0', 'b1', 'b2', 'b3'] all match the reference: True" in out
