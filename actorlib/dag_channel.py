@@ -28,13 +28,26 @@ import io
 import logging
 import math
 import pickle
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["BufferPool", "Channel", "TensorMeta", "choose_backend", "join", "make_group", "meta_of", "split", "wait_all"]
+__all__ = [
+    "BufferPool",
+    "Channel",
+    "TensorMeta",
+    "choose_backend",
+    "inline",
+    "join",
+    "make_group",
+    "meta_of",
+    "split",
+    "uninline",
+    "wait_all",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +106,39 @@ def join(skeleton: bytes, tensors: list[Any]) -> Any:
     if not skeleton:
         return tensors[0]
     return _Joiner(io.BytesIO(skeleton), tensors).load()
+
+
+INLINE_MAX = 64 << 10  # bare tensors this small travel to and from the driver inside the message itself
+
+
+def inline(value: Any) -> list[Any] | None:
+    """A small bare tensor as plain data ``[dtype, shape, device, bytes]`` (None for anything else).
+
+    Arguments and outputs that are bare tensors (the common case) skip the
+    general codec between the driver and the graph: a few bytes inside the
+    message cost less than a frame of their own. Anything else, including
+    bigger tensors (zero-copy frames), goes through the codec as usual.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or type(value) is not torch.Tensor or value.layout is not torch.strided:
+        return None
+    nbytes = value.numel() * value.element_size()
+    if nbytes > INLINE_MAX or value.device.type not in ("cpu", "cuda"):
+        return None
+    data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type, data]
+
+
+def uninline(spec: list[Any]) -> Any:
+    """The inverse of :func:`inline` (a CUDA tensor comes back on this process's GPU, or on CPU without one)."""
+    import torch
+
+    dtype_name, shape, device, data = spec
+    dtype = _dtype(torch, dtype_name)
+    t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+    if device == "cuda" and torch.cuda.is_available():
+        t = t.to("cuda")
+    return t
 
 
 def choose_backend(tensor: Any, transport: str, has_nccl: bool) -> str:

@@ -40,6 +40,7 @@ from .actor import ActorHandle
 from .completion import wait_for
 from .connection import Call, encode_call
 from .dag import ClassMethodNode, DAGNode, InputAttributeNode, InputNode, MultiOutputNode
+from .dag_channel import inline, uninline
 from .dag_worker import CONTROL, INPUT, event
 from .exceptions import ActorDiedError, ActorLibError, SerializationError, error_from_record
 from .object_ref import ObjectRef, ObjectRefGenerator
@@ -282,7 +283,9 @@ class CompiledDAG:
             reason = f": {error}" if error is not None else ""
             self._fail(ActorLibError(f"{self._actors[aid]} ({aid[:8]}) left the compiled graph{reason}"))
 
-    def _on_result(self, seq: int, index: int, ok: bool, value: Any) -> None:
+    def _on_result(self, seq: int, index: int, ok: bool, value: Any, small: Any = None) -> None:
+        if small is not None:
+            value = uninline(small)
         with self._lock:
             pending = self._pending.get(seq)
             if pending is None:
@@ -406,7 +409,17 @@ class CompiledDAG:
     def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ObjectRef:
         """Number one execution (a slot is reserved) and send it to the input actors: one one-way message each."""
         try:
-            inner, buffers = dumps((args, kwargs))
+            args_list, kwargs = list(args), dict(kwargs)
+            inlined = []
+            for where, value in (*enumerate(args_list), *kwargs.items()):
+                small = inline(value)
+                if small is not None:
+                    inlined.append([where, small])
+                    if isinstance(where, int):
+                        args_list[where] = None
+                    else:
+                        kwargs[where] = None
+            inner, buffers = dumps([args_list, kwargs, inlined])
         except EncodeError as exc:
             with self._lock:
                 self._release_locked()

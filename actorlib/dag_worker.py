@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from transport import DecodeError, EncodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
 
-from .dag_channel import BufferPool, Channel, choose_backend, join, make_group, meta_of, split, wait_all
+from .dag_channel import BufferPool, Channel, choose_backend, inline, join, make_group, meta_of, split, uninline, wait_all
 from .exceptions import ActorLibError
 from .worker import ASYNC, error_record, method_kind
 
@@ -157,8 +157,14 @@ def on_event(host: ActorHost, msg: Message) -> None:
     graph.events[topic] = graph.events.get(topic, 0) + 1
     if topic == "exec":
         try:
-            value = tuple(loads(payload, msg.buffers))
-        except DecodeError as exc:
+            args, kwargs, inlined = loads(payload, msg.buffers)
+            for where, spec in inlined:  # small tensors that travelled inside the message
+                if isinstance(where, int):
+                    args[where] = uninline(spec)
+                else:
+                    kwargs[where] = uninline(spec)
+            value: Any = (args, kwargs)
+        except (DecodeError, TypeError, ValueError, IndexError) as exc:
             value = _Failed({"type": "serialization", "message": f"could not deserialize the execution's arguments: {exc}"})
         graph.arrive(INPUT, seq, value)
     elif topic == "deliver":
@@ -512,7 +518,11 @@ class GraphRuntime:
 
     def _result(self, seq: int, index: int, out: Any, *, on_loop: bool) -> None:
         """One output for the driver, as a stream item of the results call (any thread)."""
-        item = (seq, index, False, out.record) if isinstance(out, _Failed) else (seq, index, True, out)
+        if isinstance(out, _Failed):
+            item: tuple[Any, ...] = (seq, index, False, out.record)
+        else:
+            small = inline(out)
+            item = (seq, index, True, out) if small is None else (seq, index, True, None, small)
         try:
             body, buffers = dumps([item])
         except EncodeError as exc:
