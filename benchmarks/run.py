@@ -1,12 +1,17 @@
-"""actorlib's benchmark runner: workloads W1-W6 of DESIGN.md, and PG.
+"""actorlib's benchmark runner: workloads W1-W7 of DESIGN.md, PG and DAG.
 
-PG is placement group create + remove per second.
+PG is placement group create + remove per second. W7 sends a 64 MiB float32
+tensor from actor A to actor B through a compiled graph (gloo channel), next
+to raw torch.distributed gloo send/recv between two processes in the same
+run. DAG is the per-execution time of a compiled 2-stage graph passing a tiny
+tensor (driver -> A -> B -> driver), interleaved with W1 calls.
 
 Prints one JSON object per line, e.g.
 ``{"system": "actorlib", "workload": "W1", "metric": "p50_us", "value": 142.0, "unit": "us"}``.
 
     python benchmarks/run.py                 # every workload, full size
     python benchmarks/run.py -w W1,W6        # some of them
+    python benchmarks/run.py -w W7,DAG       # the compiled-graph workloads (not in the default list yet)
     python benchmarks/run.py --tiny          # a quick check that the runner works
 
 Timings are medians over ``--repeat`` rounds. Compare systems side by side in
@@ -31,6 +36,7 @@ from typing import Any
 import numpy as np
 
 import actorlib
+from actorlib.dag import InputNode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +68,36 @@ class Bench:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+@actorlib.remote
+class Stage:
+    """A stage of the compiled-graph workloads (W7, DAG)."""
+
+    def produce(self, nbytes: int) -> Any:
+        import torch
+
+        big = getattr(self, "_big", None)  # made once and sent each time, as the raw floor does
+        if big is None or big.nbytes != nbytes:
+            big = self._big = torch.ones(nbytes // 4, dtype=torch.float32)
+        return big
+
+    def consume(self, tensor: Any) -> int:
+        return int(tensor.numel())
+
+    def add_one(self, tensor: Any) -> Any:
+        return tensor + 1
+
+    def double(self, tensor: Any) -> Any:
+        return tensor * 2
+
+    def make_tiny(self, value: int) -> Any:
+        import torch
+
+        return torch.full((4,), float(value))
+
+    def first(self, tensor: Any) -> float:
+        return float(tensor[0])
 
 
 def record(workload: str, metric: str, value: float, unit: str, **extra: Any) -> dict[str, Any]:
@@ -215,6 +251,180 @@ def w6(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     return [record("W6", "items_per_s", statistics.median(rates), "items/s")]
 
 
+_RAW_GLOO = textwrap.dedent(
+    """
+    import sys, time
+    import torch, torch.distributed as dist
+    init_file, rank, nbytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+    tensor = torch.ones(nbytes // 4, dtype=torch.float32) if rank == 0 else torch.empty(nbytes // 4, dtype=torch.float32)
+    ack, go = torch.ones(1), torch.ones(1)
+    while True:  # rank 0 is told by its parent when to send (one line each); rank 1 follows rank 0
+        if rank == 0:
+            line = sys.stdin.readline().strip()
+            go.fill_(1.0 if line == "go" else 0.0)
+            dist.send(go, 1)
+            if line != "go":
+                break
+            t0 = time.perf_counter()
+            dist.send(tensor, 1)
+            dist.recv(ack, 1)
+            print(time.perf_counter() - t0, flush=True)
+        else:
+            dist.recv(go, 0)
+            if go.item() != 1.0:
+                break
+            dist.recv(tensor, 0)
+            dist.send(ack, 0)
+    dist.destroy_process_group()
+    """
+)
+
+
+class RawGloo:
+    """Raw torch.distributed gloo between two processes of their own: one send of ``nbytes`` + a 4-byte ack per round.
+
+    The processes stay up, so rounds can be interleaved with actorlib's under the same machine noise.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory()
+        init = os.path.join(self._tmp.name, "init")
+        self._procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _RAW_GLOO, init, str(rank), str(nbytes)],
+                stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+
+    def round(self) -> float:
+        sender = self._procs[0]
+        assert sender.stdin is not None and sender.stdout is not None
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
+        line = sender.stdout.readline()
+        if not line:
+            raise RuntimeError("the raw gloo processes stopped")
+        return float(line)
+
+    def close(self) -> None:
+        try:
+            if self._procs[0].stdin is not None:
+                self._procs[0].stdin.write("stop\n")
+                self._procs[0].stdin.close()
+            for p in self._procs:
+                p.wait(timeout=30)
+        except Exception:
+            pass
+        finally:
+            for p in self._procs:
+                p.kill()
+                p.wait()
+            self._tmp.cleanup()
+
+
+def w7(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    """64 MiB float32 tensor actor A -> actor B in a compiled graph (gloo), and raw gloo, in one run.
+
+    Both are timed the same way, round by round, interleaved: one transfer and
+    a small answer back (actorlib: one execution, B's answer reaching the
+    driver; raw: send, then a 4-byte ack). The ratio is of the medians.
+    ``gib_per_s_pipelined`` keeps several executions in flight (after a
+    pipelined warm-up, so the receiver's buffers exist).
+    """
+    nbytes, rounds = size["w7_bytes"], size["w7_rounds"]
+    raw = RawGloo(nbytes)
+    a, b = Stage.remote(), Stage.remote()
+    with InputNode() as inp:
+        graph = b.consume.bind(a.produce.bind(inp).with_tensor_transport("gloo"))
+    compiled = graph.compile()
+    try:
+        raw.round()  # warm-ups
+        assert actorlib.get(compiled.execute(nbytes), timeout=120) == nbytes // 4
+        ours, theirs = [], []
+        for _ in range(3 * rounds):  # more rounds than the floor's: these medians are compared with each other
+            theirs.append(raw.round())
+            t0 = time.perf_counter()
+            actorlib.get(compiled.execute(nbytes), timeout=120)
+            ours.append(time.perf_counter() - t0)
+        count = 2 * rounds
+        actorlib.get([compiled.execute(nbytes) for _ in range(count)], timeout=300)
+        t0 = time.perf_counter()
+        actorlib.get([compiled.execute(nbytes) for _ in range(count)], timeout=300)
+        pipelined = (time.perf_counter() - t0) / count
+    finally:
+        compiled.teardown()
+        actorlib.kill(a)
+        actorlib.kill(b)
+        raw.close()
+    gib = nbytes / (1 << 30)
+    mine, raw_rate = gib / statistics.median(ours), gib / statistics.median(theirs)
+    return [
+        record("W7", "gib_per_s", mine, "GiB/s"),
+        record("W7", "gib_per_s_pipelined", gib / pipelined, "GiB/s"),
+        record("W7", "raw_gloo_gib_per_s", raw_rate, "GiB/s"),
+        record("W7", "ratio_to_raw", mine / raw_rate, "x"),
+    ]
+
+
+def dag(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    """Per-execution time of a compiled 2-stage graph passing a tiny tensor, against W1 in the same run.
+
+    ``p50_us``: ``execute(x)`` sends a 4-element float32 tensor to stage A
+    (``x + 1``), whose output goes to stage B over a gloo channel (``* 2``),
+    whose output tensor comes back to the driver. ``..._between_only``: an
+    int goes in, A makes the tiny tensor, B answers with a float: the tensor
+    only crosses between the stages. Timed in blocks interleaved with W1
+    calls (as W3 is), so the ratios are measured under the same machine noise.
+    """
+    import torch
+
+    a, b = Stage.remote(), Stage.remote()
+    with InputNode() as inp:
+        full = b.double.bind(a.add_one.bind(inp).with_tensor_transport("gloo")).compile()
+    with InputNode() as inp:
+        between = b.first.bind(a.make_tiny.bind(inp).with_tensor_transport("gloo")).compile()
+    try:
+        x = torch.ones(4)
+        for _ in range(size["w1_warmup"]):
+            assert float(actorlib.get(full.execute(x), timeout=60)[0]) == 4.0
+            assert actorlib.get(between.execute(3), timeout=60) == 3.0
+            actorlib.get(actor.ping.remote())
+        runs: dict[str, list[float]] = {"full": [], "between": [], "w1": []}
+        rounds, block = size["dag_rounds"], max(1, size["dag_rounds"] // 10)
+        for start in range(0, rounds, block):
+            n = min(block, rounds - start)
+            for name, call in (
+                ("full", lambda: full.execute(x)),
+                ("between", lambda: between.execute(3)),
+                ("w1", lambda: actor.ping.remote()),
+            ):
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    actorlib.get(call())
+                    runs[name].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        full.teardown()
+        between.teardown()
+        actorlib.kill(a)
+        actorlib.kill(b)
+    p50, w1_p50 = percentile(runs["full"], 0.5), percentile(runs["w1"], 0.5)
+    between_p50 = percentile(runs["between"], 0.5)
+    return [
+        record("DAG", "p50_us", p50, "us"),
+        record("DAG", "p99_us", percentile(runs["full"], 0.99), "us"),
+        record("DAG", "w1_p50_us_interleaved", w1_p50, "us"),
+        record("DAG", "ratio_to_w1", p50 / w1_p50, "x"),
+        record("DAG", "p50_us_between_only", between_p50, "us"),
+        record("DAG", "ratio_to_w1_between_only", between_p50 / w1_p50, "x"),
+    ]
+
+
 FULL = {
     "w1_warmup": 200,
     "w1_calls": 3000,
@@ -227,6 +437,9 @@ FULL = {
     "w6_items": 10_000,
     "w6_rounds": 3,
     "pg_rounds": 2000,
+    "w7_bytes": 64 << 20,
+    "w7_rounds": 5,
+    "dag_rounds": 1000,
 }
 TINY = {
     "w1_warmup": 5,
@@ -240,6 +453,9 @@ TINY = {
     "w6_items": 100,
     "w6_rounds": 1,
     "pg_rounds": 20,
+    "w7_bytes": 1 << 20,
+    "w7_rounds": 1,
+    "dag_rounds": 20,
 }
 
 
@@ -250,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = TINY if args.tiny else FULL
     chosen = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
-    known = {"W1", "W2", "W3", "W4", "W5", "W6", "PG"}
+    known = {"W1", "W2", "W3", "W4", "W5", "W6", "W7", "PG", "DAG"}
     if not set(chosen) <= known:
         parser.error(f"unknown workloads {sorted(set(chosen) - known)}; known: {sorted(known)}")
     print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}), flush=True)
@@ -263,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             actor = Bench.remote()
             actorlib.get(actor.pid.remote(), timeout=60)
-            table = {"W1": w1, "W2": w2, "W3": w3, "W5": w5, "W6": w6, "PG": pg}
+            table = {"W1": w1, "W2": w2, "W3": w3, "W5": w5, "W6": w6, "W7": w7, "PG": pg, "DAG": dag}
             for w in rest:
                 emit(table[w](actor, size))
         finally:
