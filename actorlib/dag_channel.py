@@ -201,7 +201,7 @@ def make_group(backend: str, store: Any, rank: int, address: str, timeout_s: flo
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # what init_process_group uses too
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
         opts._timeout = timeout
         return dist.ProcessGroupGloo(store, rank, 2, opts)

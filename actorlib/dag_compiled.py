@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import logging
 import threading
@@ -96,7 +97,7 @@ class _Graph:
 
     def __init__(self, root: DAGNode) -> None:
         if isinstance(root, MultiOutputNode):
-            self.outputs: list[ClassMethodNode] = list(root._nodes)
+            self.outputs: list[ClassMethodNode] = [n for n in root._nodes if isinstance(n, ClassMethodNode)]
             self.multi = True
         elif isinstance(root, ClassMethodNode):
             self.outputs = [root]
@@ -269,7 +270,8 @@ class CompiledDAG:
         self._state = GraphState.READY
         for aid in aids:  # open for the graph's lifetime: outputs come back on it, and an actor's death fails it
             args = ("results", gid)
-            call = Call(CONTROL, args, {}, None, encode_call(CONTROL, args, {}, None), _Results(self, aid), False)
+            sink: Any = _Results(self, aid)  # takes every answer to the call (Call only needs _set_message/_set_error)
+            call = Call(CONTROL, args, {}, None, encode_call(CONTROL, args, {}, None), sink, False)
             rt.connection(aid, self._actors[aid]).submit(call)
 
     # -- results (on the I/O loop) --------------------------------------------------
@@ -410,15 +412,17 @@ class CompiledDAG:
         """Number one execution (a slot is reserved) and send it to the input actors: one one-way message each."""
         try:
             args_list, kwargs = list(args), dict(kwargs)
-            inlined = []
-            for where, value in (*enumerate(args_list), *kwargs.items()):
+            inlined: list[list[Any]] = []
+            for i, value in enumerate(args_list):
                 small = inline(value)
                 if small is not None:
-                    inlined.append([where, small])
-                    if isinstance(where, int):
-                        args_list[where] = None
-                    else:
-                        kwargs[where] = None
+                    inlined.append([i, small])
+                    args_list[i] = None
+            for key, value in kwargs.items():
+                small = inline(value)
+                if small is not None:
+                    inlined.append([key, small])
+                    kwargs[key] = None
             inner, buffers = dumps([args_list, kwargs, inlined])
         except EncodeError as exc:
             with self._lock:
@@ -441,7 +445,7 @@ class CompiledDAG:
             for link in self._links:
                 try:
                     tracker = link.send(Kind.EVENT, 0, body, buffers, track=bool(buffers))
-                    wait_sent(tracker, lambda link=link: not link.closed)
+                    wait_sent(tracker, functools.partial(_open, link))
                 except TransportError as exc:
                     self._rt.call_soon(self._fail, ActorLibError(f"could not send an execution to its input actors: {exc}"))
                     break
@@ -544,6 +548,10 @@ def _settle(ref: ObjectRef, value: Any = None, error: BaseException | None = Non
     else:
         ref._value = value
         ref._fut.set_result(None)
+
+
+def _open(link: Endpoint) -> bool:
+    return not link.closed
 
 
 def _set_none(fut: asyncio.Future[None]) -> None:

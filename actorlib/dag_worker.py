@@ -199,9 +199,9 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
         return True
     if op == "teardown":
         (gid,) = args
-        graph = _graphs.pop(gid, None)
-        if graph is not None:
-            graph.close()
+        gone = _graphs.pop(gid, None)
+        if gone is not None:
+            gone.close()
         _stores.pop(gid, None)
         return True
     raise ValueError(f"unknown compiled-graph operation {op!r}")
