@@ -129,15 +129,16 @@ def inline(value: Any) -> list[Any] | None:
     return [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type, data]
 
 
-def uninline(spec: list[Any]) -> Any:
-    """The inverse of :func:`inline` (a CUDA tensor comes back on this process's GPU, or on CPU without one)."""
+def uninline(spec: list[Any], cuda_device: Any = None) -> Any:
+    """The inverse of :func:`inline`. A CUDA tensor comes back on ``cuda_device`` (or this process's current GPU),
+    or on CPU where there is none."""
     import torch
 
     dtype_name, shape, device, data = spec
     dtype = _dtype(torch, dtype_name)
     t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
     if device == "cuda" and torch.cuda.is_available():
-        t = t.to("cuda")
+        t = t.to(cuda_device if cuda_device is not None else "cuda")
     return t
 
 
@@ -232,7 +233,18 @@ class Channel:
     into buffers the receiver posts when the message arrives.
     """
 
-    def __init__(self, group: Any, backend: str, peer_rank: int, name: str, pool: BufferPool, *, role: str, slots: int) -> None:
+    def __init__(
+        self,
+        group: Any,
+        backend: str,
+        peer_rank: int,
+        name: str,
+        pool: BufferPool,
+        *,
+        role: str,
+        slots: int,
+        cuda_device: Any = None,
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -241,7 +253,8 @@ class Channel:
         self.peer = peer_rank
         self.name = name
         self._pool = pool
-        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        self._device = cuda_device if backend == "nccl" else None  # NCCL receives land on the actor's GPU
+        self._cuda_device = cuda_device  # where CUDA tensors that came through host memory go
         self._slots: collections.deque[tuple[Any, Any]] = collections.deque()  # posted ahead, in order
         self._packs = backend == "gloo" and slots > 0
         self._outgoing: collections.deque[Any] = collections.deque()  # packed sends not yet known to be done
@@ -328,7 +341,11 @@ class Channel:
         tensors, works = [], []
         for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
             shape = meta[0]
-            t = torch.empty(shape, dtype=dtype, device=self._device) if self._device is not None else self._pool.empty(shape, dtype)
+            t = (
+                torch.empty(shape, dtype=dtype, device=self._device)
+                if self._device is not None
+                else self._pool.empty(shape, dtype)
+            )
             if t.numel():
                 works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
             tensors.append(t)
@@ -347,7 +364,8 @@ class Channel:
             tensors = received
         if self.backend != "gloo":
             return tensors
-        return [t.to("cuda") if meta[2] == "cuda" else t for meta, t in zip(metas, tensors, strict=True)]
+        cuda = self._cuda_device if self._cuda_device is not None else "cuda"
+        return [t.to(cuda) if meta[2] == "cuda" else t for meta, t in zip(metas, tensors, strict=True)]
 
     def _start(self, op: Callable[..., Any], flat: Any, tag: int) -> Any:
         try:
@@ -377,5 +395,3 @@ def wait_all(works: list[Any], name: str = "") -> None:
             w.wait()
         except Exception as exc:
             raise ConnectionError(f"tensor transfer {name} failed: {exc}") from exc
-
-

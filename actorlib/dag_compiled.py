@@ -145,7 +145,13 @@ class _Graph:
         """What a node waits for: other nodes' outputs, and the input (a node reading nothing waits for the input)."""
         srcs: list[int] = []
         for arg in (*node._args, *node._kwargs.values()):
-            src = self.ids[id(arg)] if isinstance(arg, ClassMethodNode) else INPUT if isinstance(arg, InputNode | InputAttributeNode) else None
+            src = (
+                self.ids[id(arg)]
+                if isinstance(arg, ClassMethodNode)
+                else INPUT
+                if isinstance(arg, InputNode | InputAttributeNode)
+                else None
+            )
             if src is not None and src not in srcs:
                 srcs.append(src)
         return srcs or [INPUT]
@@ -255,7 +261,8 @@ class CompiledDAG:
         addresses = {n["node_id"]: n["address"] for n in await rt.control("nodes", timeout=timeout)}
         address = {aid: addresses.get(info["node_id"], "127.0.0.1") for aid, info in zip(aids, infos, strict=True)}
         probes = await asyncio.gather(*(self._call(aid, "probe", timeout=timeout) for aid in aids))
-        plans, input_actors = self._graph.plans({aid: p["cuda"] for aid, p in zip(aids, probes, strict=True)})
+        cuda = {aid: bool(p["cuda"]) for aid, p in zip(aids, probes, strict=True)}
+        plans, input_actors = self._graph.plans(cuda)
         for aid in input_actors:
             self._links.append(Endpoint.connect(info_of[aid]["address"], on_message=None, name=f"graph {gid[:8]} to {aid[:8]}"))
         await asyncio.gather(*(link.call(Kind.PING, None, timeout=timeout) for link in self._links))
@@ -265,7 +272,14 @@ class CompiledDAG:
             port = await self._call(store_host, "store", gid, address[store_host], timeout, timeout=timeout)
         for aid, plan in plans.items():
             plan["peers"] = {peer: info_of[peer]["address"] for peer in plan["peers"]}
-            plan.update(graph=gid, store=[address[store_host], port], address=address[aid], max_inflight=self.max_inflight, timeout=timeout)
+            plan.update(
+                cuda=cuda[aid],
+                graph=gid,
+                store=[address[store_host], port],
+                address=address[aid],
+                max_inflight=self.max_inflight,
+                timeout=timeout,
+            )
         await asyncio.gather(*(self._call(aid, "setup", plans[aid], timeout=timeout) for aid in aids))
         self._state = GraphState.READY
         for aid in aids:  # open for the graph's lifetime: outputs come back on it, and an actor's death fails it
@@ -507,7 +521,9 @@ class CompiledDAG:
         await asyncio.gather(*(one(aid) for aid in self._actors))
 
     def __repr__(self) -> str:
-        return f"CompiledDAG({self.graph_id[:8]}, {len(self._graph.order)} nodes on {len(self._actors)} actors, {self._state.value})"
+        return (
+            f"CompiledDAG({self.graph_id[:8]}, {len(self._graph.order)} nodes on {len(self._actors)} actors, {self._state.value})"
+        )
 
 
 class _Results:
@@ -529,7 +545,9 @@ class _Results:
             for item in value:
                 self._graph._on_result(*item)
         elif msg.kind == Kind.ERROR:
-            self._graph._results_ended(self._aid, error_from_record(value if isinstance(value, dict) else {"message": str(value)}))
+            self._graph._results_ended(
+                self._aid, error_from_record(value if isinstance(value, dict) else {"message": str(value)})
+            )
         else:
             self._graph._results_ended(self._aid, None)
 
@@ -557,4 +575,3 @@ def _open(link: Endpoint) -> bool:
 def _set_none(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-

@@ -85,7 +85,9 @@ class _Failed:
 class _Incoming:
     """A value from another actor whose tensors are on their way; :meth:`resolve` waits for them (any thread, once)."""
 
-    def __init__(self, skeleton: bytes, parts: list[tuple[Channel, list[int], list[Any], list[Any], list[Any]]], count: int, sender: str) -> None:
+    def __init__(
+        self, skeleton: bytes, parts: list[tuple[Channel, list[int], list[Any], list[Any], list[Any]]], count: int, sender: str
+    ) -> None:
         self._skeleton = skeleton
         self._parts = parts  # (channel, indices, metas, tensors, transfers)
         self._count = count
@@ -160,9 +162,9 @@ def on_event(host: ActorHost, msg: Message) -> None:
             args, kwargs, inlined = loads(payload, msg.buffers)
             for where, spec in inlined:  # small tensors that travelled inside the message
                 if isinstance(where, int):
-                    args[where] = uninline(spec)
+                    args[where] = uninline(spec, graph.cuda_device)
                 else:
-                    kwargs[where] = uninline(spec)
+                    kwargs[where] = uninline(spec, graph.cuda_device)
             value: Any = (args, kwargs)
         except (DecodeError, TypeError, ValueError, IndexError) as exc:
             value = _Failed({"type": "serialization", "message": f"could not deserialize the execution's arguments: {exc}"})
@@ -265,16 +267,27 @@ class GraphRuntime:
         self._results_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.events: dict[str, int] = {}  # messages taken, by kind (for stats())
+        self.cuda_device: Any = None  # set by start() on an actor with a GPU
 
     # -- set up and torn down ---------------------------------------------------
 
     async def start(self) -> None:
+        if self.plan.get("cuda"):  # the GPU the actor's sync methods use (vLLM-style workers pick it by local_rank)
+            fut: asyncio.Future[Any] = self.loop.create_future()
+
+            def current_device() -> None:
+                import torch
+
+                self.loop.call_soon_threadsafe(_settle_soon, fut, torch.device("cuda", torch.cuda.current_device()))
+
+            self.host.post_sync(current_device)
+            self.cuda_device = await fut
         groups = await self.loop.run_in_executor(None, self._build_groups)
         for (peer, role, backend), group in groups.items():
             name = f"{role}-{peer[:8]}-{backend}"
             slots = min(int(self.plan["max_inflight"]), MAX_SLOTS)
             self.channels[(peer, role, backend)] = Channel(
-                group, backend, 1 if role == "send" else 0, name, self.pool, role=role, slots=slots
+                group, backend, 1 if role == "send" else 0, name, self.pool, role=role, slots=slots, cuda_device=self.cuda_device
             )
         for peer, address in self.peers.items():
             self.links[peer] = Endpoint.connect(address, on_message=None, name=f"graph {self.gid[:8]} to {peer[:8]}")
@@ -300,10 +313,10 @@ class GraphRuntime:
             prefix = dist.PrefixStore(f"actorlib-dag/{self.gid}/{channel_id}/", store)
             rank = 0 if role == "send" else 1
             if backend == "nccl":
-                torch.cuda.set_device(0)  # this actor's first (usually only) visible GPU
+                torch.cuda.set_device(self.cuda_device)
             group = make_group(backend, prefix, rank, self.plan["address"], max(timeout, OP_TIMEOUT_S))
             if backend == "nccl":  # NCCL makes its communicator on the first operation: do it now, at both ends
-                t = torch.zeros(1, device="cuda")
+                t = torch.zeros(1, device=self.cuda_device)
                 (group.send([t], 1, 0) if rank == 0 else group.recv([t], 0, 0)).wait()
             groups[(peer, role, backend)] = group
         return groups
@@ -546,6 +559,11 @@ class GraphRuntime:
             return  # the driver is gone
         if track:
             wait_sent(tracker, lambda: not ep.closed)
+
+
+def _settle_soon(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _first_failure(values: dict[int, Any]) -> _Failed | None:

@@ -173,7 +173,10 @@ class PipelineExecutor:
         # each worker sees every GPU of its node, and picks its own by local_rank
         self._run_workers(
             "update_environment_variables",
-            all_args=[({"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in sorted(node_gpus[node], key=str))},) for node, _ in node_and_gpus],
+            all_args=[
+                ({"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in sorted(node_gpus[node], key=str))},)
+                for node, _ in node_and_gpus
+            ],
         )
         port = actorlib.get(self.workers[0].host_store.remote(), timeout=60)
         host = next(n["address"] for n in actorlib.nodes() if n["node_id"] == node_and_gpus[0][0])
@@ -276,7 +279,9 @@ def main() -> None:
     # several batches in flight at once: stage 0 works on one while stage 1 works on another
     async def pipelined() -> list[dict[str, Any]]:
         batches = [torch.tensor([i, i + 1, i + 2]) for i in range(0, 12, 3)]
-        return await asyncio.gather(*(executor.execute_model_async({"request_id": f"b{i}", "token_ids": b}) for i, b in enumerate(batches)))
+        return await asyncio.gather(
+            *(executor.execute_model_async({"request_id": f"b{i}", "token_ids": b}) for i, b in enumerate(batches))
+        )
 
     outs = asyncio.run(pipelined())
     agree = all(
