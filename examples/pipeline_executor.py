@@ -18,7 +18,7 @@ It follows the shape of the Ray executors LLM inference engines shipped
   over a torch.distributed channel; the last stage's workers sample.
 
 On a machine with 4 or more CUDA devices it uses NCCL (for the TP groups and
-for the tensors between stages). Anywhere else it runs on CPU with logical
+for the CUDA tensors between stages; the request's CPU tensors take gloo). Anywhere else it runs on CPU with logical
 GPUs and gloo, on two logical nodes of two GPUs each, so the node sorting and
 per-node ``CUDA_VISIBLE_DEVICES`` have something to do.
 
@@ -234,7 +234,8 @@ class PipelineExecutor:
         return results
 
     def _compiled_forward(self) -> Any:
-        transport = "nccl" if self.backend == "nccl" else "gloo"
+        # "auto": CUDA tensors (the hidden states on GPUs) over NCCL, CPU ones (the request's token ids) over gloo
+        transport = "auto"
         with InputNode() as request:
             outputs = [request for _ in self.pp_tp_workers[0]]
             for pp_rank, tp_group in enumerate(self.pp_tp_workers):
