@@ -122,6 +122,9 @@ class Stage:
             time.sleep(0.01)
         return x
 
+    def lock_of(self, x):
+        return threading.Lock()  # cannot be serialized: its execution fails at the driver
+
     def pid(self):
         return os.getpid()
 
@@ -480,6 +483,56 @@ def test_an_actor_killed_while_idle_fails_the_next_execution(al):
             actorlib.kill(s)
 
 
+class ArrivesBroken:
+    """Pickles fine here, fails to unpickle in the actor."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise RuntimeError("this value cannot be loaded here")
+
+
+def test_values_that_cannot_travel_fail_their_execution_only(env):
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        dag = b.check.bind(a.make.bind(inp).with_tensor_transport(transport))
+    compiled = dag.compile()
+    with InputNode() as inp:
+        unserializable = a.lock_of.bind(b.add.bind(inp, 0).with_tensor_transport(transport)).compile()
+    try:
+        with pytest.raises(actorlib.SerializationError, match="arguments"):
+            actorlib.get(compiled.execute(ArrivesBroken()), timeout=30)
+        assert actorlib.get(compiled.execute(((2,), "float32")), timeout=30)[0] == [2]
+        with pytest.raises(actorlib.SerializationError, match="output"):
+            actorlib.get(unserializable.execute(torch.ones(1)), timeout=30)
+        assert actorlib.get(compiled.execute(((3,), "float32")), timeout=30)[0] == [3]
+    finally:
+        compiled.teardown()
+        unserializable.teardown()
+
+
+def test_compiling_with_a_dead_actor_raises(al):
+    a, b = (StageActor.remote(name, "cpu") for name in "de")
+    os.kill(actorlib.get(b.pid.remote(), timeout=30), signal.SIGKILL)
+    wait_for(lambda: _dead(b), timeout=30, what="the actor to be known dead")
+    with InputNode() as inp:
+        dag = b.add.bind(a.add.bind(inp))
+    with pytest.raises(actorlib.ActorDiedError):
+        dag.compile(timeout=30)
+    assert actorlib.get(a.stats.remote(), timeout=30) == {}  # nothing left behind on the living one
+    actorlib.kill(a)
+
+
+def _dead(actor) -> bool:
+    try:
+        actorlib.get(actor.ping.remote(), timeout=10)
+    except actorlib.ActorDiedError:
+        return True
+    return False
+
+
 # -- building graphs: errors raised before anything is sent ----------------------------------------
 
 
@@ -521,3 +574,38 @@ def test_bad_graphs_are_refused_at_bind_or_compile(al):
         compiled.teardown()
         actorlib.kill(g)
         actorlib.kill(h)
+
+
+@pytest.mark.slow
+def test_benchmark_workloads_run(tmp_path):
+    """W7 and DAG in benchmarks/run.py work (tiny sizes; the figures go in the notes, not in tests)."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT_DIR
+
+    env = {**os.environ, "PYTHONPATH": ROOT_DIR, "ACTORLIB_TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT_DIR, "benchmarks", "run.py"), "--tiny", "-w", "W7,DAG"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    figures = {(r["workload"], r["metric"]) for r in rows if "workload" in r}
+    assert figures == {
+        ("W7", "gib_per_s"),
+        ("W7", "gib_per_s_pipelined"),
+        ("W7", "raw_gloo_gib_per_s"),
+        ("W7", "ratio_to_raw"),
+        ("DAG", "p50_us"),
+        ("DAG", "p99_us"),
+        ("DAG", "w1_p50_us_interleaved"),
+        ("DAG", "ratio_to_w1"),
+        ("DAG", "p50_us_between_only"),
+        ("DAG", "ratio_to_w1_between_only"),
+    }
+    assert all(r["value"] > 0 for r in rows if "workload" in r)
