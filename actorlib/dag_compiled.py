@@ -365,6 +365,8 @@ class CompiledDAG:
             raise self._error
         if self._state is not GraphState.READY:
             raise ActorLibError(f"this compiled graph is {self._state.value.lower().replace('_', ' ')}")
+        if runtime.current_or_none() is not self._rt:
+            raise ActorLibError("actorlib was shut down since this graph was compiled: compile it again")
 
     def _release_locked(self) -> None:
         self._inflight -= 1
@@ -498,10 +500,13 @@ class CompiledDAG:
             self._wake_all_locked()
         if was_ready and pending:
             wait_for([p.ref._fut for p in pending], len(pending), timeout)
-        try:
-            self._rt.run(self._teardown_actors(timeout), timeout=timeout + 10)
-        except Exception:
-            log.debug("teardown of compiled graph %s", self.graph_id[:8], exc_info=True)
+        if self._rt.loop.is_running():  # after actorlib.shutdown() the actors are gone already
+            coro = self._teardown_actors(timeout)
+            try:
+                self._rt.run(coro, timeout=timeout + 10)
+            except Exception:
+                coro.close()
+                log.debug("teardown of compiled graph %s", self.graph_id[:8], exc_info=True)
         with self._lock:
             left, self._pending = self._pending, {}
         for p in left.values():

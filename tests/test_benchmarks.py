@@ -1,9 +1,12 @@
 """The benchmark runner works (tiny sizes); the figures themselves go in the notes, not in tests."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +55,62 @@ def test_soak_and_idle_runner_reports_cpu_and_memory(tmp_path):
     assert {"cpu_pct workers (4)", "cpu_pct node agent", "cpu_pct fork servers"} <= idle
     soak = {r["metric"]: r["value"] for r in rows if r["workload"] == "SOAK"}
     assert soak["calls_and_items"] > 0 and soak["rss_end head"] > 0 and soak["rss_start workers"] > 0
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ray_and_floor_use_the_sizes_of_run_py():
+    bench = os.path.join(ROOT, "benchmarks")
+    run = _load("bench_run", os.path.join(bench, "run.py"))
+    for other in (
+        _load("bench_floor", os.path.join(bench, "floor.py")),
+        _load("bench_ray", os.path.join(bench, "ray_workloads.py")),
+    ):
+        for mine, theirs in ((run.FULL, other.FULL), (run.TINY, other.TINY)):
+            shared = {k for k in mine if k.startswith(("w1", "w2", "w3", "w4", "w5", "w6", "w7"))} & set(theirs)
+            assert len(shared) >= 10
+            assert {k: mine[k] for k in shared} == {k: theirs[k] for k in shared}, other.__file__
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_compare_runs_every_system_side_by_side(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACTORLIB_TMPDIR": str(tmp_path)}
+    md = tmp_path / "compare.md"
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "compare.py"), "--tiny", "--repeat", "1", "--markdown", str(md)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    figures = {(r["system"], r["workload"], r["metric"]) for r in rows if r.get("rep") == 1}
+    medians = {(r["system"], r["workload"], r["metric"]) for r in rows if r.get("stat") == "median"}
+    assert figures == medians
+    want = {
+        ("W1", "p50_us"),
+        ("W2", "calls_per_s"),
+        ("W3", "p50_us"),
+        ("W4", "in_process_s"),
+        ("W5", "in_mib_per_s"),
+        ("W6", "items_per_s"),
+    }
+    systems = ["actorlib", "floor-blocking"] + (["ray"] if importlib.util.find_spec("ray") else [])
+    for system in systems:
+        assert {(s, w, m) for s, w, m in figures if s == system} >= {(system, w, m) for w, m in want}, system
+    assert ("floor-blocking", "W7", "gib_per_s") in figures
+    if "ray" in systems:
+        assert ("ray", "W7", "gib_per_s") in figures
+    else:
+        assert not any(s == "ray" for s, _, _ in figures)
+        assert "Ray is not installed" in out.stdout
+    assert all(r["value"] > 0 for r in rows if "value" in r)
+    table = md.read_text()
+    assert "| W1 sync call p50 |" in table and "Python" in table and "torch" in table
