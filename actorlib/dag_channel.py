@@ -17,6 +17,10 @@ view), so every dtype goes over gloo. Receive buffers of 1 MiB or more come
 from a :class:`BufferPool` that reuses a buffer once nothing references it
 any more (as CUDA's caching allocator does for GPU memory).
 
+With the ``auto`` transport, a value whose CPU tensors total at most
+``INLINE_MAX`` carries them inside the ZeroMQ message itself (backend
+``inline``): for a few KiB that costs less than gloo's rendezvous.
+
 torch is imported only when a graph is set up, never by ``import actorlib``.
 """
 
@@ -40,10 +44,12 @@ __all__ = [
     "Channel",
     "TensorMeta",
     "choose_backend",
+    "from_bytes",
     "inline",
     "join",
     "make_group",
     "meta_of",
+    "small_value",
     "split",
     "uninline",
     "wait_all",
@@ -51,7 +57,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TensorMeta = list  # [shape, dtype name, device type, backend, offset in a packed slot or -1]: plain data (ZeroMQ)
+# [shape, dtype name, device type, backend, offset in a packed slot or -1 | the bytes themselves for "inline"]:
+# plain data, inside the ZeroMQ message that announces a value
+TensorMeta = list
 POOL_MIN_BYTES = 1 << 20
 SLOT_BYTES = 64 << 10  # values whose tensors fit travel packed, into a receive posted ahead
 SLOT_TAG = 1 << 20  # packed transfers' tag; tensors sent one by one are tagged by their position
@@ -125,8 +133,22 @@ def inline(value: Any) -> list[Any] | None:
     nbytes = value.numel() * value.element_size()
     if nbytes > INLINE_MAX or value.device.type not in ("cpu", "cuda"):
         return None
-    data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type, data]
+    return [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type, raw_bytes(value)]
+
+
+def raw_bytes(tensor: Any) -> bytes:
+    """A tensor's elements as bytes (through host memory), whatever its dtype."""
+    import torch
+
+    return bytes(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def from_bytes(dtype_name: str, shape: list[int], data: bytes) -> Any:
+    """A CPU tensor of its own (writable) memory from :func:`raw_bytes`."""
+    import torch
+
+    dtype = _dtype(torch, dtype_name)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
 
 
 def uninline(spec: list[Any], cuda_device: Any = None) -> Any:
@@ -135,16 +157,23 @@ def uninline(spec: list[Any], cuda_device: Any = None) -> Any:
     import torch
 
     dtype_name, shape, device, data = spec
-    dtype = _dtype(torch, dtype_name)
-    t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+    t = from_bytes(dtype_name, shape, data)
     if device == "cuda" and torch.cuda.is_available():
         t = t.to(cuda_device if cuda_device is not None else "cuda")
     return t
 
 
-def choose_backend(tensor: Any, transport: str, has_nccl: bool) -> str:
-    """Which channel carries ``tensor``: NCCL for CUDA tensors, gloo for CPU ones (``auto``), or as forced."""
+def choose_backend(tensor: Any, transport: str, has_nccl: bool, small: bool = False) -> str:
+    """Which channel carries ``tensor``: as forced, or for ``auto`` by device and size.
+
+    ``auto``: NCCL for CUDA tensors when both ends have it; ``inline`` (inside
+    the ZeroMQ message to the next actor) for CPU tensors of a ``small``
+    value, whose bytes cost less there than a rendezvous of their own on
+    gloo; gloo for the rest.
+    """
     cuda = tensor.device.type == "cuda"
+    if transport == "auto" and small and tensor.device.type == "cpu":
+        return "inline"
     if transport == "nccl":
         if not cuda:
             raise TypeError(
@@ -160,7 +189,13 @@ def choose_backend(tensor: Any, transport: str, has_nccl: bool) -> str:
 
 
 def meta_of(tensor: Any, backend: str, offset: int = -1) -> TensorMeta:
-    return [list(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.device.type, backend, offset]
+    last: int | bytes = raw_bytes(tensor) if backend == "inline" else offset
+    return [list(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.device.type, backend, last]
+
+
+def small_value(tensors: list[Any]) -> bool:
+    """The CPU tensors of one value fit inside a message (``auto`` sends them there, see :func:`choose_backend`)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu") <= INLINE_MAX
 
 
 class BufferPool:

@@ -45,7 +45,20 @@ from typing import TYPE_CHECKING, Any
 
 from transport import DecodeError, EncodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
 
-from .dag_channel import BufferPool, Channel, choose_backend, inline, join, make_group, meta_of, split, uninline, wait_all
+from .dag_channel import (
+    BufferPool,
+    Channel,
+    choose_backend,
+    from_bytes,
+    inline,
+    join,
+    make_group,
+    meta_of,
+    small_value,
+    split,
+    uninline,
+    wait_all,
+)
 from .exceptions import ActorLibError
 from .worker import ASYNC, error_record, method_kind
 
@@ -86,10 +99,16 @@ class _Incoming:
     """A value from another actor whose tensors are on their way; :meth:`resolve` waits for them (any thread, once)."""
 
     def __init__(
-        self, skeleton: bytes, parts: list[tuple[Channel, list[int], list[Any], list[Any], list[Any]]], count: int, sender: str
+        self,
+        skeleton: bytes,
+        parts: list[tuple[Channel, list[int], list[Any], list[Any], list[Any]]],
+        ready: dict[int, Any],
+        count: int,
+        sender: str,
     ) -> None:
         self._skeleton = skeleton
         self._parts = parts  # (channel, indices, metas, tensors, transfers)
+        self._ready = ready  # the tensors that came inside the message, by position
         self._count = count
         self._sender = sender
         self._lock = threading.Lock()
@@ -105,7 +124,7 @@ class _Incoming:
             return self._value
 
     def _finish(self) -> Any:
-        tensors: list[Any] = [None] * self._count
+        tensors: list[Any] = [self._ready.get(i) for i in range(self._count)]
         try:
             for channel, indices, metas, received, works in self._parts:
                 wait_all(works, channel.name)
@@ -211,17 +230,19 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
 
 def stats() -> dict[str, Any]:
     """What this actor's compiled graphs have done, by graph id: messages taken (``exec`` from the driver,
-    ``deliver`` from other actors) and, per channel, values moved and their tensors' bytes."""
-    return {
-        gid: {
-            "events": dict(graph.events),
-            "channels": {
-                f"{role} {'to' if role == 'send' else 'from'} {peer} ({backend})": {"transfers": ch.transfers, "bytes": ch.nbytes}
-                for (peer, role, backend), ch in graph.channels.items()
-            },
-        }
-        for gid, graph in _graphs.items()
-    }
+    ``deliver`` from other actors) and, per channel, values moved and their tensors' bytes. Tensors that
+    travelled inside the messages themselves (``auto``, small CPU values) count under ``(zmq)``."""
+
+    def name(peer: str, role: str, backend: str) -> str:
+        return f"{role} {'to' if role == 'send' else 'from'} {peer} ({backend})"
+
+    out = {}
+    for gid, graph in _graphs.items():
+        channels = {name(*key): {"transfers": ch.transfers, "bytes": ch.nbytes} for key, ch in graph.channels.items()}
+        for (peer, role), (values, nbytes) in graph.inlined.items():
+            channels[name(peer, role, "zmq")] = {"transfers": values, "bytes": nbytes}
+        out[gid] = {"events": dict(graph.events), "channels": channels}
+    return out
 
 
 def _graph(gid: str) -> GraphRuntime:
@@ -267,6 +288,7 @@ class GraphRuntime:
         self._results_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.events: dict[str, int] = {}  # messages taken, by kind (for stats())
+        self.inlined: dict[tuple[str, str], list[int]] = {}  # (peer, role) -> [values, bytes] sent inside messages
         self.cuda_device: Any = None  # set by start() on an actor with a GPU
 
     # -- set up and torn down ---------------------------------------------------
@@ -381,7 +403,17 @@ class GraphRuntime:
         for i, meta in enumerate(metas):
             by_backend.setdefault(str(meta[3]), []).append(i)
         parts = []
+        ready: dict[int, Any] = {}
         try:
+            inlined = by_backend.pop("inline", ())
+            for i in inlined:
+                shape, dtype_name, _, _, data = metas[i]
+                ready[i] = from_bytes(dtype_name, shape, data)
+            if inlined:
+                self._count_inline(sender, "recv", [ready[i] for i in inlined])
+            if not by_backend:
+                self.arrive(src, seq, _join(skeleton, [ready[i] for i in range(len(metas))]))
+                return
             for backend, indices in by_backend.items():
                 channel = self.channels.get((sender, "recv", backend))
                 if channel is None:
@@ -389,11 +421,16 @@ class GraphRuntime:
                 chosen = [metas[i] for i in indices]
                 tensors, works = channel.post_recv(chosen)
                 parts.append((channel, indices, chosen, tensors, works))
-        except (ConnectionError, TypeError) as exc:
+        except (ConnectionError, TypeError, ValueError, RuntimeError) as exc:
             self.arrive(src, seq, _Failed({"type": "dag_channel", "message": str(exc), "peer": sender}))
             self._repost()
             return
-        self.arrive(src, seq, _Incoming(skeleton, parts, len(metas), sender))
+        self.arrive(src, seq, _Incoming(skeleton, parts, ready, len(metas), sender))
+
+    def _count_inline(self, peer: str, role: str, tensors: list[Any]) -> None:
+        counts = self.inlined.setdefault((peer, role), [0, 0])
+        counts[0] += 1
+        counts[1] += sum(t.numel() * t.element_size() for t in tensors)
 
     # -- running a node -------------------------------------------------------------
 
@@ -482,11 +519,19 @@ class GraphRuntime:
         if node.remote and not isinstance(out, _Failed):
             try:
                 skeleton, tensors = split(out)
+                small = small_value(tensors)
                 for peer in node.remote:
-                    backends = [choose_backend(t, node.transport, (peer, "send", "nccl") in self.channels) for t in tensors]
+                    has_nccl = (peer, "send", "nccl") in self.channels
+                    backends = [choose_backend(t, node.transport, has_nccl, small) for t in tensors]
                     metas: list[Any] = [None] * len(tensors)
                     by_backend = {}
-                    for backend in dict.fromkeys(backends):
+                    if "inline" in backends:
+                        sent = [t for t, b in zip(tensors, backends, strict=True) if b == "inline"]
+                        for i, backend in enumerate(backends):
+                            if backend == "inline":
+                                metas[i] = meta_of(tensors[i], "inline")
+                        self._count_inline(peer, "send", sent)
+                    for backend in dict.fromkeys(b for b in backends if b != "inline"):
                         channel = self.channels.get((peer, "send", backend))
                         if channel is None:
                             raise RuntimeError(f"no {backend} channel to the next stage (transport {node.transport!r})")

@@ -376,31 +376,37 @@ def dag(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     """Per-execution time of a compiled 2-stage graph passing a tiny tensor, against W1 in the same run.
 
     ``p50_us``: ``execute(x)`` sends a 4-element float32 tensor to stage A
-    (``x + 1``), whose output goes to stage B over a gloo channel (``* 2``),
-    whose output tensor comes back to the driver. ``..._between_only``: an
-    int goes in, A makes the tiny tensor, B answers with a float: the tensor
-    only crosses between the stages. Timed in blocks interleaved with W1
+    (``x + 1``), whose output goes to stage B (``* 2``) with the default
+    transport (``auto``: a value this small travels inside the message from A
+    to B), whose output tensor comes back to the driver. ``p50_us_gloo``: the
+    same with the tensor forced onto a gloo channel between A and B.
+    ``..._between_only``: gloo again, an int goes in, A makes the tiny tensor,
+    B answers with a float: the tensor only crosses between the stages. Timed in blocks interleaved with W1
     calls (as W3 is), so the ratios are measured under the same machine noise.
     """
     import torch
 
     a, b = Stage.remote(), Stage.remote()
     with InputNode() as inp:
-        full = b.double.bind(a.add_one.bind(inp).with_tensor_transport("gloo")).compile()
+        full = b.double.bind(a.add_one.bind(inp)).compile()
+    with InputNode() as inp:
+        gloo = b.double.bind(a.add_one.bind(inp).with_tensor_transport("gloo")).compile()
     with InputNode() as inp:
         between = b.first.bind(a.make_tiny.bind(inp).with_tensor_transport("gloo")).compile()
     try:
         x = torch.ones(4)
         for _ in range(size["w1_warmup"]):
             assert float(actorlib.get(full.execute(x), timeout=60)[0]) == 4.0
+            assert float(actorlib.get(gloo.execute(x), timeout=60)[0]) == 4.0
             assert actorlib.get(between.execute(3), timeout=60) == 3.0
             actorlib.get(actor.ping.remote())
-        runs: dict[str, list[float]] = {"full": [], "between": [], "w1": []}
+        runs: dict[str, list[float]] = {"full": [], "gloo": [], "between": [], "w1": []}
         rounds, block = size["dag_rounds"], max(1, size["dag_rounds"] // 10)
         for start in range(0, rounds, block):
             n = min(block, rounds - start)
             for name, call in (
                 ("full", lambda: full.execute(x)),
+                ("gloo", lambda: gloo.execute(x)),
                 ("between", lambda: between.execute(3)),
                 ("w1", lambda: actor.ping.remote()),
             ):
@@ -410,6 +416,7 @@ def dag(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
                     runs[name].append((time.perf_counter() - t0) * 1e6)
     finally:
         full.teardown()
+        gloo.teardown()
         between.teardown()
         actorlib.kill(a)
         actorlib.kill(b)
@@ -420,6 +427,8 @@ def dag(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
         record("DAG", "p99_us", percentile(runs["full"], 0.99), "us"),
         record("DAG", "w1_p50_us_interleaved", w1_p50, "us"),
         record("DAG", "ratio_to_w1", p50 / w1_p50, "x"),
+        record("DAG", "p50_us_gloo", percentile(runs["gloo"], 0.5), "us"),
+        record("DAG", "ratio_to_w1_gloo", percentile(runs["gloo"], 0.5) / w1_p50, "x"),
         record("DAG", "p50_us_between_only", between_p50, "us"),
         record("DAG", "ratio_to_w1_between_only", between_p50 / w1_p50, "x"),
     ]

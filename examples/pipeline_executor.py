@@ -234,7 +234,8 @@ class PipelineExecutor:
         return results
 
     def _compiled_forward(self) -> Any:
-        # "auto": CUDA tensors (the hidden states on GPUs) over NCCL, CPU ones (the request's token ids) over gloo
+        # "auto": CUDA tensors (the hidden states on GPUs) over NCCL; CPU ones over gloo, or inside the message
+        # to the next stage when the value's CPU tensors are small (the request's token ids; this toy model's states)
         transport = "auto"
         with InputNode() as request:
             outputs = [request for _ in self.pp_tp_workers[0]]

@@ -279,6 +279,34 @@ def test_nested_tensor_structures(env):
         compiled.teardown()
 
 
+def test_auto_sends_small_cpu_values_inside_the_message_and_big_ones_over_gloo(al):
+    a, b = StageActor.remote("a", "cpu"), StageActor.remote("b", "cpu")
+    with InputNode() as inp:
+        dag = b.last_stage.bind(a.first_stage.bind(inp).with_tensor_transport("auto"))
+    compiled = dag.compile()
+    try:
+        small = torch.arange(6, dtype=torch.float32)  # the value: 6*4*2 + 6*8 + 6*4 bytes of tensors
+        big = torch.ones((SLOT_BYTES // 4) * 2, dtype=torch.float32)  # 512 KiB hidden states: past what fits a message
+        for x in (small, small + 1, big):
+            got = actorlib.get(compiled.execute(x), timeout=60)
+            assert got["hidden"].tolist() == (x * 2).tolist() and got["same_object"] is True
+            assert got["residual_dtype"] == "torch.float64" and got["int_sum"] == int(x.sum()) and got["meta"]["who"] == "a"
+        small_bytes = 6 * 4 + 6 * 8 + 6 * 4  # hidden (float32), residual (float64), as_int (int32): hidden once
+        big_bytes = big.numel() * (4 + 8 + 4)
+        assert channel_bytes(a, compiled) == {
+            f"send to {b._actor_id} (zmq)": {"transfers": 2, "bytes": 2 * small_bytes},
+            f"send to {b._actor_id} (gloo)": {"transfers": 1, "bytes": big_bytes},
+        }
+        assert channel_bytes(b, compiled) == {
+            f"recv from {a._actor_id} (zmq)": {"transfers": 2, "bytes": 2 * small_bytes},
+            f"recv from {a._actor_id} (gloo)": {"transfers": 1, "bytes": big_bytes},
+        }
+    finally:
+        compiled.teardown()
+        actorlib.kill(a)
+        actorlib.kill(b)
+
+
 def test_shapes_and_dtypes_change_between_executions(env):
     transport, (a, b, _) = env
     with InputNode() as inp:
@@ -605,6 +633,8 @@ def test_benchmark_workloads_run(tmp_path):
         ("DAG", "p99_us"),
         ("DAG", "w1_p50_us_interleaved"),
         ("DAG", "ratio_to_w1"),
+        ("DAG", "p50_us_gloo"),
+        ("DAG", "ratio_to_w1_gloo"),
         ("DAG", "p50_us_between_only"),
         ("DAG", "ratio_to_w1_between_only"),
     }

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[Message], None]
 
 _DRAIN_BATCH = 512
+COPY_BELOW = 64 << 10  # tracked sends copy buffers this small instead (as pyzmq's own copy threshold does untracked)
 _context: zmq.Context | None = None
 _context_pid = 0
 
@@ -168,6 +169,9 @@ class Endpoint:
         track: bool = False,
         block: bool = True,
     ) -> zmq.MessageTracker | None:
+        if track:  # waiting for ZeroMQ to let go of a buffer costs thread hops (pyzmq's gc thread): copy small ones
+            buffers = [bytes(b) if memoryview(b).nbytes < COPY_BELOW else b for b in buffers]
+            track = any(type(b) is not bytes for b in buffers)
         if buffers and self._shm:
             frames, moved = shm.export(buffers)
             if moved:  # copied out already: the caller may change its arrays, nothing to track
