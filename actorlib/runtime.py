@@ -7,6 +7,15 @@ already runs an event loop. A worker runs the loop in its main thread.
 
 Calls submitted from another thread reach the loop through an inbox drained
 in batches: one wake-up for however many calls queued up meanwhile.
+
+A call made from a thread that is not the loop's goes straight onto the
+actor's socket (no hop at all) — unless it is part of a *burst*: code on the
+caller's own event loop (asyncio, a notebook cell) that makes several calls
+in one step of that loop. The first goes straight out; the rest of the step's
+calls go through the inbox, and the loop sends what it finds there to one
+actor as one BATCH message (one send, one wake-up of the worker) instead of
+one send each. The burst ends when the caller's loop takes its next step, or
+when the caller blocks in ``get``/``wait``.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ class Runtime:
         self._conns: dict[str, ActorConnection] = {}
         self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._inbox_scheduled = False
+        self._bursting: set[asyncio.AbstractEventLoop] = set()  # callers' loops in a burst of calls (see above)
         self._control = ControlServer(self, on_event=self._on_event)
 
     # -- threads -------------------------------------------------------------
@@ -112,7 +122,9 @@ class Runtime:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def check_can_block(self) -> None:
+        """Called before every blocking wait for results: raises where it would deadlock; ends a burst of calls."""
         check_not_blocking_loop(self.loop)
+        self.end_burst()
 
     # -- the head --------------------------------------------------------------
 
@@ -257,12 +269,24 @@ class Runtime:
             return result
         conn = self._conns.get(actor_id)
         if conn is not None:
-            if conn.try_direct(call):
-                return result
+            caller_loop = asyncio._get_running_loop()
+            if caller_loop is None or caller_loop not in self._bursting:
+                if conn.try_direct(call):
+                    if caller_loop is not None:  # later calls in this step of the caller's loop: batched
+                        self._bursting.add(caller_loop)
+                        caller_loop.call_soon(self._bursting.discard, caller_loop)
+                    return result
             conn.post()
         _own_buffers(call)
         self.call_soon(self._submit_posted, actor_id, class_name, call, conn)
         return result
+
+    def end_burst(self) -> None:
+        """The caller is about to block: its next call goes straight out again (see the module's docstring)."""
+        if self._bursting:
+            loop = asyncio._get_running_loop()
+            if loop is not None:
+                self._bursting.discard(loop)
 
     def _submit_posted(self, actor_id: str, class_name: str, call: Call, counted: ActorConnection | None) -> None:
         if counted is not None:

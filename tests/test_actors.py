@@ -150,6 +150,30 @@ def test_sync_methods_run_in_call_order(cluster, Counter):
     assert cluster.get(c.history.remote(), timeout=30) == list(range(30))
 
 
+def test_a_burst_of_calls_from_an_event_loop_keeps_its_order_and_leaves_while_that_loop_is_blocked(cluster, Counter):
+    """Calls made in one step of the caller's own loop go out batched; nothing waits for that loop to step again."""
+    c = Counter.remote()
+    cluster.get(c.incr.remote(0), timeout=30)  # connected: the next calls may go straight out
+
+    async def main():
+        first = [c.incr.remote(i) for i in range(1, 101)]
+        # this loop is blocked from here (as a notebook cell blocks its kernel's loop): another thread waits
+        waiter = threading.Thread(target=lambda: box.append(cluster.get(first, timeout=30)))
+        waiter.start()
+        waiter.join(timeout=40)
+        assert box, "the batched calls never left while the caller's loop was blocked"
+        second = [c.incr.remote(i) for i in range(101, 151)]
+        blocked = cluster.get(second[-1], timeout=30)  # a blocking get in the same step
+        third = [c.incr.remote(i) for i in range(151, 201)]
+        return blocked, await asyncio.gather(*second, *third)
+
+    box = []
+    blocked, rest = asyncio.run(main())
+    assert blocked == sum(range(151))
+    assert cluster.get(c.history.remote(), timeout=30) == list(range(201))
+    assert rest[-1] == sum(range(201))
+
+
 def test_async_methods_run_concurrently_up_to_max_concurrency(cluster, Counter):
     c = Counter.remote()
     t0 = time.monotonic()
