@@ -140,6 +140,11 @@ def raw_bytes(tensor: Any) -> bytes:
     """A tensor's elements as bytes (through host memory), whatever its dtype."""
     import torch
 
+    if type(tensor) is torch.Tensor and tensor.device.type == "cpu" and not tensor.requires_grad:
+        try:
+            return bytes(tensor.numpy().tobytes())  # one torch call, not five: this runs on every small hop
+        except TypeError:
+            pass  # a dtype numpy lacks (bfloat16 ...)
     return bytes(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
