@@ -125,11 +125,15 @@ class NodeAgent:
         """
         loop = asyncio.get_running_loop()
         last_answer = loop.time()
+        missed = 0  # heartbeats in a row the head left unanswered
         while self._head is not None and not self._head.closed:
             try:
                 reply = await control_call(self._head, "heartbeat", node_id=self.node_id, timeout=HEARTBEAT_EVERY)
             except asyncio.TimeoutError:
-                if loop.time() - last_answer > NODE_TIMEOUT:
+                # Both clocks: time alone would blame the head for a pause of this
+                # process (SIGSTOP, a frozen VM) that let one heartbeat's wait expire.
+                missed += 1
+                if missed * HEARTBEAT_EVERY >= NODE_TIMEOUT and loop.time() - last_answer > NODE_TIMEOUT:
                     self._finish_agent(f"the head at {self.head_address} stopped answering for {NODE_TIMEOUT:g} s")
                     return
                 continue
@@ -137,6 +141,7 @@ class NodeAgent:
                 log.debug("heartbeat not sent: %s", exc)
             else:
                 last_answer = loop.time()
+                missed = 0
                 if isinstance(reply, dict) and reply.get("rejoin"):
                     log.warning("node %s: the head had declared it dead; killing its workers and joining again", self.node_id[:8])
                     for pid in list(self._workers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
@@ -202,6 +203,27 @@ def test_node_death_and_rejoin(machine):
     assert after.stdout.strip() == node["node_id"]
 
 
+def test_a_node_stopped_while_its_heartbeat_waits_for_an_answer_joins_again(machine):
+    """The node's heartbeat timed out while the node itself was stopped: that is not the head's silence."""
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--num-cpus", "1")
+    machine.cli("start", "--address", "auto", "--num-cpus", "1")
+    head = next(i for i in _started(machine) if i["role"] == "head")
+    node = next(i for i in _started(machine) if i["role"] == "node")
+    port = int(head["address"].rsplit(":", 1)[1])
+    os.kill(head["pid"], signal.SIGSTOP)  # the node's next heartbeat stays unanswered in the head's socket
+    try:
+        wait_for(lambda: _bytes_waiting(port), timeout=10, what="a heartbeat to wait in the stopped head's socket")
+        os.kill(node["pid"], signal.SIGSTOP)  # ... and the node stops while it waits for the answer
+    finally:
+        os.kill(head["pid"], signal.SIGCONT)
+    try:
+        wait_for(lambda: not _node_alive(machine, node), timeout=30, what="the head to declare the node dead")
+    finally:
+        os.kill(node["pid"], signal.SIGCONT)
+    wait_for(lambda: _node_alive(machine, node), timeout=30, what="the node to join again")
+    assert alive(node["pid"])
+
+
 def test_killing_the_head_stops_its_nodes_and_workers(machine):
     machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--num-cpus", "1")
     machine.cli("start", "--address", "auto", "--resources", '{"other": 1}')
@@ -217,13 +239,18 @@ def _started(machine: Machine) -> list[dict]:
     return [json.load(open(os.path.join(folder, n))) for n in sorted(os.listdir(folder))]
 
 
+def _bytes_waiting(port: int) -> bool:
+    """Whether a connection to ``port`` on this machine holds received bytes nobody has read yet."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True)
+    return any(int(line.split()[0]) > 0 for line in out.stdout.splitlines())
+
+
 def _node_alive(machine: Machine, node: dict) -> bool:
     st = machine.status()
     return any(n["node_id"] == node["node_id"] and n["alive"] for n in st["nodes"])
 
 
 def test_start_block_stays_in_the_foreground_until_signalled(machine):
-    import subprocess
     import sys
 
     cli = subprocess.Popen(
