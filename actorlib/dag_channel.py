@@ -143,9 +143,10 @@ def raw_bytes(tensor: Any) -> bytes:
     if type(tensor) is torch.Tensor and tensor.device.type == "cpu" and not tensor.requires_grad:
         try:
             return bytes(tensor.numpy().tobytes())  # one torch call, not five: this runs on every small hop
-        except TypeError:
-            pass  # a dtype numpy lacks (bfloat16 ...)
-    return bytes(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        except (TypeError, RuntimeError):
+            pass  # a dtype numpy lacks (bfloat16 ...), a conjugate or negative bit
+    flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy().tobytes())
 
 
 def from_bytes(dtype_name: str, shape: list[int], data: bytes) -> Any:
@@ -153,7 +154,10 @@ def from_bytes(dtype_name: str, shape: list[int], data: bytes) -> Any:
     import torch
 
     dtype = _dtype(torch, dtype_name)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=dtype)
+    return flat if len(shape) == 1 and shape[0] == flat.numel() else flat.reshape(shape)  # one torch call if it can
 
 
 def uninline(spec: list[Any], cuda_device: Any = None) -> Any:

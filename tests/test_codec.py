@@ -57,6 +57,22 @@ def test_torch_tensor_with_grad_and_empty():
     assert roundtrip(torch.empty(0, 4)).shape == (0, 4)
 
 
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.tensor(2.5),  # 0-dim
+        torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+        torch.arange(10)[3:7],  # a view into a bigger storage
+        torch.tensor([1 + 2j, 3 - 1j]).conj(),  # conjugate bit: the values as seen, not the storage
+        -torch.tensor([1 + 2j]).conj().imag,  # negative bit
+    ],
+    ids=["0-dim", "transposed", "slice", "conj", "neg"],
+)
+def test_torch_tensor_views_travel_as_their_values(t):
+    out = roundtrip(t)
+    assert out.dtype == t.dtype and out.shape == t.shape and torch.equal(out, t.resolve_conj().resolve_neg())
+
+
 class Point:
     def __init__(self, x):
         self.x = x

@@ -59,8 +59,7 @@ def dumps(obj: Any, *, allow_pickle: bool = True) -> tuple[bytes, list[Any]]:
             return msgpack.ExtType(_EXT_NDARRAY, _pack(meta, None))
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(o, torch.Tensor) and _plain_cpu_tensor(o, torch):
-            flat = o.detach().contiguous().reshape(-1).view(torch.uint8)
-            buffers.append(memoryview(flat.numpy()))
+            buffers.append(_tensor_bytes(o, torch))
             meta = [str(o.dtype).removeprefix("torch."), list(o.shape), len(buffers) - 1]
             return msgpack.ExtType(_EXT_TENSOR, _pack(meta, None))
         if not allow_pickle:
@@ -106,8 +105,8 @@ def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bo
             buf = buffers[index]
             if len(buf) == 0:
                 return torch.empty(shape, dtype=getattr(torch, dtype))
-            flat = torch.frombuffer(buf, dtype=torch.uint8)
-            return flat.view(getattr(torch, dtype)).reshape(shape)
+            flat = torch.frombuffer(buf, dtype=getattr(torch, dtype))  # one torch call where it can be: see _tensor_bytes
+            return flat if len(shape) == 1 and shape[0] == flat.numel() else flat.reshape(shape)
         if code == _EXT_PICKLE:
             if not allow_pickle:
                 raise DecodeError("a pickled value arrived where only plain data is accepted")
@@ -125,6 +124,19 @@ def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bo
 
 def _plain_cpu_tensor(t: Any, torch: Any) -> bool:
     return t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized and not t.is_nested
+
+
+def _tensor_bytes(t: Any, torch: Any) -> memoryview:
+    """A CPU tensor's bytes, flat, without a copy where it can be.
+
+    The usual tensor (contiguous, no grad, a dtype numpy knows) takes one torch
+    call: each torch call lets go of the GIL, and in a process whose event
+    loop thread is busy each one costs a wait for it to come back.
+    """
+    try:
+        return memoryview(t.numpy()).cast("B")
+    except (TypeError, RuntimeError):  # bfloat16, requires grad, conjugate bit, not contiguous
+        return memoryview(t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _pack(obj: Any, default: Any) -> bytes:
