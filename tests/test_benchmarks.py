@@ -106,6 +106,7 @@ def test_compare_runs_every_system_side_by_side(tmp_path):
     for system in systems:
         assert {(s, w, m) for s, w, m in figures if s == system} >= {(system, w, m) for w, m in want}, system
     assert ("floor-blocking", "W7", "gib_per_s") in figures
+    assert ("actorlib", "DAG", "ratio_to_w1") in figures and not any(w == "DAG" and s != "actorlib" for s, w, _ in figures)
     if "ray" in systems:
         assert ("ray", "W7", "gib_per_s") in figures
     else:
@@ -113,4 +114,4 @@ def test_compare_runs_every_system_side_by_side(tmp_path):
         assert "Ray is not installed" in out.stdout
     assert all(r["value"] > 0 for r in rows if "value" in r)
     table = md.read_text()
-    assert "| W1 sync call p50 |" in table and "Python" in table and "torch" in table
+    assert "| W1 sync call p50 |" in table and "| DAG / W1 (interleaved) |" in table and "Python" in table and "torch" in table
