@@ -75,7 +75,8 @@ def test_actorlib_in_a_jupyter_kernel(kernel):
     assert "5" in run_cell(kc, "c = Cell.remote()\nactorlib.get(c.add.remote(2, 3), timeout=60)")  # blocking get in a cell
     assert "42" in run_cell(kc, "await c.add.remote(40, 2)")  # top-level await
     assert "[0, 1, 2]" in run_cell(kc, "[actorlib.get(r) for r in c.gen.remote(3)]")
-    out = run_cell(kc, "pid = actorlib.get(c.shout.remote('hello from a worker'), timeout=60)\nprint('PID', pid)")
+    # values come back as the cell's result: a print's stream may reach iopub after the cell ends on a busy machine
+    out = run_cell(kc, "pid = actorlib.get(c.shout.remote('hello from a worker'), timeout=60)\nf'PID {pid} END'")
     if "HELLO FROM A WORKER" not in out:
         out += drain_streams(kc, "HELLO FROM A WORKER")
     pid = int(out.split("PID ")[1].split()[0])
@@ -83,7 +84,7 @@ def test_actorlib_in_a_jupyter_kernel(kernel):
     run_cell(kc, "actorlib.shutdown()")
     wait_for(lambda: not alive(pid), 10, what="the worker to exit after shutdown()")
     out = run_cell(
-        kc, "actorlib.init(num_cpus=2)\nc = Cell.remote()\nprint('PID2', actorlib.get(c.shout.remote('again'), timeout=60))"
+        kc, "actorlib.init(num_cpus=2)\nc = Cell.remote()\nf\"PID2 {actorlib.get(c.shout.remote('again'), timeout=60)} END\""
     )
     pid2 = int(out.split("PID2 ")[1].split()[0])
     assert alive(pid2)
