@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
+from transport import Pickler
 
 __all__ = [
     "BufferPool",
@@ -66,9 +66,9 @@ SLOT_TAG = 1 << 20  # packed transfers' tag; tensors sent one by one are tagged 
 _ALIGN = 64
 
 
-class _Splitter(cloudpickle.Pickler):
+class _Splitter(Pickler):
     def __init__(self, file: io.BytesIO, tensors: list[Any], tensor_type: type) -> None:
-        super().__init__(file, protocol=5)
+        super().__init__(file)
         self.tensors = tensors
         self.tensor_type = tensor_type
         self.seen: dict[int, int] = {}

@@ -30,7 +30,18 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from transport import DecodeError, Endpoint, Kind, Message, RemoteFailure, TransportError, control_call, dumps, loads
+from transport import (
+    DecodeError,
+    Endpoint,
+    Kind,
+    Message,
+    RemoteFailure,
+    TransportError,
+    control_call,
+    dumps,
+    loads,
+    pickle_dumps,
+)
 from transport.control import ControlServer
 
 from .connection import ActorConnection, Call, encode_call
@@ -349,9 +360,7 @@ def control_error(op: str, record: dict[str, Any]) -> Exception:
 
 def encode_payload(obj: Any) -> bytes:
     """Pickle an actor's class and constructor arguments into one opaque blob."""
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(obj, protocol=5)
+        return pickle_dumps(obj)
     except Exception as exc:
         raise SerializationError(f"could not serialize the actor's class or constructor arguments: {exc}") from None

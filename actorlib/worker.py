@@ -27,7 +27,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import uvloop
 
 from transport import (
@@ -39,6 +38,7 @@ from transport import (
     TransportError,
     dumps,
     loads,
+    pickle_dumps,
     send_event,
     set_cluster_key,
     wait_sent,
@@ -73,7 +73,7 @@ def error_record(exc: BaseException, actor: str, *, skip_frames: int = 0) -> dic
             tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     try:
-        exc_bytes = cloudpickle.dumps(exc.with_traceback(None), protocol=5)
+        exc_bytes = pickle_dumps(exc.with_traceback(None))
         pickle.loads(exc_bytes)  # it must also come back
     except Exception:
         exc_bytes = None

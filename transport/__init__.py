@@ -1,6 +1,6 @@
 """ZeroMQ + msgpack messaging. Knows nothing of actors."""
 
-from .codec import dumps as dumps, loads as loads
+from .codec import Pickler as Pickler, dumps as dumps, loads as loads, pickle_dumps as pickle_dumps
 from .control import (
     ControlError as ControlError,
     ControlServer as ControlServer,
@@ -42,6 +42,7 @@ __all__ = [
     "EndpointBusy",
     "Kind",
     "Message",
+    "Pickler",
     "ProtocolError",
     "RemoteFailure",
     "TransportError",
@@ -49,6 +50,7 @@ __all__ = [
     "dumps",
     "generate_key",
     "loads",
+    "pickle_dumps",
     "read_key_file",
     "send_event",
     "set_cluster_key",

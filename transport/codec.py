@@ -19,9 +19,12 @@ only then.
 
 from __future__ import annotations
 
+import collections
+import io
 import os
 import pickle
 import sys
+import types
 from typing import Any
 
 import cloudpickle
@@ -29,7 +32,7 @@ import msgpack
 
 from .exceptions import DecodeError, EncodeError
 
-__all__ = ["MAX_MESSAGE_BYTES", "dumps", "loads"]
+__all__ = ["MAX_MESSAGE_BYTES", "Pickler", "dumps", "loads", "pickle_dumps"]
 
 # The largest message (header and buffers together) this process encodes, and each of its sockets
 # accepts per frame: a bound on what one peer can make another allocate. Larger tensors belong to
@@ -66,7 +69,7 @@ def dumps(obj: Any, *, allow_pickle: bool = True) -> tuple[bytes, list[Any]]:
             raise EncodeError(f"cannot encode a {t.__qualname__} here (plain data only)")
         first = len(buffers)
         try:
-            data = cloudpickle.dumps(o, protocol=5, buffer_callback=buffers.append)
+            data = pickle_dumps(o, buffers.append)
         except Exception as exc:
             raise EncodeError(f"cannot serialize {t.__module__}.{t.__qualname__}: {exc}") from exc
         return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None))
@@ -124,6 +127,36 @@ def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bo
 
 def _plain_cpu_tensor(t: Any, torch: Any) -> bool:
     return t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized and not t.is_nested
+
+
+def _code_reduce(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, keeping its file name.
+
+    cloudpickle 3.1 writes ``"<dynamic-code>"`` there for code pickled by value
+    (classes and functions of ``__main__``, notebook cells, local ones): a
+    remote traceback would no longer say which file the error was raised in.
+    """
+    ctor, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return ctor, tuple(code.co_filename if a == "<dynamic-code>" and type(a) is str else a for a in args)
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler (protocol 5), except that code pickled by value keeps its file name."""
+
+    dispatch_table = collections.ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+    def __init__(self, file: Any, buffer_callback: Any = None) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+
+
+def pickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``obj`` pickled by :class:`Pickler`; buffers go to ``buffer_callback`` (out of band) if given."""
+    file = io.BytesIO()
+    Pickler(file, buffer_callback).dump(obj)
+    return file.getvalue()
 
 
 def _tensor_bytes(t: Any, torch: Any) -> memoryview:
