@@ -167,3 +167,18 @@ def _wait_gone(item: bytes, timeout: float = 10.0) -> list[str]:
             except OSError:
                 pass
         return left
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import re
+
+    import actorlib
+    import actorlib.dag
+    import actorlib.testing
+
+    with open(os.path.join(ROOT_DIR, "docs", "api.md")) as f:
+        reference = f.read()
+    for module in (actorlib, actorlib.dag, actorlib.testing):
+        names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+        missing = [n for n in names if not re.search(rf"\b{re.escape(n)}\b", reference)]
+        assert not missing, f"docs/api.md does not mention {module.__name__}.{', '.join(missing)}"
