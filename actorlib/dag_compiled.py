@@ -257,21 +257,18 @@ class CompiledDAG:
         for info in infos:  # resolving also makes the head tell this driver if one of them dies
             if info["state"] == "DEAD":
                 raise ActorDiedError(info.get("death") or {"actor_id": info.get("actor_id", "")})
-        info_of = dict(zip(aids, infos, strict=True))
         addresses = {n["node_id"]: n["address"] for n in await rt.control("nodes", timeout=timeout)}
         address = {aid: addresses.get(info["node_id"], "127.0.0.1") for aid, info in zip(aids, infos, strict=True)}
-        probes = await asyncio.gather(*(self._call(aid, "probe", timeout=timeout) for aid in aids))
+        probes = await asyncio.gather(*(self._call(aid, "probe", gid, timeout=timeout) for aid in aids))
         cuda = {aid: bool(p["cuda"]) for aid, p in zip(aids, probes, strict=True)}
         plans, input_actors = self._graph.plans(cuda)
-        for aid in input_actors:
-            self._links.append(Endpoint.connect(info_of[aid]["address"], on_message=None, name=f"graph {gid[:8]} to {aid[:8]}"))
-        await asyncio.gather(*(link.call(Kind.PING, None, timeout=timeout) for link in self._links))
+        inbox = {aid: p["inbox"] for aid, p in zip(aids, probes, strict=True)}  # where each takes the graph's messages
         store_host = next((aid for aid, plan in plans.items() if plan["channels"]), aids[0])
         port = 0
         if any(plan["channels"] for plan in plans.values()):
             port = await self._call(store_host, "store", gid, address[store_host], timeout, timeout=timeout)
         for aid, plan in plans.items():
-            plan["peers"] = {peer: info_of[peer]["address"] for peer in plan["peers"]}
+            plan["peers"] = {peer: inbox[peer] for peer in plan["peers"]}
             plan.update(
                 cuda=cuda[aid],
                 graph=gid,
@@ -281,6 +278,11 @@ class CompiledDAG:
                 timeout=timeout,
             )
         await asyncio.gather(*(self._call(aid, "setup", plans[aid], timeout=timeout) for aid in aids))
+        for aid in input_actors:  # read once set up: a round trip on each now, so executions leave at once
+            self._links.append(Endpoint.connect(inbox[aid], on_message=None, name=f"graph {gid[:8]} to {aid[:8]}"))
+        await asyncio.gather(*(link.call(Kind.PING, None, timeout=timeout) for link in self._links))
+        for link in self._links:
+            link.stop_reading()  # only sent on from now on (by callers' threads): its wake-ups would only cost the loop
         self._state = GraphState.READY
         for aid in aids:  # open for the graph's lifetime: outputs come back on it, and an actor's death fails it
             args = ("results", gid)

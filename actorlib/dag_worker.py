@@ -35,6 +35,7 @@ every wait is on a future, a queue, a socket or a transfer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import datetime
 import functools
@@ -76,6 +77,7 @@ MAX_SLOTS = 4  # small transfers' receives posted ahead, per channel
 OP_TIMEOUT_S = 300.0  # a transfer is posted at both ends only once its sender is ready: this bounds a dead link
 
 _graphs: dict[str, GraphRuntime] = {}  # this worker's graphs, by id
+_inboxes: dict[str, Endpoint] = {}  # graphs' inboxes made by ``probe``, until ``setup`` takes them
 _stores: dict[str, Any] = {}  # rendezvous stores this worker hosts, by graph id
 
 
@@ -165,8 +167,12 @@ def event(topic: str, gid: str, seq: int, payload: Any) -> bytes:
 
 
 def on_event(host: ActorHost, msg: Message) -> None:
-    """An ``exec`` or ``deliver`` message (loop thread). The envelope is plain data; an execution's
-    arguments are decoded apart, so arguments that cannot be decoded fail that execution, not the graph."""
+    """An ``exec`` or ``deliver`` message, on the thread that reads the graph's inbox. The envelope is plain
+    data; an execution's arguments are decoded apart, so arguments that cannot be decoded fail that execution,
+    not the graph."""
+    if msg.kind != Kind.EVENT:
+        log.warning("%s: a compiled graph's inbox takes events only, not %s", host.label, msg.kind.name)
+        return
     try:
         topic, gid, seq, payload = loads(msg.body, allow_pickle=False)
     except (DecodeError, TypeError, ValueError) as exc:
@@ -203,13 +209,21 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
     if op == "probe":
         import torch
 
-        return {"cuda": bool(torch.cuda.is_available() and torch.cuda.device_count() > 0), "pid": os.getpid()}
+        (gid,) = args
+        inbox = _inboxes.get(gid)
+        if inbox is None:
+            inbox = _inboxes[gid] = _open_inbox(host, gid)
+        cuda = bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
+        return {"cuda": cuda, "pid": os.getpid(), "inbox": inbox.address}
     if op == "store":
         gid, address, timeout = args
         return await host.loop.run_in_executor(None, _host_store, gid, address, timeout)
     if op == "setup":
         (plan,) = args
-        graph = GraphRuntime(host, plan)
+        inbox = _inboxes.pop(plan["graph"], None)
+        if inbox is None:
+            raise ActorLibError(f"compiled graph {plan['graph'][:8]} was not probed on this actor")
+        graph = GraphRuntime(host, plan, inbox)
         _graphs[graph.gid] = graph
         try:
             await graph.start()
@@ -223,6 +237,9 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
         gone = _graphs.pop(gid, None)
         if gone is not None:
             gone.close()
+        unused = _inboxes.pop(gid, None)
+        if unused is not None:
+            unused.close()
         _stores.pop(gid, None)
         return True
     raise ValueError(f"unknown compiled-graph operation {op!r}")
@@ -252,6 +269,19 @@ def _graph(gid: str) -> GraphRuntime:
     return graph
 
 
+def _open_inbox(host: ActorHost, gid: str) -> Endpoint:
+    """The socket this actor takes the graph's messages on, beside its own (same interface, a port or path of its own).
+
+    Not read yet: ``setup`` decides which thread reads it."""
+    assert host.endpoint is not None
+    main = host.endpoint.address
+    if main.startswith("tcp://"):
+        address = main.rsplit(":", 1)[0] + ":0"
+    else:
+        address = main.removesuffix(".sock") + f"-{gid[:12]}.sock"
+    return Endpoint.bind(address, on_message=functools.partial(on_event, host), name=f"graph {gid[:8]} inbox", read_on_loop=False)
+
+
 def _host_store(gid: str, address: str, timeout: float) -> int:
     import torch.distributed as dist
 
@@ -263,14 +293,20 @@ def _host_store(gid: str, address: str, timeout: float) -> int:
 class GraphRuntime:
     """One compiled graph on this actor: its nodes, its channels, the inputs that have arrived."""
 
-    def __init__(self, host: ActorHost, plan: dict[str, Any]) -> None:
+    def __init__(self, host: ActorHost, plan: dict[str, Any], inbox: Endpoint) -> None:
         self.host = host
+        self.inbox = inbox
         self.loop = host.loop
         self.gid: str = plan["graph"]
         self.plan = plan
         self.me: str = host.actor_id
         self.label = host.label
         self.nodes = [_Node(spec, host) for spec in plan["nodes"]]
+        # Only sync nodes here: the sync-method thread reads the inbox itself and runs them (no hop through
+        # the loop, which sleeps). Otherwise the loop reads it, as it reads the actor's calls.
+        self.threaded = not any(node.is_async for node in self.nodes)
+        self._ready: collections.deque[tuple[_Node, int, dict[int, Any]]] = collections.deque()  # threaded: runs due
+        self._running = False  # threaded: a run is on the sync thread's stack (what arrives meanwhile queues)
         self.readers: dict[int, list[_Node]] = {}
         for node in self.nodes:
             for src in node.srcs:
@@ -311,10 +347,17 @@ class GraphRuntime:
             self.channels[(peer, role, backend)] = Channel(
                 group, backend, 1 if role == "send" else 0, name, self.pool, role=role, slots=slots, cuda_device=self.cuda_device
             )
+        if self.threaded:  # reading starts before the pings below: two actors may ping each other
+            inbox = self.inbox
+            self.host.post_sync(lambda: self.host.watch_sync(inbox.zmq_socket, inbox.read_available))
+        else:
+            self.inbox.start_reading()
         for peer, address in self.peers.items():
             self.links[peer] = Endpoint.connect(address, on_message=None, name=f"graph {self.gid[:8]} to {peer[:8]}")
         timeout = float(self.plan["timeout"])  # a round trip on each now, so the first execution's messages leave at once
         await asyncio.gather(*(link.call(Kind.PING, None, timeout=timeout) for link in self.links.values()))
+        for link in self.links.values():
+            link.stop_reading()  # only sent on from now on: its socket's wake-ups would only cost the loop
         self.tasks = [self.loop.create_task(self._async_node(node)) for node in self.nodes if node.is_async]
 
     def _build_groups(self) -> dict[tuple[str, str, str], Any]:
@@ -352,10 +395,23 @@ class GraphRuntime:
         for link in self.links.values():
             link.close()
         self.pool.clear()
-        for node in self.nodes:
-            node.waiting.clear()
+        if self.threaded:  # the sync thread owns the inbox and the inputs: it lets them go
+            self.host.post_sync(self._close_on_thread)
+        else:
+            self.inbox.close()
+            for node in self.nodes:
+                node.waiting.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _close_on_thread(self) -> None:
+        self.host.unwatch_sync(self.inbox.zmq_socket)
+        for node in self.nodes:
+            node.waiting.clear()
+        try:
+            self.loop.call_soon_threadsafe(self.inbox.close)
+        except RuntimeError:
+            pass  # the loop is closed: the process is ending
 
     def attach_results(self, key: tuple[bytes | None, int]) -> None:
         with self._results_lock:
@@ -388,6 +444,10 @@ class GraphRuntime:
             node.next_seq = seq + 1
             if node.is_async:
                 node.queue.put_nowait((seq, inputs))
+            elif self.threaded:
+                self._ready.append((node, seq, inputs))
+                if not self._running:
+                    self._run_ready()
             else:
                 self.host.post_sync(functools.partial(self._run_sync, node, seq, inputs))
 
@@ -434,6 +494,15 @@ class GraphRuntime:
 
     # -- running a node -------------------------------------------------------------
 
+    def _run_ready(self) -> None:
+        """Run the nodes whose inputs are all here, in the order they became ready (threaded, sync thread)."""
+        self._running = True
+        try:
+            while self._ready and not self.closed:
+                self._run_sync(*self._ready.popleft())
+        finally:
+            self._running = False
+
     def _run_sync(self, node: _Node, seq: int, inputs: dict[int, Any]) -> None:
         """One execution of a sync node, on the actor's sync-method thread."""
         if self.closed:
@@ -463,9 +532,40 @@ class GraphRuntime:
         """Wait until the last output's tensors have left: the method may change that memory once it runs again."""
         works, node.sending = node.sending, []
         try:
-            wait_all(works)
+            if self.threaded and not all(w.is_completed() for w in works):
+                self._wait_reading(works)
+            else:
+                wait_all(works)
         except ConnectionError as exc:
             log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
+
+    def _wait_reading(self, works: list[Any]) -> None:
+        """Wait for sends while the inboxes are still read (threaded, sync thread).
+
+        A send completes once its receiver has posted the receive, which it
+        does when it reads our message: if that receiver's sync thread were
+        itself waiting here for a send to us, two threads that only wait would
+        never read. So a helper waits, and this thread reads (posting
+        receives; nodes that become ready queue until this run is over).
+        """
+        outcome: list[BaseException | None] = []
+
+        def wait() -> None:
+            try:
+                wait_all(works)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+            self.host.wake_sync()
+
+        try:
+            self._helpers().submit(wait)
+        except RuntimeError:
+            return  # torn down: the executor is shut down
+        while not outcome and not self.closed:
+            self.host.poll_sync_once()
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
 
     def _invoke(self, node: _Node, values: dict[int, Any]) -> Any:
         try:
@@ -560,7 +660,7 @@ class GraphRuntime:
                     except ConnectionError as exc:
                         log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
         if node.id in self.readers:
-            if on_loop:
+            if on_loop or self.threaded:
                 self.arrive(node.id, seq, out)
             else:
                 self.loop.call_soon_threadsafe(self.arrive, node.id, seq, out)

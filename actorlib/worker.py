@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import uvloop
+import zmq
 
 from transport import (
     DecodeError,
@@ -181,6 +182,11 @@ class ActorHost:
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {RUN_METHOD: (run_in_worker, SYNC)}  # for WorkerGroup.run
         self._sync_jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._sync_thread = threading.Thread(target=self._sync_loop, name="actorlib-sync", daemon=True)
+        # Sockets the sync thread reads itself (compiled graphs' inboxes), and how it is woken for a job meanwhile
+        self._watched: dict[zmq.Socket, Callable[[], None]] = {}  # sync thread only
+        self._poller: zmq.Poller | None = None
+        self._polling = False  # the sync thread may be waiting in its poller: post_sync must wake it
+        self._wake = -1  # an eventfd, made when the first socket is watched
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
         self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
@@ -192,14 +198,76 @@ class ActorHost:
     # -- the sync thread -----------------------------------------------------
 
     def _sync_loop(self) -> None:
+        """Jobs in order; while sockets are watched, wait on them and on the job queue at once.
+
+        Waiting: on the queue alone (no socket watched), or in a ``zmq.Poller``
+        on the watched sockets and an eventfd that :meth:`post_sync` writes once
+        ``_polling`` is set (set here before the queue is looked at, so a job
+        queued after that look always writes it).
+        """
         while True:
-            job = self._sync_jobs.get()
+            if self._polling:
+                try:
+                    job = self._sync_jobs.get_nowait()
+                except queue.Empty:
+                    self._poll_watched()
+                    continue
+            else:
+                job = self._sync_jobs.get()
             if job is None:
                 return
             try:
                 job()
             except BaseException:  # never lose the thread: every later sync call would hang
                 traceback.print_exc()
+
+    def poll_sync_once(self) -> None:
+        """Wait until a watched socket has messages, a job is queued or :meth:`wake_sync` is called, and read
+        what came (sync thread; jobs are left queued). Compiled graphs wait so while their sends complete."""
+        self._poll_watched()
+
+    def wake_sync(self) -> None:
+        """End the sync thread's :meth:`poll_sync_once` (any thread)."""
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
+
+    def _poll_watched(self) -> None:
+        assert self._poller is not None
+        for sock, _ in self._poller.poll():
+            if isinstance(sock, int):
+                try:
+                    os.eventfd_read(self._wake)  # a job was queued
+                except BlockingIOError:
+                    pass
+                continue
+            reader = self._watched.get(sock)
+            if reader is None:
+                continue
+            try:
+                reader()
+            except BaseException:  # never lose the thread
+                traceback.print_exc()
+
+    def watch_sync(self, sock: zmq.Socket, reader: Callable[[], None]) -> None:
+        """From now on the sync thread calls ``reader()`` whenever ``sock`` has messages (sync thread)."""
+        if self._wake < 0:
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._watched[sock] = reader
+        self._remake_poller()
+        self._polling = True
+
+    def unwatch_sync(self, sock: zmq.Socket) -> None:
+        """Stop reading ``sock`` (sync thread)."""
+        if self._watched.pop(sock, None) is not None:
+            self._remake_poller()
+            self._polling = bool(self._watched)
+
+    def _remake_poller(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake, zmq.POLLIN)
+        for sock in self._watched:
+            poller.register(sock, zmq.POLLIN)
+        self._poller = poller
 
     async def construct(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._sync_thread.start()
@@ -213,12 +281,14 @@ class ActorHost:
             else:
                 self.loop.call_soon_threadsafe(_settle, fut, instance, None)
 
-        self._sync_jobs.put(job)
+        self.post_sync(job)
         self.instance = await fut
 
-    def post_sync(self, job: Callable[[], None]) -> None:
-        """Run ``job()`` on the sync-method thread, after the sync calls queued before it (compiled graphs)."""
+    def post_sync(self, job: Callable[[], None] | None) -> None:
+        """Run ``job()`` on the sync-method thread, after the sync calls queued before it (None: end it)."""
         self._sync_jobs.put(job)
+        if self._polling:
+            os.eventfd_write(self._wake, 1)
 
     # -- sending ---------------------------------------------------------------
 
@@ -340,7 +410,7 @@ class ActorHost:
         key = (msg.peer, msg.req_id)
         if kind == SYNC:
             self._queued.add(key)
-            self._sync_jobs.put(lambda: self._run_sync(key, fn, args, kwargs))
+            self.post_sync(lambda: self._run_sync(key, fn, args, kwargs))
         elif kind == ASYNC:
             if method.startswith(RESERVED_PREFIX):  # the runtime's own: told which call it is, never queued behind the user's
                 self._start_async(key, self._run_async(key, fn, (key, *args), kwargs), counted=False)
@@ -350,7 +420,7 @@ class ActorHost:
             producer = self._producers[key] = _Producer(self, msg.peer, msg.req_id, max(1, window))
             if kind == GENERATOR:
                 self._queued.add(key)
-                self._sync_jobs.put(lambda: self._run_generator(key, producer, fn, args, kwargs))
+                self.post_sync(lambda: self._run_generator(key, producer, fn, args, kwargs))
             else:
                 self._start_async(key, self._run_async_generator(key, producer, fn, args, kwargs))
 

@@ -369,6 +369,26 @@ def test_pipelined_executions_return_in_order(env):
         compiled.teardown()
 
 
+def test_tensors_both_ways_between_two_actors_pipelined(env):
+    """a -> b -> a with tensors too big for a packed slot: every send completes only once its receiver has posted
+    the receive. Pipelined, each actor's sync thread waits for its last sends while the other's may wait for its
+    own; both must go on reading what arrives meanwhile."""
+    transport, (a, b, _) = env
+    n = SLOT_BYTES // 4 + 1  # float32: one element over a slot
+    with InputNode() as inp:
+        x = a.add.bind(inp, 1).with_tensor_transport(transport)
+        y = b.mul.bind(x, 2).with_tensor_transport(transport)
+        dag = a.to_host.bind(a.add.bind(y, 0))
+    compiled = dag.compile(max_inflight=4)
+    try:
+        refs = [compiled.execute(torch.full((n,), float(i))) for i in range(16)]
+        assert [float(v[0]) for v in actorlib.get(refs, timeout=60)] == [(i + 1) * 2.0 for i in range(16)]
+        backend = "nccl" if transport == "nccl" else "gloo"
+        assert channel_bytes(b, compiled)[f"send to {a._actor_id} ({backend})"] == {"transfers": 16, "bytes": 16 * 4 * n}
+    finally:
+        compiled.teardown()
+
+
 def test_max_inflight_bounds_executions(env, tmp_path):
     transport, (a, b, _) = env
     gate = str(tmp_path / "gate")

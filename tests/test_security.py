@@ -105,3 +105,43 @@ def test_key_files_are_private(tmp_path):
         ClusterKey("too short")
     with pytest.raises(FileExistsError):
         write_key_file(path, secret)  # never overwrites (or widens) an existing file
+
+
+def test_compiled_graph_inboxes_are_secured_too(tcp_cluster, tmp_path):
+    """A compiled graph's actors take its messages on sockets of its own: over TCP those need the key as well."""
+    import torch
+
+    from actorlib.dag import InputNode
+
+    al = tcp_cluster
+
+    @al.remote
+    class Stage:
+        def add(self, x):
+            return x + 1
+
+        def inboxes(self):
+            from actorlib import dag_worker
+
+            return [g.inbox.address for g in dag_worker._graphs.values()]
+
+    a, b = Stage.remote(), Stage.remote()
+    with InputNode() as inp:
+        big = b.add.bind(a.add.bind(inp).with_tensor_transport("gloo"))  # a gloo channel between the two
+    with InputNode() as inp:
+        small = b.add.bind(a.add.bind(inp))  # auto: inside the message
+    graphs = [big.compile(), small.compile()]
+    try:
+        for graph in graphs:
+            assert al.get(graph.execute(torch.zeros(3)), timeout=60).tolist() == [2.0, 2.0, 2.0]
+        inboxes = al.get(b.inboxes.remote(), timeout=30)
+        assert len(inboxes) == 2 and all(address.startswith("tcp://") for address in inboxes)
+        marker = str(tmp_path / "unpickled")
+        assert intrude(inboxes[0], "call", marker) == "SILENCE"
+        assert not os.path.exists(marker)
+        assert al.get(graphs[0].execute(torch.ones(3)), timeout=60).tolist() == [3.0, 3.0, 3.0]
+    finally:
+        for graph in graphs:
+            graph.teardown()
+        al.kill(a)
+        al.kill(b)

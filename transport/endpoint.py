@@ -8,7 +8,10 @@ goes to the ``on_message`` handler.
 
 The socket is read straight from the loop's reader callback (no future per
 message) and drained without blocking, so a burst of messages costs one
-wake-up. Sending is allowed from any thread: every use of the socket holds
+wake-up. An endpoint made with ``read_on_loop=False`` is read instead by one
+thread of its owner's choosing, which waits on :attr:`Endpoint.zmq_socket`
+with a ``zmq.Poller`` and calls :meth:`Endpoint.read_available` (a compiled
+graph's inbox, read by the actor's sync-method thread: no hop through the loop). Sending is allowed from any thread: every use of the socket holds
 one lock (ZeroMQ allows a socket to move between threads across a full memory
 barrier), so a caller's thread sends without waking the loop. Everything
 else must be called on the loop's thread.
@@ -72,6 +75,7 @@ class Endpoint:
         on_message: Callable[[Message], None] | None,
         name: str,
         loop: asyncio.AbstractEventLoop | None = None,
+        read_on_loop: bool = True,
     ) -> None:
         self._sock = sock
         self._routed = routed
@@ -90,10 +94,10 @@ class Endpoint:
         self._unwatch: Callable[[], None] | None = None  # stops the log of refused (keyless) connections
         self._shm = False  # large buffers through shared memory: every peer is on this machine
         self._fd = int(sock.getsockopt(zmq.FD))
-        self._loop.add_reader(self._fd, self._on_readable)
-        # Edge-triggered FD: anything already queued must be read now.
-        self._schedule_drain()
+        self._reading = False  # the loop's reader callback is on
         self.address: str = ""
+        if read_on_loop:
+            self.start_reading()
 
     # -- construction ---------------------------------------------------
 
@@ -105,6 +109,7 @@ class Endpoint:
         on_message: Callable[[Message], None] | None,
         name: str,
         max_message_size: int = -1,
+        read_on_loop: bool = True,
     ) -> Endpoint:
         """Bind a ROUTER. ``tcp://HOST:0`` picks a port from the OS; see ``.address``."""
         sock = _socket(zmq.ROUTER, max_message_size)
@@ -120,7 +125,7 @@ class Endpoint:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot bind {address}: {exc}") from exc
-        ep = cls(sock, routed=True, on_message=on_message, name=name)
+        ep = cls(sock, routed=True, on_message=on_message, name=name, read_on_loop=read_on_loop)
         ep.address = bound
         ep._shm = shm.ENABLED and shm.local_address(bound)
         if security.is_secured(sock):
@@ -135,6 +140,7 @@ class Endpoint:
         on_message: Callable[[Message], None] | None,
         name: str,
         max_message_size: int = -1,
+        read_on_loop: bool = True,
     ) -> Endpoint:
         """Connect a DEALER to one peer. Messages queue until the peer is there."""
         sock = _socket(zmq.DEALER, max_message_size)
@@ -144,7 +150,7 @@ class Endpoint:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot connect to {address}: {exc}") from exc
-        ep = cls(sock, routed=False, on_message=on_message, name=name)
+        ep = cls(sock, routed=False, on_message=on_message, name=name, read_on_loop=read_on_loop)
         ep.address = address
         ep._shm = shm.ENABLED and shm.local_address(address)
         return ep
@@ -325,7 +331,33 @@ class Endpoint:
 
     # -- receiving ------------------------------------------------------
 
+    def start_reading(self) -> None:
+        """Read the socket from the loop's reader callback (loop thread)."""
+        if self._reading or self._closed:
+            return
+        self._reading = True
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._schedule_drain()  # edge-triggered FD: anything already queued must be read now
+
+    def stop_reading(self) -> None:
+        """Stop reading on the loop (loop thread): a socket that is only sent on no longer wakes it."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    @property
+    def zmq_socket(self) -> zmq.Socket:
+        """The socket, for a ``zmq.Poller`` of the thread that reads an endpoint made with ``read_on_loop=False``."""
+        return self._sock
+
+    def read_available(self) -> None:
+        """Handle every message waiting now (the reading thread of a ``read_on_loop=False`` endpoint)."""
+        while self._read_some(_DRAIN_BATCH):
+            pass
+
     def _schedule_drain(self) -> None:
+        if not self._reading:
+            return  # read by its own thread, which drains until nothing is left
         self._drain_scheduled = True
         if threading.get_ident() == self._loop_thread:
             self._loop.call_soon(self._on_readable)
@@ -334,14 +366,19 @@ class Endpoint:
 
     def _on_readable(self) -> None:
         self._drain_scheduled = False
+        if self._read_some(_DRAIN_BATCH):
+            self._schedule_drain()  # more waiting: yield to the loop, then go on
+
+    def _read_some(self, limit: int) -> bool:
+        """Handle up to ``limit`` messages; True if there may be more."""
         if self._closed:
-            return
+            return False
         sock, lock = self._sock, self._lock
-        for _ in range(_DRAIN_BATCH):
+        for _ in range(limit):
             try:
                 with lock:
                     if self._closed:
-                        return
+                        return False
                     # Header frames are small: copy them (cheaper than a Frame);
                     # buffer frames stay zero-copy.
                     frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
@@ -350,14 +387,14 @@ class Endpoint:
                     while sock.get(zmq.RCVMORE):
                         frames.append(sock.recv(zmq.NOBLOCK, copy=False))
             except zmq.Again:
-                return
+                return False
             except zmq.ZMQError as exc:
                 log.warning("%s: receive failed: %s", self.name, exc)
-                return
+                return False
             self._dispatch(frames)
             if self._closed:
-                return
-        self._schedule_drain()  # more waiting: yield to the loop, then go on
+                return False
+        return True
 
     def _dispatch(self, frames: list[Any]) -> None:
         peer = None
@@ -414,15 +451,17 @@ class Endpoint:
                 log.exception("%s: error while failing request %d", self.name, req_id)
 
     def close(self) -> None:
-        """Close the socket (loop thread)."""
+        """Close the socket (loop thread, also for an endpoint read by a thread of its own: stop that first)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            try:
-                self._loop.remove_reader(self._fd)
-            except Exception:
-                pass
+            if self._reading:
+                self._reading = False
+                try:
+                    self._loop.remove_reader(self._fd)
+                except Exception:
+                    pass
             if self._unwatch is not None:
                 self._unwatch()
             self._sock.close(linger=0)
