@@ -126,23 +126,42 @@ def inline(value: Any) -> list[Any] | None:
     general codec between the driver and the graph: a few bytes inside the
     message cost less than a frame of their own. Anything else, including
     bigger tensors (zero-copy frames), goes through the codec as usual.
+    (This and the helpers below run on every hop of an execution: each
+    attribute they read is the cheapest one torch has for it.)
     """
     torch = sys.modules.get("torch")
-    if torch is None or type(value) is not torch.Tensor or value.layout is not torch.strided:
+    if torch is None or type(value) is not torch.Tensor or value.layout is not torch.strided or value.nbytes > INLINE_MAX:
         return None
-    nbytes = value.numel() * value.element_size()
-    if nbytes > INLINE_MAX or value.device.type not in ("cpu", "cuda"):
+    device = device_type(value)
+    if device not in ("cpu", "cuda"):
         return None
-    return [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type, raw_bytes(value)]
+    return [dtype_name(value.dtype), list(value.shape), device, raw_bytes(value)]
+
+
+def device_type(tensor: Any) -> str:
+    """``tensor.device.type``, without making a device object for the usual two."""
+    return "cpu" if tensor.is_cpu else "cuda" if tensor.is_cuda else str(tensor.device.type)
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for ``torch.float32``: the name :func:`from_bytes` takes."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+_DTYPES: dict[str, Any] = {}
 
 
 def raw_bytes(tensor: Any) -> bytes:
     """A tensor's elements as bytes (through host memory), whatever its dtype."""
     import torch
 
-    if type(tensor) is torch.Tensor and tensor.device.type == "cpu" and not tensor.requires_grad:
+    if type(tensor) is torch.Tensor and tensor.is_cpu and not tensor.requires_grad:
         try:
-            return bytes(tensor.numpy().tobytes())  # one torch call, not five: this runs on every small hop
+            return tensor.numpy().tobytes()  # one torch call, not five: this runs on every small hop
         except (TypeError, RuntimeError):
             pass  # a dtype numpy lacks (bfloat16 ...), a conjugate or negative bit
     flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
@@ -153,7 +172,9 @@ def from_bytes(dtype_name: str, shape: list[int], data: bytes) -> Any:
     """A CPU tensor of its own (writable) memory from :func:`raw_bytes`."""
     import torch
 
-    dtype = _dtype(torch, dtype_name)
+    dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
+        dtype = _DTYPES[dtype_name] = _dtype(torch, dtype_name)
     if not data:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(data), dtype=dtype)
@@ -180,8 +201,8 @@ def choose_backend(tensor: Any, transport: str, has_nccl: bool, small: bool = Fa
     value, whose bytes cost less there than a rendezvous of their own on
     gloo; gloo for the rest.
     """
-    cuda = tensor.device.type == "cuda"
-    if transport == "auto" and small and tensor.device.type == "cpu":
+    cuda = tensor.is_cuda
+    if transport == "auto" and small and tensor.is_cpu:
         return "inline"
     if transport == "nccl":
         if not cuda:
@@ -199,12 +220,12 @@ def choose_backend(tensor: Any, transport: str, has_nccl: bool, small: bool = Fa
 
 def meta_of(tensor: Any, backend: str, offset: int = -1) -> TensorMeta:
     last: int | bytes = raw_bytes(tensor) if backend == "inline" else offset
-    return [list(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.device.type, backend, last]
+    return [list(tensor.shape), dtype_name(tensor.dtype), device_type(tensor), backend, last]
 
 
 def small_value(tensors: list[Any]) -> bool:
     """The CPU tensors of one value fit inside a message (``auto`` sends them there, see :func:`choose_backend`)."""
-    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu") <= INLINE_MAX
+    return sum(t.nbytes for t in tensors if t.is_cpu) <= INLINE_MAX
 
 
 class BufferPool:
@@ -287,6 +308,7 @@ class Channel:
         *,
         role: str,
         slots: int,
+        max_inflight: int = 1,
         cuda_device: Any = None,
     ) -> None:
         import torch
@@ -301,7 +323,10 @@ class Channel:
         self._cuda_device = cuda_device  # where CUDA tensors that came through host memory go
         self._slots: collections.deque[tuple[Any, Any]] = collections.deque()  # posted ahead, in order
         self._packs = backend == "gloo" and slots > 0
-        self._outgoing: collections.deque[Any] = collections.deque()  # packed sends not yet known to be done
+        # Packed sends not waited for yet, by execution. gloo says a send is complete only once waited for;
+        # a send of an execution max_inflight before the one being sent now is done (see post_send).
+        self._outgoing: collections.deque[tuple[int, Any]] = collections.deque()
+        self._max_inflight = max_inflight
         self._slot_lock = threading.Lock()
         self._ahead = slots if role == "recv" and self._packs else 0
         self.transfers = 0  # values sent or received on this channel (for stats())
@@ -321,10 +346,13 @@ class Channel:
             end += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
         return offsets if end <= SLOT_BYTES else None
 
-    def post_send(self, tensors: list[Any], offsets: list[int] | None) -> list[Any]:
-        """Start sending ``tensors`` (in order); returns the transfers to wait for before reusing their memory.
+    def post_send(self, tensors: list[Any], offsets: list[int] | None, seq: int) -> list[Any]:
+        """Start sending ``tensors`` (in order) for execution ``seq``; returns the transfers to wait for before
+        reusing their memory.
 
-        Packed (``offsets``): the tensors are copied into one buffer, so nothing of the caller's needs waiting for.
+        Packed (``offsets``): the tensors are copied into one buffer, so nothing of the caller's needs waiting
+        for. The channel keeps the send until it is done: execution ``seq`` started only once every execution
+        up to ``seq - max_inflight`` had completed, and those had received everything sent for them.
         """
         torch = self._torch
         self.transfers += 1
@@ -336,9 +364,12 @@ class Channel:
                 n = t.numel() * t.element_size()
                 if n:
                     packed[o : o + n].copy_(self._bytes(t))
-            while self._outgoing and self._outgoing[0].is_completed():
-                self._outgoing.popleft()
-            self._outgoing.append(self._start(self.group.send, packed, SLOT_TAG))  # kept: a dropped send is never made
+            while self._outgoing and self._outgoing[0][0] <= seq - self._max_inflight:
+                try:
+                    self._outgoing.popleft()[1].wait()  # returns at once: it is done
+                except Exception:
+                    pass  # it failed, and so did its execution
+            self._outgoing.append((seq, self._start(self.group.send, packed, SLOT_TAG)))  # kept: a dropped send is never made
             return []
         works = []
         for i, t in enumerate(tensors):

@@ -345,7 +345,15 @@ class GraphRuntime:
             name = f"{role}-{peer[:8]}-{backend}"
             slots = min(int(self.plan["max_inflight"]), MAX_SLOTS)
             self.channels[(peer, role, backend)] = Channel(
-                group, backend, 1 if role == "send" else 0, name, self.pool, role=role, slots=slots, cuda_device=self.cuda_device
+                group,
+                backend,
+                1 if role == "send" else 0,
+                name,
+                self.pool,
+                role=role,
+                slots=slots,
+                max_inflight=int(self.plan["max_inflight"]),
+                cuda_device=self.cuda_device,
             )
         if self.threaded:  # reading starts before the pings below: two actors may ping each other
             inbox = self.inbox
@@ -490,7 +498,7 @@ class GraphRuntime:
     def _count_inline(self, peer: str, role: str, tensors: list[Any]) -> None:
         counts = self.inlined.setdefault((peer, role), [0, 0])
         counts[0] += 1
-        counts[1] += sum(t.numel() * t.element_size() for t in tensors)
+        counts[1] += sum(t.nbytes for t in tensors)
 
     # -- running a node -------------------------------------------------------------
 
@@ -510,7 +518,8 @@ class GraphRuntime:
         try:
             values = {src: (v.resolve() if isinstance(v, _Incoming) else v) for src, v in inputs.items()}
             inputs.clear()  # nothing of ours keeps the inputs alive after the call (their buffers are reused)
-            self._sent(node)
+            if node.sending:
+                self._sent(node)
             out = _first_failure(values) or self._invoke(node, values)
             del values
             node.sending = self._emit(node, seq, out, on_loop=False)
@@ -532,7 +541,7 @@ class GraphRuntime:
         """Wait until the last output's tensors have left: the method may change that memory once it runs again."""
         works, node.sending = node.sending, []
         try:
-            if self.threaded and not all(w.is_completed() for w in works):
+            if self.threaded and not self.plan.get("acyclic") and not all(w.is_completed() for w in works):
                 self._wait_reading(works)
             else:
                 wait_all(works)
@@ -544,9 +553,11 @@ class GraphRuntime:
 
         A send completes once its receiver has posted the receive, which it
         does when it reads our message: if that receiver's sync thread were
-        itself waiting here for a send to us, two threads that only wait would
-        never read. So a helper waits, and this thread reads (posting
-        receives; nodes that become ready queue until this run is over).
+        itself waiting here for a send to us (or to one that sends to us),
+        threads that only wait would never read. So a helper waits, and this
+        thread reads (posting receives; nodes that become ready queue until
+        this run is over). Where no actor of the graph sends back to one that
+        sends to it (``acyclic``), nobody can wait on us, and the wait is direct.
         """
         outcome: list[BaseException | None] = []
 
@@ -620,9 +631,17 @@ class GraphRuntime:
             try:
                 skeleton, tensors = split(out)
                 small = small_value(tensors)
+                inlined: list[Any] | None = None  # the metas when every tensor goes inside the message (any peer)
                 for peer in node.remote:
                     has_nccl = (peer, "send", "nccl") in self.channels
                     backends = [choose_backend(t, node.transport, has_nccl, small) for t in tensors]
+                    if all(b == "inline" for b in backends):  # the usual small value: no channel, made once
+                        if inlined is None:
+                            inlined = [meta_of(t, "inline") for t in tensors]
+                        if tensors:
+                            self._count_inline(peer, "send", tensors)
+                        plans.append((peer, inlined, {}))
+                        continue
                     metas: list[Any] = [None] * len(tensors)
                     by_backend = {}
                     if "inline" in backends:
@@ -656,7 +675,7 @@ class GraphRuntime:
                     self._deliver(peer, seq, node.id, metas, skeleton, None)
                     try:
                         for channel, ts, offsets in by_backend.values():
-                            works.extend(channel.post_send(ts, offsets))
+                            works.extend(channel.post_send(ts, offsets, seq))
                     except ConnectionError as exc:
                         log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
         if node.id in self.readers:
@@ -677,15 +696,15 @@ class GraphRuntime:
     def _result(self, seq: int, index: int, out: Any, *, on_loop: bool) -> None:
         """One output for the driver, as a stream item of the results call (any thread)."""
         if isinstance(out, _Failed):
-            item: tuple[Any, ...] = (seq, index, False, out.record)
-        else:
+            item: list[Any] = [seq, index, False, out.record]
+        else:  # a list, not a tuple: msgpack packs a list itself, a tuple through the codec's hook
             small = inline(out)
-            item = (seq, index, True, out) if small is None else (seq, index, True, None, small)
+            item = [seq, index, True, out] if small is None else [seq, index, True, None, small]
         try:
             body, buffers = dumps([item])
         except EncodeError as exc:
             record = {"type": "serialization", "message": f"could not serialize the graph's output {index}: {exc}"}
-            body, buffers = dumps([(seq, index, False, record)])
+            body, buffers = dumps([[seq, index, False, record]])
         with self._results_lock:
             if self._results is None:
                 self._unsent.append((body, [bytes(b) for b in buffers]))
