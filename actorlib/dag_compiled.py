@@ -213,29 +213,9 @@ class _Graph:
                 plans[sender]["channels"].append([cid, receiver, "send", backend])
                 plans[receiver]["channels"].append([cid, sender, "recv", backend])
             plans[sender]["peers"][receiver] = True
-        acyclic = _acyclic(pairs)
         for plan in plans.values():
             plan["consumers"] = [[src, n] for src, n in plan["consumers"].items()]
-            plan["acyclic"] = acyclic  # no actor sends to one that sends back to it, directly or not
         return plans, input_actors
-
-
-def _acyclic(edges: Any) -> bool:
-    """Whether the directed graph of ``(from, to)`` pairs has no cycle."""
-    out: dict[str, list[str]] = {}
-    for a, b in edges:
-        out.setdefault(a, []).append(b)
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(n: str) -> bool:
-        state[n] = 1
-        for m in out.get(n, ()):
-            if state.get(m) == 1 or (m not in state and not visit(m)):
-                return False
-        state[n] = 2
-        return True
-
-    return all(n in state or visit(n) for n in list(out))
 
 
 class CompiledDAG:

@@ -541,23 +541,22 @@ class GraphRuntime:
         """Wait until the last output's tensors have left: the method may change that memory once it runs again."""
         works, node.sending = node.sending, []
         try:
-            if self.threaded and not self.plan.get("acyclic") and not all(w.is_completed() for w in works):
-                self._wait_reading(works)
+            if self.threaded and not all(w.is_completed() for w in works):
+                self._wait_serving(works)
             else:
                 wait_all(works)
         except ConnectionError as exc:
             log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
 
-    def _wait_reading(self, works: list[Any]) -> None:
-        """Wait for sends while the inboxes are still read (threaded, sync thread).
+    def _wait_serving(self, works: list[Any]) -> None:
+        """Wait for sends while this thread goes on serving (threaded, sync thread).
 
         A send completes once its receiver has posted the receive, which it
-        does when it reads our message: if that receiver's sync thread were
-        itself waiting here for a send to us (or to one that sends to us),
-        threads that only wait would never read. So a helper waits, and this
-        thread reads (posting receives; nodes that become ready queue until
-        this run is over). Where no actor of the graph sends back to one that
-        sends to it (``acyclic``), nobody can wait on us, and the wait is direct.
+        does when its sync thread reads our message. That thread may be waiting
+        for us: here for a send of its own to this actor, or in a method that
+        calls one of ours. So a helper waits, and this thread meanwhile reads
+        the inboxes (posting receives; nodes of this graph that become ready
+        queue until this run is over) and runs the calls queued for it.
         """
         outcome: list[BaseException | None] = []
 
@@ -575,6 +574,7 @@ class GraphRuntime:
             return  # torn down: the executor is shut down
         while not outcome and not self.closed:
             self.host.poll_sync_once()
+            self.host.run_queued_jobs()
         if outcome and outcome[0] is not None:
             raise outcome[0]
 

@@ -226,6 +226,21 @@ class ActorHost:
         what came (sync thread; jobs are left queued). Compiled graphs wait so while their sends complete."""
         self._poll_watched()
 
+    def run_queued_jobs(self) -> None:
+        """Run the jobs queued now (sync thread, from inside one that waits: see ``GraphRuntime._wait_serving``)."""
+        while True:
+            try:
+                job = self._sync_jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:  # the end: for the thread's own loop
+                self.post_sync(None)
+                return
+            try:
+                job()
+            except BaseException:  # never lose the thread
+                traceback.print_exc()
+
     def wake_sync(self) -> None:
         """End the sync thread's :meth:`poll_sync_once` (any thread)."""
         if self._wake >= 0:
