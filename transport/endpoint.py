@@ -221,8 +221,8 @@ class Endpoint:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise ConnectionClosedError(f"{self.name}: peer {peer!r} is not connected", by_us=False) from None
                 raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
-            # A send can swallow the socket's read edge: look again.
-            readable = int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+            # A send can swallow the socket's read edge: look again (a thread's zmq.Poller looks itself).
+            readable = int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN if self._reading else 0
         finally:
             self._lock.release()
         if readable and not self._drain_scheduled:
