@@ -74,6 +74,7 @@ CONTROL = "__actorlib_dag__"
 INPUT = -1  # the source id of the execution's arguments
 COPY_BELOW = 64 << 10  # buffers this small are copied rather than waited for until ZeroMQ has sent them
 MAX_SLOTS = 4  # small transfers' receives posted ahead, per channel
+_READ_BATCH = 16  # messages a sync-thread reader takes from an inbox before it looks at its other work
 OP_TIMEOUT_S = 300.0  # a transfer is posted at both ends only once its sender is ready: this bounds a dead link
 
 _graphs: dict[str, GraphRuntime] = {}  # this worker's graphs, by id
@@ -223,7 +224,11 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
         inbox = _inboxes.pop(plan["graph"], None)
         if inbox is None:
             raise ActorLibError(f"compiled graph {plan['graph'][:8]} was not probed on this actor")
-        graph = GraphRuntime(host, plan, inbox)
+        try:
+            graph = GraphRuntime(host, plan, inbox)
+        except BaseException:
+            inbox.close()
+            raise
         _graphs[graph.gid] = graph
         try:
             await graph.start()
@@ -256,7 +261,7 @@ def stats() -> dict[str, Any]:
     out = {}
     for gid, graph in _graphs.items():
         channels = {name(*key): {"transfers": ch.transfers, "bytes": ch.nbytes} for key, ch in graph.channels.items()}
-        for (peer, role), (values, nbytes) in graph.inlined.items():
+        for (peer, role), (values, nbytes) in list(graph.inlined.items()):  # the sync thread may add one meanwhile
             channels[name(peer, role, "zmq")] = {"transfers": values, "bytes": nbytes}
         out[gid] = {"events": dict(graph.events), "channels": channels}
     return out
@@ -341,6 +346,7 @@ class GraphRuntime:
             self.host.post_sync(current_device)
             self.cuda_device = await fut
         groups = await self.loop.run_in_executor(None, self._build_groups)
+        self._check_open()
         for (peer, role, backend), group in groups.items():
             name = f"{role}-{peer[:8]}-{backend}"
             slots = min(int(self.plan["max_inflight"]), MAX_SLOTS)
@@ -356,17 +362,29 @@ class GraphRuntime:
                 cuda_device=self.cuda_device,
             )
         if self.threaded:  # reading starts before the pings below: two actors may ping each other
-            inbox = self.inbox
-            self.host.post_sync(lambda: self.host.watch_sync(inbox.zmq_socket, inbox.read_available))
+            self.host.post_sync(self._watch_inbox)
         else:
             self.inbox.start_reading()
         for peer, address in self.peers.items():
             self.links[peer] = Endpoint.connect(address, on_message=None, name=f"graph {self.gid[:8]} to {peer[:8]}")
         timeout = float(self.plan["timeout"])  # a round trip on each now, so the first execution's messages leave at once
         await asyncio.gather(*(link.call(Kind.PING, None, timeout=timeout) for link in self.links.values()))
+        self._check_open()
         for link in self.links.values():
             link.stop_reading()  # only sent on from now on: its socket's wake-ups would only cost the loop
         self.tasks = [self.loop.create_task(self._async_node(node)) for node in self.nodes if node.is_async]
+
+    def _check_open(self) -> None:
+        if self.closed:  # torn down while setting up (another actor's set-up failed): do not go on
+            raise ActorLibError(f"compiled graph {self.gid[:8]} was torn down while it was being set up")
+
+    def _watch_inbox(self) -> None:
+        """Have the sync thread read the inbox (sync thread; not once torn down: the loop closes the inbox then)."""
+        if not self.closed:
+            self.host.watch_sync(self.inbox.zmq_socket, self._read_inbox)
+
+    def _read_inbox(self) -> None:
+        self.inbox.read_available(_READ_BATCH)
 
     def _build_groups(self) -> dict[tuple[str, str, str], Any]:
         """Every channel's process group, in the graph's channel order (so no two actors wait on each other)."""
@@ -395,6 +413,8 @@ class GraphRuntime:
         return groups
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         self.done.set()
         for task in self.tasks:
@@ -520,6 +540,8 @@ class GraphRuntime:
             inputs.clear()  # nothing of ours keeps the inputs alive after the call (their buffers are reused)
             if node.sending:
                 self._sent(node)
+                if self.closed:
+                    return  # torn down while waiting
             out = _first_failure(values) or self._invoke(node, values)
             del values
             node.sending = self._emit(node, seq, out, on_loop=False)
@@ -617,6 +639,8 @@ class GraphRuntime:
             self._repost()
 
     def _helpers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self.closed:
+            raise RuntimeError("the compiled graph is torn down")
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="actorlib-dag")
         return self._executor

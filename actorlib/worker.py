@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import logging
 import os
 import pickle
 import queue
@@ -48,6 +49,8 @@ from transport import (
 from . import runtime as runtime_mod
 from .rank_program import RUN_METHOD, run_in_worker
 from .runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 __all__ = ["main"]
 
@@ -233,8 +236,8 @@ class ActorHost:
                 job = self._sync_jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is None:  # the end: for the thread's own loop
-                self.post_sync(None)
+            if job is None:  # the end: left for the thread's own loop (no wake-up: this waiter would take it again)
+                self._sync_jobs.put(None)
                 return
             try:
                 job()
@@ -248,8 +251,22 @@ class ActorHost:
 
     def _poll_watched(self) -> None:
         assert self._poller is not None
-        for sock, _ in self._poller.poll():
+        try:
+            ready = self._poller.poll()
+        except zmq.ZMQError as exc:  # a watched socket closed under it (a bug): say so, and stop watching them
+            log.error("%s: the sync thread's poll failed (%s); its sockets are no longer watched", self.label, exc)
+            self._watched.clear()
+            self._polling = False
+            self._remake_poller()
+            return
+        for sock, _ in ready:
             if isinstance(sock, int):
+                if sock != self._wake:  # a watched socket closed under it shows up as fd 0 (a bug): drop it
+                    log.error("%s: a socket the sync thread watched was closed under it", self.label)
+                    self._watched = {w: r for w, r in self._watched.items() if not w.closed}
+                    self._polling = bool(self._watched)
+                    self._remake_poller()
+                    return
                 try:
                     os.eventfd_read(self._wake)  # a job was queued
                 except BlockingIOError:
@@ -265,6 +282,8 @@ class ActorHost:
 
     def watch_sync(self, sock: zmq.Socket, reader: Callable[[], None]) -> None:
         """From now on the sync thread calls ``reader()`` whenever ``sock`` has messages (sync thread)."""
+        if sock.closed:
+            return  # its graph was torn down before this thread got here
         if self._wake < 0:
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._watched[sock] = reader

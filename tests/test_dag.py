@@ -141,6 +141,19 @@ class Stage:
         actorlib.get(other.ping.remote(), timeout=60)
         return x
 
+    def sabotage_next_setup(self):
+        """Make this actor's part of the next graph compiled on it fail at once (its set-up raises)."""
+        from actorlib import dag_worker
+
+        original = dag_worker._Node.__init__
+
+        def fail_once(node, spec, host):
+            dag_worker._Node.__init__ = original
+            raise RuntimeError("sabotaged set-up")
+
+        dag_worker._Node.__init__ = fail_once
+        return True
+
     def packed_sends_held(self):
         """How many packed sends each of this actor's channels still holds (they must not pile up)."""
         from actorlib import dag_worker
@@ -600,6 +613,34 @@ def test_values_that_cannot_travel_fail_their_execution_only(env):
     finally:
         compiled.teardown()
         unserializable.teardown()
+
+
+def test_a_failed_compile_leaves_the_other_actors_idle_and_serving(al):
+    """c's set-up fails while a and b are still building their channel: the driver tears the graph down on them
+    mid-set-up, and they must neither go on setting it up nor keep a closed inbox (their sync threads idle)."""
+    a, b, c = (StageActor.remote(name, "cpu") for name in "abc")
+    try:
+        al.get(c.sabotage_next_setup.remote(), timeout=30)
+        with InputNode() as inp:
+            dag = MultiOutputNode([b.mul.bind(a.add.bind(inp).with_tensor_transport("gloo")), c.add.bind(inp)])
+        with pytest.raises(RuntimeError, match="sabotaged set-up"):
+            dag.compile(timeout=30)
+        pids = al.get([s.pid.remote() for s in (a, b, c)], timeout=30)
+        wait_for(lambda: all(not al.get(s.stats.remote(), timeout=30) for s in (a, b, c)), timeout=30, what="teardown")
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(1.0)  # the measured idle window
+        used = [round(_cpu_seconds(p) - x, 3) for p, x in zip(pids, before, strict=True)]
+        assert all(u < 0.2 for u in used), f"CPU seconds used in 1 s idle (a, b, c): {used}"
+        assert al.get([s.ping.remote() for s in (a, b, c)], timeout=30) == ["a", "b", "c"]
+        with InputNode() as inp:
+            again = b.mul.bind(a.add.bind(inp).with_tensor_transport("gloo")).compile(timeout=30)
+        try:
+            assert al.get(again.execute(torch.ones(2)), timeout=30).tolist() == [4.0, 4.0]
+        finally:
+            again.teardown()
+    finally:
+        for s in (a, b, c):
+            al.kill(s)
 
 
 def test_compiling_with_a_dead_actor_raises(al):

@@ -350,10 +350,10 @@ class Endpoint:
         """The socket, for a ``zmq.Poller`` of the thread that reads an endpoint made with ``read_on_loop=False``."""
         return self._sock
 
-    def read_available(self) -> None:
-        """Handle every message waiting now (the reading thread of a ``read_on_loop=False`` endpoint)."""
-        while self._read_some(_DRAIN_BATCH):
-            pass
+    def read_available(self, limit: int = _DRAIN_BATCH) -> None:
+        """Handle up to ``limit`` of the messages waiting now (the reading thread of a ``read_on_loop=False``
+        endpoint; a ``zmq.Poller`` says at once that more are waiting)."""
+        self._read_some(limit)
 
     def _schedule_drain(self) -> None:
         if not self._reading:
