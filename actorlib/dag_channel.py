@@ -172,9 +172,7 @@ def from_bytes(dtype_name: str, shape: list[int], data: bytes) -> Any:
     """A CPU tensor of its own (writable) memory from :func:`raw_bytes`."""
     import torch
 
-    dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
-    if dtype is None:
-        dtype = _DTYPES[dtype_name] = _dtype(torch, dtype_name)
+    dtype = _dtype(torch, dtype_name)
     if not data:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(data), dtype=dtype)
@@ -457,9 +455,13 @@ class _Packed:
 
 
 def _dtype(torch: Any, name: Any) -> Any:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"not a dtype: {name!r}")
+    """``torch.float32`` for ``"float32"`` (names come from the wire: anything else is refused)."""
+    dtype = _DTYPES.get(name) if type(name) is str else None
+    if dtype is None:
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"not a dtype: {name!r}")
+        _DTYPES[name] = dtype  # only real dtype names get here: the cache stays as small as torch's list
     return dtype
 
 

@@ -18,9 +18,11 @@ Per execution, one-way EVENT messages (no reply, no task; see
 channel), each on a socket of the graph's own to that actor.
 
 Values are keyed by ``(source node, seq)``. When every input of a node for
-the next ``seq`` it has to run has arrived, the node runs: a sync method as a
-job on the actor's sync-method thread (in order with the actor's other sync
-calls), which waits there for the tensors still on their way, calls the
+the next ``seq`` it has to run has arrived, the node runs: a sync method on
+the actor's sync-method thread (in order with the actor's other sync calls:
+right there when that thread reads the graph's inbox itself, which it does
+where all of the actor's nodes in the graph are sync; as a job otherwise),
+which waits there for the tensors still on their way, calls the
 method and hands the output on from that thread; an async method in the
 node's task on the loop (tensor waits on a helper thread). Handing on means:
 to this actor's nodes directly; to another actor a ``deliver`` message over

@@ -213,7 +213,7 @@ class ActorHost:
                 try:
                     job = self._sync_jobs.get_nowait()
                 except queue.Empty:
-                    self._poll_watched()
+                    self.poll_sync_once()
                     continue
             else:
                 job = self._sync_jobs.get()
@@ -223,11 +223,6 @@ class ActorHost:
                 job()
             except BaseException:  # never lose the thread: every later sync call would hang
                 traceback.print_exc()
-
-    def poll_sync_once(self) -> None:
-        """Wait until a watched socket has messages, a job is queued or :meth:`wake_sync` is called, and read
-        what came (sync thread; jobs are left queued). Compiled graphs wait so while their sends complete."""
-        self._poll_watched()
 
     def run_queued_jobs(self) -> None:
         """Run the jobs queued now (sync thread, from inside one that waits: see ``GraphRuntime._wait_serving``)."""
@@ -249,23 +244,19 @@ class ActorHost:
         if self._wake >= 0:
             os.eventfd_write(self._wake, 1)
 
-    def _poll_watched(self) -> None:
+    def poll_sync_once(self) -> None:
+        """Wait until a watched socket has messages, a job is queued or :meth:`wake_sync` is called, and read
+        what came (sync thread; jobs are left queued). Compiled graphs also wait so while their sends complete."""
         assert self._poller is not None
         try:
             ready = self._poller.poll()
-        except zmq.ZMQError as exc:  # a watched socket closed under it (a bug): say so, and stop watching them
-            log.error("%s: the sync thread's poll failed (%s); its sockets are no longer watched", self.label, exc)
-            self._watched.clear()
-            self._polling = False
-            self._remake_poller()
+        except zmq.ZMQError as exc:
+            self._drop_closed(str(exc))
             return
         for sock, _ in ready:
             if isinstance(sock, int):
-                if sock != self._wake:  # a watched socket closed under it shows up as fd 0 (a bug): drop it
-                    log.error("%s: a socket the sync thread watched was closed under it", self.label)
-                    self._watched = {w: r for w, r in self._watched.items() if not w.closed}
-                    self._polling = bool(self._watched)
-                    self._remake_poller()
+                if sock != self._wake:  # a closed socket shows up as fd 0
+                    self._drop_closed("a watched socket shows up as fd 0")
                     return
                 try:
                     os.eventfd_read(self._wake)  # a job was queued
@@ -279,6 +270,13 @@ class ActorHost:
                 reader()
             except BaseException:  # never lose the thread
                 traceback.print_exc()
+
+    def _drop_closed(self, why: str) -> None:
+        """A watched socket was closed under the poller (a bug, and it would spin): stop watching it."""
+        log.error("%s: a socket the sync thread watched was closed under it (%s)", self.label, why)
+        self._watched = {w: r for w, r in self._watched.items() if not w.closed}
+        self._polling = bool(self._watched)
+        self._remake_poller()
 
     def watch_sync(self, sock: zmq.Socket, reader: Callable[[], None]) -> None:
         """From now on the sync thread calls ``reader()`` whenever ``sock`` has messages (sync thread)."""

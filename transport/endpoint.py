@@ -11,7 +11,8 @@ message) and drained without blocking, so a burst of messages costs one
 wake-up. An endpoint made with ``read_on_loop=False`` is read instead by one
 thread of its owner's choosing, which waits on :attr:`Endpoint.zmq_socket`
 with a ``zmq.Poller`` and calls :meth:`Endpoint.read_available` (a compiled
-graph's inbox, read by the actor's sync-method thread: no hop through the loop). Sending is allowed from any thread: every use of the socket holds
+graph's inbox, read by the actor's sync-method thread: no hop through the
+loop). Sending is allowed from any thread: every use of the socket holds
 one lock (ZeroMQ allows a socket to move between threads across a full memory
 barrier), so a caller's thread sends without waking the loop. Everything
 else must be called on the loop's thread.
@@ -140,7 +141,6 @@ class Endpoint:
         on_message: Callable[[Message], None] | None,
         name: str,
         max_message_size: int = -1,
-        read_on_loop: bool = True,
     ) -> Endpoint:
         """Connect a DEALER to one peer. Messages queue until the peer is there."""
         sock = _socket(zmq.DEALER, max_message_size)
@@ -150,7 +150,7 @@ class Endpoint:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot connect to {address}: {exc}") from exc
-        ep = cls(sock, routed=False, on_message=on_message, name=name, read_on_loop=read_on_loop)
+        ep = cls(sock, routed=False, on_message=on_message, name=name)
         ep.address = address
         ep._shm = shm.ENABLED and shm.local_address(address)
         return ep
@@ -357,7 +357,7 @@ class Endpoint:
 
     def _schedule_drain(self) -> None:
         if not self._reading:
-            return  # read by its own thread, which drains until nothing is left
+            return  # read by a thread of its own, whose poller says when messages wait
         self._drain_scheduled = True
         if threading.get_ident() == self._loop_thread:
             self._loop.call_soon(self._on_readable)
