@@ -14,7 +14,11 @@ generator (or dropping it) tells the producer to stop.
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -39,13 +43,14 @@ _decode_lock = threading.Lock()
 class ObjectRef:
     """The future result of one call. Users never construct one."""
 
-    __slots__ = ("_fut", "_value", "_cancel", "_what", "__weakref__")
+    __slots__ = ("_fut", "_value", "_cancel", "_what", "_source", "__weakref__")
 
     def __init__(self, what: Any, cancel: Callable[[], None] | None = None) -> None:
         self._fut = Completion()
         self._value: Any = _UNSET
         self._cancel = cancel
         self._what = what  # a str, or a (class name, method) pair formatted only when needed
+        self._source: tuple[Any, int] | None = None  # (endpoint, request id) once sent: see _wait_reading
 
     @classmethod
     def resolved(cls, what: str, value: Any = None, error: BaseException | None = None) -> ObjectRef:
@@ -72,6 +77,9 @@ class ObjectRef:
     def _result(self, timeout: float | None) -> Any:
         if self._value is not _UNSET:
             return self._value
+        source = self._source
+        if source is not None and not self._fut.done():
+            timeout = _wait_reading(self._fut, source[0], source[1], timeout)
         try:
             msg = self._fut.result(timeout)
         except TimeoutError:
@@ -260,6 +268,63 @@ class ObjectRefGenerator:
 
     def __repr__(self) -> str:
         return f"ObjectRefGenerator({self._state.what})"
+
+
+class _Wakeup:
+    """A thread's eventfd, written when a completion that thread polls for is set by another thread."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLIN)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+_thread_state = threading.local()
+
+
+def _wait_reading(fut: Completion, endpoint: Any, req_id: int, timeout: float | None) -> float | None:
+    """Wait for a call's answer by reading its connection's socket on this thread; returns the time left.
+
+    The I/O loop reads the same socket: whichever thread reads the answer
+    first delivers it (see ``Endpoint.read_response``). When the loop does,
+    it writes this thread's eventfd. Saves the loop -> caller wake-up, the
+    one thread hop of a blocking round trip that bare ZeroMQ does not have.
+    """
+    wakeup = getattr(_thread_state, "wakeup", None)
+    if wakeup is None:
+        wakeup = _thread_state.wakeup = _Wakeup()
+    me = threading.get_ident()
+    wake_fd = wakeup.fd
+
+    def wake(_: Completion) -> None:
+        if threading.get_ident() != me:
+            os.eventfd_write(wake_fd, 1)
+
+    fut.add_done_callback(wake)
+    poller, sock_fd = wakeup.poller, endpoint.fd
+    poller.register(sock_fd, select.POLLIN)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not endpoint.closed:
+            endpoint.read_response(req_id)
+            if fut.done():
+                break
+            wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            events = poller.poll(wait_ms)
+            if not events:
+                break  # timed out
+            for fd, _ in events:
+                if fd == wake_fd:
+                    try:
+                        os.eventfd_read(wake_fd)
+                    except BlockingIOError:
+                        pass
+    finally:
+        poller.unregister(sock_fd)
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _loop_future(cf: Completion) -> asyncio.Future[None]:

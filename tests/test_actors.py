@@ -242,6 +242,29 @@ def test_generators_stream_in_order_sync_and_async(cluster, Counter):
     assert list(c.gen.remote(0)) == []
 
 
+def test_blocking_gets_beside_streams_from_the_same_actor_lose_and_reorder_nothing(cluster, Counter):
+    # A thread blocked in get() reads its answer off the connection itself and hands the loop whatever
+    # else it reads there (here: the stream's items, which must stay in order).
+    c = Counter.remote()
+    streamed = {}
+
+    def consume(name, gen):
+        streamed[name] = [cluster.get(r, timeout=30) for r in gen]
+
+    threads = [
+        threading.Thread(target=consume, args=("sync", c.gen.remote(2000))),
+        threading.Thread(target=consume, args=("async", c.agen.remote(300, 0.001))),
+    ]
+    for t in threads:
+        t.start()
+    values = [cluster.get(c.wait_then.remote(0, i), timeout=30) for i in range(300)]
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert values == list(range(300))
+    assert streamed == {"sync": list(range(2000)), "async": list(range(300))}
+
+
 def test_generator_exception_surfaces_on_next_item(cluster, Counter):
     c = Counter.remote()
     gen = c.gen_fail.remote(3)

@@ -1,4 +1,7 @@
 import asyncio
+import select
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -135,3 +138,68 @@ def test_malformed_batches_are_refused():
         msg = decode([msgpack.packb([VERSION, 13, 0, msgpack.packb(items)])])
         with pytest.raises(ProtocolError):
             decode_batch(msg)
+
+
+def test_a_waiting_thread_reads_its_own_answer_and_hands_the_rest_to_the_loop_in_order(tmp_path):
+    async def main():
+        loop = asyncio.get_running_loop()
+        peers = []
+        arrived = loop.create_future()
+
+        def on_message(msg):  # the server: learns the client's routing id from its first message
+            peers.append(msg.peer)
+            if not arrived.done():
+                arrived.set_result(None)
+
+        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=on_message, name="server")
+        client = Endpoint.connect(server.address, on_message=None, name="client")
+        stream, answer, loop_thread = [], [], threading.get_ident()
+        stream_done = loop.create_future()
+
+        def stream_sink(msg):
+            stream.append((msg.kind, loads(msg.body), threading.get_ident()))
+            if msg.kind == Kind.STREAM_END:
+                stream_done.set_result(None)
+
+        client.pending[1] = stream_sink
+        client.pending[2] = lambda msg: answer.append((loads(msg.body), threading.get_ident()))
+        client.send(Kind.CALL, 1, dumps(None)[0])
+        await asyncio.wait_for(arrived, 10)
+        client.stop_reading()  # while the thread reads, the loop does not: what it is handed waits for it
+        peer = peers[0]
+        for kind, req_id, value in [
+            (Kind.STREAM_ITEM, 1, "a1"),
+            (Kind.STREAM_ITEM, 1, "a2"),
+            (Kind.RESULT, 2, "mine"),
+            (Kind.STREAM_ITEM, 1, "a3"),
+            (Kind.STREAM_END, 1, "end"),
+        ]:
+            server.send(kind, req_id, dumps(value)[0], peer=peer)
+        server.send_frames([b"garbage"], peer)
+
+        def wait_reading():
+            deadline = time.monotonic() + 10
+            while not answer and time.monotonic() < deadline:
+                if client.zmq_socket.closed:
+                    return
+                select.select([client.fd], [], [], 0.1)
+                client.read_response(2)
+
+        await loop.run_in_executor(None, wait_reading)
+        assert answer and answer[0][0] == "mine" and answer[0][1] != loop_thread  # handled on the waiting thread
+        assert not stream  # handed over, not handled, while the loop was not reading
+        client.start_reading()
+        await asyncio.wait_for(stream_done, 10)
+        assert [(k, v) for k, v, _ in stream] == [
+            (Kind.STREAM_ITEM, "a1"),
+            (Kind.STREAM_ITEM, "a2"),
+            (Kind.STREAM_ITEM, "a3"),
+            (Kind.STREAM_END, "end"),
+        ]
+        assert {t for _, _, t in stream} == {loop_thread}
+        client.read_response(99)  # nothing waiting, nothing for it: returns at once
+        client.close()
+        client.read_response(2)  # closed: returns at once
+        server.close()
+
+    run(main())

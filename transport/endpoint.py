@@ -25,9 +25,11 @@ import itertools
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 import zmq
 
 from . import codec, security, shm
@@ -96,6 +98,7 @@ class Endpoint:
         self._shm = False  # large buffers through shared memory: every peer is on this machine
         self._fd = int(sock.getsockopt(zmq.FD))
         self._reading = False  # the loop's reader callback is on
+        self._handoff: deque[list[Any]] = deque()  # messages a waiting thread read for the loop (read_response)
         self.address: str = ""
         if read_on_loop:
             self.start_reading()
@@ -371,30 +374,79 @@ class Endpoint:
 
     def _read_some(self, limit: int) -> bool:
         """Handle up to ``limit`` messages; True if there may be more."""
-        if self._closed:
-            return False
-        sock, lock = self._sock, self._lock
         for _ in range(limit):
-            try:
-                with lock:
-                    if self._closed:
-                        return False
-                    # Header frames are small: copy them (cheaper than a Frame);
-                    # buffer frames stay zero-copy.
-                    frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
-                    if self._routed:
-                        frames.append(sock.recv(zmq.NOBLOCK))
-                    while sock.get(zmq.RCVMORE):
-                        frames.append(sock.recv(zmq.NOBLOCK, copy=False))
-            except zmq.Again:
-                return False
-            except zmq.ZMQError as exc:
-                log.warning("%s: receive failed: %s", self.name, exc)
+            frames = self._next_frames()
+            if frames is None:
                 return False
             self._dispatch(frames)
             if self._closed:
                 return False
         return True
+
+    def _next_frames(self) -> list[Any] | None:
+        """The next message: one a waiting thread handed over first, then the socket's; None if none waits."""
+        sock = self._sock
+        with self._lock:
+            if self._closed:
+                return None
+            if self._handoff:
+                return self._handoff.popleft()
+            try:
+                # Header frames are small: copy them (cheaper than a Frame); buffer frames stay zero-copy.
+                frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
+                if self._routed:
+                    frames.append(sock.recv(zmq.NOBLOCK))
+                while sock.get(zmq.RCVMORE):
+                    frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                return None
+            except zmq.ZMQError as exc:
+                log.warning("%s: receive failed: %s", self.name, exc)
+                return None
+        return frames
+
+    @property
+    def fd(self) -> int:
+        """The socket's notification descriptor: readable when something may be waiting (see :meth:`read_response`)."""
+        return self._fd
+
+    def read_response(self, req_id: int) -> None:
+        """From a thread waiting for the answer to ``req_id`` (a connected endpoint): read what is waiting now.
+
+        The answer, if it is here on its own, is handled on this thread (its
+        sink runs here): the waiting thread need not be woken by the loop after
+        the loop was woken by the socket. Every other message read is handed to
+        the loop, which handles those first, in the order they were read. The
+        loop goes on reading too; whoever reads the answer first delivers it.
+        A waiting thread polls :attr:`fd` and calls this again.
+        """
+        mine: list[Any] | None = None
+        handed = False
+        sock = self._sock
+        with self._lock:
+            if self._closed:
+                return
+            for _ in range(_DRAIN_BATCH):
+                try:
+                    if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a recv raising zmq.Again
+                        break
+                    frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
+                    while sock.get(zmq.RCVMORE):
+                        frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+                except zmq.ZMQError:  # zmq.Again: nothing more; anything else the loop will see and log
+                    break
+                if mine is None and _answers(frames[0], req_id):
+                    mine = frames
+                else:
+                    self._handoff.append(frames)
+                    handed = True
+        if handed:
+            try:
+                self._schedule_drain()
+            except RuntimeError:  # the loop is closed: nobody reads any more
+                pass
+        if mine is not None:
+            self._dispatch(mine)
 
     def _dispatch(self, frames: list[Any]) -> None:
         peer = None
@@ -465,6 +517,18 @@ class Endpoint:
             if self._unwatch is not None:
                 self._unwatch()
             self._sock.close(linger=0)
+
+
+def _answers(head: bytes, req_id: int) -> bool:
+    """Whether a header frame is the final answer to ``req_id`` (a malformed one is not: the loop refuses it)."""
+    try:
+        envelope = msgpack.unpackb(head, raw=False, use_list=False)
+        return envelope[2] == req_id and envelope[1] in _FINAL
+    except Exception:
+        return False
+
+
+_FINAL = frozenset(int(k) for k in FINAL_KINDS)
 
 
 def wait_sent(tracker: zmq.MessageTracker | None, still_wanted: Callable[[], bool]) -> None:
