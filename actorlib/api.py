@@ -18,7 +18,7 @@ from .actor import ActorHandle
 from .completion import wait_for
 from .driver import Driver
 from .exceptions import ActorLibError, GetTimeoutError, HeadUnreachableError
-from .object_ref import ObjectRef, ObjectRefGenerator
+from .object_ref import ObjectRef, ObjectRefGenerator, wait_reading
 
 __all__ = [
     "available_resources",
@@ -176,10 +176,12 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"get() takes ObjectRefs, not {type(r).__name__}")
-    pending = [r._fut for r in refs if not r.done()]
+    pending_refs = [r for r in refs if not r.done()]
+    pending = [r._fut for r in pending_refs]
     if pending:
         rt.check_can_block()
-        wait_for(pending, len(pending), timeout, stop_on_exception=True)  # one wake-up for the whole list
+        left = wait_reading(pending_refs, timeout)  # this thread reads the answers itself where it can
+        wait_for(pending, len(pending), left, stop_on_exception=True)  # one wake-up for the whole list
         if timeout is not None and not all(f.done() for f in pending) and not any(f.exception() for f in pending):
             late = sum(1 for f in pending if not f.done())
             raise GetTimeoutError(f"{late} of {len(refs)} results did not finish within {timeout} s")

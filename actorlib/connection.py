@@ -190,7 +190,7 @@ class ActorConnection:
         self._inflight[req_id] = call
         ep.pending[req_id] = self._sink(call)
         if type(call.sink) is ObjectRef:
-            call.sink._source = (ep, req_id)  # a thread blocking on it reads the socket itself
+            call.sink._source = ((ep, req_id, False),)  # a thread blocking on it reads the socket itself
         try:
             if not buffers and self.rt.in_loop():
                 ep.send_soon(Kind.CALL, req_id, body)  # with whatever else this loop turn sends: one message

@@ -238,6 +238,8 @@ class CompiledDAG:
         self._next_seq = 0
         self._inflight = 0
         self._pending: dict[int, _Pending] = {}
+        self._result_calls: list[tuple[str, Call]] = []  # the output actors' ``results`` calls
+        self._sources: tuple[tuple[Any, int, bool], ...] | None = None  # where outputs come: see ObjectRef._source
 
     @property
     def state(self) -> GraphState:
@@ -284,11 +286,14 @@ class CompiledDAG:
         for link in self._links:
             link.stop_reading()  # only sent on from now on (by callers' threads): its wake-ups would only cost the loop
         self._state = GraphState.READY
+        outputs = {node._handle._actor_id for node in self._graph.outputs}
         for aid in aids:  # open for the graph's lifetime: outputs come back on it, and an actor's death fails it
             args = ("results", gid)
             sink: Any = _Results(self, aid)  # takes every answer to the call (Call only needs _set_message/_set_error)
             call = Call(CONTROL, args, {}, None, encode_call(CONTROL, args, {}, None), sink, False)
             rt.connection(aid, self._actors[aid]).submit(call)
+            if aid in outputs:
+                self._result_calls.append((aid, call))
 
     # -- results (on the I/O loop) --------------------------------------------------
 
@@ -452,6 +457,7 @@ class CompiledDAG:
             seq = self._next_seq
             self._next_seq = seq + 1
             ref = ObjectRef(("CompiledDAG", f"execute#{seq}"))
+            ref._source = self._sources or self._find_sources()
             with self._lock:
                 try:
                     self._check_usable_locked()
@@ -469,6 +475,18 @@ class CompiledDAG:
                     self._rt.call_soon(self._fail, ActorLibError(f"could not send an execution to its input actors: {exc}"))
                     break
         return ref
+
+    def _find_sources(self) -> tuple[tuple[Any, int, bool], ...] | None:
+        """The output actors' streams of results, once every ``results`` call is on its socket: a thread
+        blocked on an execution's ref reads its outputs there itself (``object_ref.wait_reading``)."""
+        sources = []
+        for aid, call in self._result_calls:
+            conn = self._rt._conns.get(aid)
+            if conn is None or conn.endpoint is None or call.req_id == 0:
+                return None
+            sources.append((conn.endpoint, call.req_id, True))
+        self._sources = tuple(sources)
+        return self._sources
 
     def execute(self, *args: Any, **kwargs: Any) -> ObjectRef:
         """Start one execution with these arguments; returns its ObjectRef (``actorlib.get`` it, or ``await`` it).

@@ -20,7 +20,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from transport import DecodeError, Kind, Message, loads
@@ -50,7 +50,8 @@ class ObjectRef:
         self._value: Any = _UNSET
         self._cancel = cancel
         self._what = what  # a str, or a (class name, method) pair formatted only when needed
-        self._source: tuple[Any, int] | None = None  # (endpoint, request id) once sent: see _wait_reading
+        # once sent, where its answer comes: ((endpoint, request id, a stream's item?), ...); see wait_reading
+        self._source: tuple[tuple[Any, int, bool], ...] | None = None
 
     @classmethod
     def resolved(cls, what: str, value: Any = None, error: BaseException | None = None) -> ObjectRef:
@@ -77,9 +78,8 @@ class ObjectRef:
     def _result(self, timeout: float | None) -> Any:
         if self._value is not _UNSET:
             return self._value
-        source = self._source
-        if source is not None and not self._fut.done():
-            timeout = _wait_reading(self._fut, source[0], source[1], timeout)
+        if self._source is not None and not self._fut.done():
+            timeout = wait_reading((self,), timeout)
         try:
             msg = self._fut.result(timeout)
         except TimeoutError:
@@ -285,14 +285,24 @@ class _Wakeup:
 _thread_state = threading.local()
 
 
-def _wait_reading(fut: Completion, endpoint: Any, req_id: int, timeout: float | None) -> float | None:
-    """Wait for a call's answer by reading its connection's socket on this thread; returns the time left.
+def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_exception: bool = True) -> float | None:
+    """Wait for calls' answers by reading their connections' sockets on this thread; returns the time left.
 
-    The I/O loop reads the same socket: whichever thread reads the answer
-    first delivers it (see ``Endpoint.read_response``). When the loop does,
-    it writes this thread's eventfd. Saves the loop -> caller wake-up, the
-    one thread hop of a blocking round trip that bare ZeroMQ does not have.
+    The I/O loop stands aside meanwhile (``Endpoint.share_reading``) but may
+    still read the same sockets: whoever reads an answer first delivers it
+    (see ``Endpoint.read_responses``); when the loop does, it writes this
+    thread's eventfd. This saves the loop -> caller wake-up, the
+    thread hop of a blocking round trip that bare ZeroMQ does not have. Refs
+    not sent yet are waited for through that eventfd alone. Returns once all
+    are done (or one failed, with ``stop_on_exception``) or ``timeout`` passed.
     """
+    by_endpoint: dict[Any, tuple[set[int], set[int]]] = {}  # endpoint: (calls' request ids, streams' request ids)
+    for ref in refs:
+        if ref._source is not None and not ref._fut.done():
+            for endpoint, req_id, stream in ref._source:
+                by_endpoint.setdefault(endpoint, (set(), set()))[stream].add(req_id)
+    if not by_endpoint:
+        return timeout
     wakeup = getattr(_thread_state, "wakeup", None)
     if wakeup is None:
         wakeup = _thread_state.wakeup = _Wakeup()
@@ -303,27 +313,49 @@ def _wait_reading(fut: Completion, endpoint: Any, req_id: int, timeout: float | 
         if threading.get_ident() != me:
             os.eventfd_write(wake_fd, 1)
 
-    fut.add_done_callback(wake)
-    poller, sock_fd = wakeup.poller, endpoint.fd
-    poller.register(sock_fd, select.POLLIN)
+    futs = [ref._fut for ref in refs]
+    for fut in futs:
+        fut.add_done_callback(wake)
+    poller = wakeup.poller
+    by_fd = {ep.fd: ep for ep in by_endpoint}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
     deadline = None if timeout is None else time.monotonic() + timeout
+    # Nothing to read before the first poll: an answer that came already either left the socket's fd
+    # readable, or was seen by a send's look at the socket, which then had the loop read it.
+    to_read: list[Any] = []
+    for ep in by_endpoint:
+        ep.share_reading(True)  # its loop stands aside: this thread reads (it would mostly lose the race)
     try:
-        while not endpoint.closed:
-            endpoint.read_response(req_id)
-            if fut.done():
+        while True:
+            for ep in to_read:
+                if not ep.closed:
+                    ep.read_responses(*by_endpoint[ep])
+            if all(f.done() for f in futs) or (stop_on_exception and any(f.exception() is not None for f in futs)):
                 break
+            for fd in [fd for fd, ep in by_fd.items() if ep.closed]:  # its fd may be another file's by now
+                poller.unregister(fd)
+                del by_fd[fd]
+            if not by_fd:
+                break  # the loop fails what is left: waiting for that goes on through the eventfd alone
             wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
             events = poller.poll(wait_ms)
             if not events:
                 break  # timed out
+            to_read = []
             for fd, _ in events:
                 if fd == wake_fd:
                     try:
                         os.eventfd_read(wake_fd)
                     except BlockingIOError:
                         pass
+                elif fd in by_fd:
+                    to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
     finally:
-        poller.unregister(sock_fd)
+        for fd in by_fd:
+            poller.unregister(fd)
+        for ep in by_endpoint:
+            ep.share_reading(False)
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 

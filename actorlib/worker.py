@@ -5,7 +5,11 @@ for its class and constructor arguments, constructs the actor, binds its
 socket and reports ALIVE. Then:
 
 - sync methods (and sync generators) run one at a time, in arrival order, on
-  one dedicated thread, so a long call never stalls the event loop;
+  one dedicated thread, so a long call never stalls the event loop. While it
+  is idle, that thread reads the actor's socket itself, beside the loop, and
+  takes the calls of sync methods it has seen before straight into its queue
+  (``Endpoint.take_waiting``: only once the loop has queued everything it read
+  earlier); everything else it reads goes to the loop, in order;
 - async methods (and async generators) run as tasks on the loop, at most
   ``max_concurrency`` at once;
 - generators stream items in batches, at most ``window`` items ahead of what
@@ -37,6 +41,7 @@ from transport import (
     Endpoint,
     Kind,
     Message,
+    ProtocolError,
     TransportError,
     dumps,
     loads,
@@ -45,6 +50,7 @@ from transport import (
     set_cluster_key,
     wait_sent,
 )
+from transport.protocol import decode
 
 from . import runtime as runtime_mod
 from .rank_program import RUN_METHOD, run_in_worker
@@ -188,8 +194,12 @@ class ActorHost:
         # Sockets the sync thread reads itself (compiled graphs' inboxes), and how it is woken for a job meanwhile
         self._watched: dict[zmq.Socket, Callable[[], None]] = {}  # sync thread only
         self._poller: zmq.Poller | None = None
+        self._calls_poller: zmq.Poller | None = None  # the same and the actor's socket (watch_calls)
+        self._reading_calls = False  # the last call this thread ran was a sync call: read the socket when idle
+        self._refused = False  # _take_call left a message to the loop
         self._polling = False  # the sync thread may be waiting in its poller: post_sync must wake it
         self._wake = -1  # an eventfd, made when the first socket is watched
+        self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
         self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
@@ -213,12 +223,15 @@ class ActorHost:
                 try:
                     job = self._sync_jobs.get_nowait()
                 except queue.Empty:
+                    if self._reading_calls:
+                        self._share_reading(True)
                     self.poll_sync_once()
                     continue
             else:
                 job = self._sync_jobs.get()
             if job is None:
                 return
+            self._share_reading(False)
             try:
                 job()
             except BaseException:  # never lose the thread: every later sync call would hang
@@ -247,14 +260,18 @@ class ActorHost:
     def poll_sync_once(self) -> None:
         """Wait until a watched socket has messages, a job is queued or :meth:`wake_sync` is called, and read
         what came (sync thread; jobs are left queued). Compiled graphs also wait so while their sends complete."""
-        assert self._poller is not None
+        poller = self._calls_poller if self._reading_calls else self._poller
+        assert poller is not None
         try:
-            ready = self._poller.poll()
+            ready = poller.poll()
         except zmq.ZMQError as exc:
             self._drop_closed(str(exc))
             return
         for sock, _ in ready:
             if isinstance(sock, int):
+                if sock == self._calls_fd and sock != self._wake:
+                    self._read_calls()
+                    continue
                 if sock != self._wake:  # a closed socket shows up as fd 0
                     self._drop_closed("a watched socket shows up as fd 0")
                     return
@@ -266,6 +283,7 @@ class ActorHost:
             reader = self._watched.get(sock)
             if reader is None:
                 continue
+            self._share_reading(False)  # it runs a graph's nodes: the loop reads the actor's socket meanwhile
             try:
                 reader()
             except BaseException:  # never lose the thread
@@ -275,7 +293,7 @@ class ActorHost:
         """A watched socket was closed under the poller (a bug, and it would spin): stop watching it."""
         log.error("%s: a socket the sync thread watched was closed under it (%s)", self.label, why)
         self._watched = {w: r for w, r in self._watched.items() if not w.closed}
-        self._polling = bool(self._watched)
+        self._polling = bool(self._watched) or self._calls_fd >= 0
         self._remake_poller()
 
     def watch_sync(self, sock: zmq.Socket, reader: Callable[[], None]) -> None:
@@ -292,14 +310,80 @@ class ActorHost:
         """Stop reading ``sock`` (sync thread)."""
         if self._watched.pop(sock, None) is not None:
             self._remake_poller()
+            self._polling = bool(self._watched) or self._calls_fd >= 0
+
+    def watch_calls(self) -> None:
+        """From now on the sync thread, while idle, reads the actor's socket too (sync thread; see the module)."""
+        if self.endpoint is None or self.endpoint.closed:
+            return
+        if self._wake < 0:
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._calls_fd = self.endpoint.fd
+        self._remake_poller()
+        self._polling = True  # post_sync now writes the eventfd: the poller may be waiting
+
+    def _share_reading(self, idle: bool) -> None:
+        if self._calls_fd >= 0 and self.endpoint is not None:
+            self.endpoint.share_reading(idle)
+
+    def _read_calls(self) -> None:
+        """The actor's socket has messages: take the sync calls, the loop gets the rest (sync thread)."""
+        ep = self.endpoint
+        if ep is None or ep.closed:  # its fd may be another file's by now: never poll it again
+            self._share_reading(False)
+            self._calls_fd = -1
+            self._reading_calls = False
             self._polling = bool(self._watched)
+            self._remake_poller()
+            return
+        self._refused = False
+        ep.take_waiting(self._take_call, after_loop=True)
+        if self._refused:  # not only sync calls come: the loop reads them all until the next sync call
+            self._reading_calls = False
+            self._share_reading(False)
+
+    def _take_call(self, frames: list[Any]) -> bool:
+        """Queue a call to a known sync method for this thread (under the socket's lock: no sends here)."""
+        msg = None
+        name = _method_name(frames[1]) if len(frames) > 1 else None
+        found = self._methods.get(name) if name is not None else None
+        if found is not None and found[1] == SYNC:
+            try:
+                msg = decode(frames[1:], frames[0])
+            except ProtocolError:
+                pass
+        if msg is None or found is None or msg.kind != Kind.CALL or msg.shm:
+            self._refused = True
+            return False
+        key = (msg.peer, msg.req_id)
+        self._queued.add(key)
+        self._sync_jobs.put(lambda: self._run_taken(key, found[0], msg))
+        return True
+
+    def _run_taken(self, key: tuple[bytes | None, int], fn: Callable[..., Any], msg: Message) -> None:
+        try:
+            _, args, kwargs, _ = _parse_call(msg)
+        except (DecodeError, ValueError, TypeError) as exc:
+            if self._unqueue(key):
+                self._send_from_thread(Kind.ERROR, key[1], _undecodable(exc), key[0])
+            return
+        self._run_sync(key, fn, args, kwargs)
 
     def _remake_poller(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake, zmq.POLLIN)
-        for sock in self._watched:
-            poller.register(sock, zmq.POLLIN)
-        self._poller = poller
+        """Two pollers: the eventfd and the watched inboxes; and those with the actor's socket (watch_calls)."""
+        pollers = []
+        for calls in (False, True):
+            poller = zmq.Poller()
+            poller.register(self._wake, zmq.POLLIN)
+            if calls:
+                if self._calls_fd < 0:
+                    break
+                poller.register(self._calls_fd, zmq.POLLIN)
+            for sock in self._watched:
+                poller.register(sock, zmq.POLLIN)
+            pollers.append(poller)
+        self._poller = pollers[0]
+        self._calls_poller = pollers[1] if len(pollers) > 1 else None
 
     async def construct(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._sync_thread.start()
@@ -422,16 +506,9 @@ class ActorHost:
 
     def _on_call(self, msg: Message) -> None:
         try:
-            method, args, kwargs, options = loads(msg.body, msg.buffers)
-            if not isinstance(method, str) or not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
-                raise DecodeError("a call is [method name, argument list, keyword map, options]")
-            if not all(isinstance(k, str) for k in kwargs) or not isinstance(options, dict | None):
-                raise DecodeError("keyword names must be strings and options a map")
-            window = int((options or {}).get("window") or runtime_mod.DEFAULT_STREAM_WINDOW)
+            method, args, kwargs, window = _parse_call(msg)
         except (DecodeError, ValueError, TypeError) as exc:
-            self.send_value(
-                Kind.ERROR, msg.req_id, {"type": "serialization", "message": f"could not deserialize a call: {exc}"}, msg.peer
-            )
+            self.send_value(Kind.ERROR, msg.req_id, _undecodable(exc), msg.peer)
             return
         found = self._lookup(method)
         if found is None:
@@ -510,6 +587,7 @@ class ActorHost:
     def _run_sync(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         if not self._unqueue(key):
             return  # cancelled while queued
+        self._reading_calls = self._calls_fd >= 0  # sync calls come: take the next ones off the socket when idle
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
@@ -579,6 +657,46 @@ class ActorHost:
             self.send_value(Kind.STREAM_END, p.req_id, None, p.peer)
 
 
+def _parse_call(msg: Message) -> tuple[str, Any, dict[str, Any], int]:
+    """``(method, args, kwargs, stream window)`` of a CALL; raises DecodeError, ValueError or TypeError."""
+    method, args, kwargs, options = loads(msg.body, msg.buffers)
+    if not isinstance(method, str) or not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
+        raise DecodeError("a call is [method name, argument list, keyword map, options]")
+    if not all(isinstance(k, str) for k in kwargs) or not isinstance(options, dict | None):
+        raise DecodeError("keyword names must be strings and options a map")
+    return method, args, kwargs, int((options or {}).get("window") or runtime_mod.DEFAULT_STREAM_WINDOW)
+
+
+def _undecodable(exc: BaseException) -> dict[str, Any]:
+    return {"type": "serialization", "message": f"could not deserialize a call: {exc}"}
+
+
+_UINT_BYTES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_BYTES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _method_name(head: bytes) -> str | None:
+    """The method name of a CALL from its header frame, without decoding the rest; None if not that plain.
+
+    The header is msgpack ``[version, kind, req_id, body]`` and the body
+    ``[method, args, kwargs, options]``: a short name sits right after the
+    body's array marker. Anything else (not a CALL, a long name) is None.
+    """
+    try:
+        if head[0] != 0x94 or head[2] != Kind.CALL:
+            return None
+        at = 4 if head[3] < 0x80 else 4 + _UINT_BYTES[head[3]]  # past the request id
+        at += 1 + _BIN_BYTES[head[at]]  # past the body's length
+        if head[at] != 0x94:
+            return None
+        length = head[at + 1] - 0xA0
+        if 0 < length < 32:
+            return head[at + 2 : at + 2 + length].decode()
+    except (KeyError, IndexError, UnicodeDecodeError):
+        pass
+    return None
+
+
 def _array_header(n: int) -> bytes:
     """The msgpack header of an array of ``n`` elements."""
     if n < 16:
@@ -620,6 +738,7 @@ async def _serve(config: dict[str, Any]) -> int:
         await rt.control("actor_failed", actor_id=rt.actor_id, error=_plain(error_record(exc, host.label)), pid=os.getpid())
         return 1
     host.endpoint = Endpoint.bind(config["bind_address"], on_message=host.on_message, name=host.label)
+    host.post_sync(host.watch_calls)
     await rt.control("actor_ready", actor_id=rt.actor_id, address=host.endpoint.address, pid=os.getpid())
     beat = loop.create_task(_heartbeats(rt, float(config.get("heartbeat_s") or 0)))
     await host.stopped.wait()

@@ -5,6 +5,7 @@ import os
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -18,6 +19,8 @@ from actorlib.exceptions import (
     TaskCancelledError,
 )
 from transport.security import cluster_key
+
+from .conftest import cpu_seconds
 
 
 class Boom(Exception):
@@ -265,6 +268,61 @@ def test_blocking_gets_beside_streams_from_the_same_actor_lose_and_reorder_nothi
     assert streamed == {"sync": list(range(2000)), "async": list(range(300))}
 
 
+def test_sync_calls_keep_their_order_whoever_reads_them(cluster, Counter):
+    # An idle sync thread takes sync calls off the actor's socket itself; an async call makes it leave
+    # the socket to the loop again until the next sync call. Each caller's sync calls still run in order.
+    c = Counter.remote()
+
+    def caller(base):
+        refs = []
+        for i in range(1, 201):
+            refs.append(c.incr.remote(base + i))
+            if i % 7 == 0:
+                refs.append(c.wait_then.remote(0, i))
+            if i % 50 == 0:
+                cluster.get(refs[-1], timeout=30)  # the thread goes idle now and then
+        cluster.get(refs, timeout=60)
+
+    threads = [threading.Thread(target=caller, args=(base,)) for base in (10_000, 20_000)]
+    for t in threads:
+        t.start()
+    caller(0)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    history = cluster.get(c.history.remote(), timeout=30)
+    for base in (0, 10_000, 20_000):
+        assert [x - base for x in history if base < x <= base + 200] == list(range(1, 201))
+
+
+def test_while_a_sync_call_runs_the_loop_serves_async_calls_and_cancels(cluster, Counter):
+    c = Counter.remote()
+    assert cluster.get([c.incr.remote() for _ in range(20)], timeout=30)[-1] == 20  # the thread now reads calls itself
+    time.sleep(0.1)  # idle a while: the loop, standing aside, stops looking (the thread must wake it when it gets busy)
+    slow = c.slow_incr.remote(4.0)
+    fast = c.wait_then.remote(0, "fast")
+    ready, _ = cluster.wait([fast, slow], num_returns=1, timeout=30)
+    assert ready == [fast] and not slow.done()
+    queued = c.incr.remote(100)
+    cluster.cancel(queued)
+    with pytest.raises(TaskCancelledError):
+        cluster.get(queued, timeout=30)
+    assert not slow.done()
+    assert cluster.get(slow, timeout=30) == 21
+
+
+def test_an_actor_idle_after_a_burst_of_sync_calls_uses_no_cpu(cluster, Counter):
+    c = Counter.remote()
+    pid = cluster.get(c.pid.remote(), timeout=30)
+    for _ in range(300):
+        cluster.get(c.incr.remote(), timeout=30)
+    before = cpu_seconds(pid)
+    time.sleep(1.0)  # the measured idle window
+    used = cpu_seconds(pid) - before
+    assert used < 0.2, f"{used:.3f} CPU seconds in 1 s idle"
+    assert cluster.get(c.incr.remote(), timeout=30) == 301
+
+
 def test_generator_exception_surfaces_on_next_item(cluster, Counter):
     c = Counter.remote()
     gen = c.gen_fail.remote(3)
@@ -401,6 +459,11 @@ def test_garbage_on_a_worker_socket_leaves_it_serving(cluster, Counter):
     cluster_key().apply(raw, server=False)  # a member of the cluster, sending garbage
     raw.connect(info["address"])
     try:
+        # a call of a known sync method with a bad argument list: the idle sync thread takes such calls itself
+        raw.send_multipart([msgpack.packb((1, 1, 7, msgpack.packb(["incr", 5, {}, None])))])
+        assert raw.poll(10_000), "the CALL with bad arguments was not answered"
+        version, kind, req_id, body = msgpack.unpackb(raw.recv_multipart()[0])
+        assert (kind, req_id) == (3, 7) and b"could not deserialize" in body  # an ERROR
         for frames in ([b"\xff" * 64], [b""], [b"\x94\x01\x01\x05\xc4\x03abc"], [os.urandom(1000), os.urandom(10)]):
             raw.send_multipart(frames)
         assert raw.poll(10_000), "the CALL with a bad body was not answered"

@@ -22,7 +22,7 @@ import actorlib
 from actorlib.dag import InputNode, MultiOutputNode
 from actorlib.dag_channel import SLOT_BYTES
 
-from .conftest import local_cluster, wait_for
+from .conftest import cpu_seconds, local_cluster, wait_for
 
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
 TRANSPORTS = [
@@ -525,19 +525,13 @@ def test_an_idle_compiled_graph_uses_no_cpu(env):
     try:
         actorlib.get(compiled.execute(torch.zeros(1)), timeout=30)
         pids = actorlib.get([s.pid.remote() for s in stages], timeout=30)
-        before = [_cpu_seconds(p) for p in pids] + [_cpu_seconds(os.getpid())]
+        before = [cpu_seconds(p) for p in pids] + [cpu_seconds(os.getpid())]
         time.sleep(1.0)  # the measured idle window
-        after = [_cpu_seconds(p) for p in pids] + [_cpu_seconds(os.getpid())]
+        after = [cpu_seconds(p) for p in pids] + [cpu_seconds(os.getpid())]
         used = [round(y - x, 3) for x, y in zip(before, after, strict=True)]
         assert all(u < 0.2 for u in used), f"CPU seconds used in 1 s idle (stages a, b, c, driver): {used}"
     finally:
         compiled.teardown()
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -627,9 +621,9 @@ def test_a_failed_compile_leaves_the_other_actors_idle_and_serving(al):
             dag.compile(timeout=30)
         pids = al.get([s.pid.remote() for s in (a, b, c)], timeout=30)
         wait_for(lambda: all(not al.get(s.stats.remote(), timeout=30) for s in (a, b, c)), timeout=30, what="teardown")
-        before = [_cpu_seconds(p) for p in pids]
+        before = [cpu_seconds(p) for p in pids]
         time.sleep(1.0)  # the measured idle window
-        used = [round(_cpu_seconds(p) - x, 3) for p, x in zip(pids, before, strict=True)]
+        used = [round(cpu_seconds(p) - x, 3) for p, x in zip(pids, before, strict=True)]
         assert all(u < 0.2 for u in used), f"CPU seconds used in 1 s idle (a, b, c): {used}"
         assert al.get([s.ping.remote() for s in (a, b, c)], timeout=30) == ["a", "b", "c"]
         with InputNode() as inp:

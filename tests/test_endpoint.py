@@ -8,6 +8,7 @@ import pytest
 import zmq
 
 from transport import ControlError, ControlServer, Endpoint, Kind, RemoteFailure, control_call, dumps, loads, shared_context
+from transport.protocol import decode
 
 
 def run(coro):
@@ -183,7 +184,7 @@ def test_a_waiting_thread_reads_its_own_answer_and_hands_the_rest_to_the_loop_in
                 if client.zmq_socket.closed:
                     return
                 select.select([client.fd], [], [], 0.1)
-                client.read_response(2)
+                client.read_responses((2,))
 
         await loop.run_in_executor(None, wait_reading)
         assert answer and answer[0][0] == "mine" and answer[0][1] != loop_thread  # handled on the waiting thread
@@ -197,9 +198,40 @@ def test_a_waiting_thread_reads_its_own_answer_and_hands_the_rest_to_the_loop_in
             (Kind.STREAM_END, "end"),
         ]
         assert {t for _, _, t in stream} == {loop_thread}
-        client.read_response(99)  # nothing waiting, nothing for it: returns at once
+        client.read_responses((99,))  # nothing waiting, nothing for it: returns at once
         client.close()
-        client.read_response(2)  # closed: returns at once
+        client.read_responses((2,))  # closed: returns at once
+        server.close()
+
+    run(main())
+
+
+def test_the_loop_stands_aside_while_a_thread_reads_and_reads_again_once_it_is_busy(tmp_path):
+    async def until(condition, what):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, f"not {what} within 10 s"
+            await asyncio.sleep(0.005)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = []
+        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=lambda m: got.append(loads(m.body)), name="server")
+        client = Endpoint.connect(server.address, on_message=None, name="client")
+        await asyncio.sleep(0)  # the first look of a new endpoint's loop (scheduled when it was made) is over
+        server.share_reading(True)  # a thread waits on the socket and reads it
+        client.send(Kind.CALL, 1, dumps("a")[0])
+        await until(lambda: server._paused, "paused")  # the loop woke, and stood aside without reading
+        assert got == []
+        taken = await loop.run_in_executor(None, lambda: server.take_waiting(lambda frames: True, after_loop=True))
+        assert len(taken) == 1 and loads(decode(taken[0][1:]).body) == "a"
+        await until(lambda: not server._ticking, "done looking")  # the thread took nothing since: no more wake-ups
+        assert server._paused
+        await loop.run_in_executor(None, server.share_reading, False)  # that thread got busy: the loop must read
+        await until(lambda: not server._paused, "resumed")
+        client.send(Kind.CALL, 2, dumps("b")[0])
+        await until(lambda: got == ["b"], "read by the loop")
+        client.close()
         server.close()
 
     run(main())

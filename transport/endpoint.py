@@ -12,7 +12,11 @@ wake-up. An endpoint made with ``read_on_loop=False`` is read instead by one
 thread of its owner's choosing, which waits on :attr:`Endpoint.zmq_socket`
 with a ``zmq.Poller`` and calls :meth:`Endpoint.read_available` (a compiled
 graph's inbox, read by the actor's sync-method thread: no hop through the
-loop). Sending is allowed from any thread: every use of the socket holds
+loop). A loop-read endpoint can also be read by another thread beside the
+loop (:meth:`Endpoint.take_waiting`): a thread blocked on a call's answer
+reads it itself (:meth:`Endpoint.read_responses`), an actor's idle sync thread
+takes sync calls while the loop stands aside (:meth:`Endpoint.share_reading`),
+and whatever such a thread does not take goes to the loop in order. Sending is allowed from any thread: every use of the socket holds
 one lock (ZeroMQ allows a socket to move between threads across a full memory
 barrier), so a caller's thread sends without waking the loop. Everything
 else must be called on the loop's thread.
@@ -26,8 +30,8 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Container, Sequence
+from typing import Any, cast
 
 import msgpack
 import zmq
@@ -43,6 +47,9 @@ log = logging.getLogger(__name__)
 Sink = Callable[[Message], None]
 
 _DRAIN_BATCH = 512
+# plain ints: pyzmq's enum members cost an enum operation on every use, on every message
+_NOBLOCK, _RCVMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_TICK = 0.002  # how often a loop that stands aside for a reading thread looks whether that thread got busy
 COPY_BELOW = 64 << 10  # tracked sends copy buffers this small instead (as pyzmq's own copy threshold does untracked)
 _context: zmq.Context | None = None
 _context_pid = 0
@@ -98,7 +105,13 @@ class Endpoint:
         self._shm = False  # large buffers through shared memory: every peer is on this machine
         self._fd = int(sock.getsockopt(zmq.FD))
         self._reading = False  # the loop's reader callback is on
-        self._handoff: deque[list[Any]] = deque()  # messages a waiting thread read for the loop (read_response)
+        self._handoff: deque[list[Any]] = deque()  # messages another thread read for the loop (take_waiting)
+        self._in_hand = 0  # messages the loop has read and not yet handled (written by the loop only)
+        # A thread that reads this socket while it is idle (see share_reading): who reads, written under _lock
+        self._thread_idle = False  # that thread waits on the socket and reads it: the loop stands aside
+        self._paused = False  # the loop's reader is off for that (loop thread)
+        self._ticking = False  # a check of a paused loop is due (loop thread)
+        self._taken = 0  # messages that thread has taken: a paused loop checks again while this moves
         self.address: str = ""
         if read_on_loop:
             self.start_reading()
@@ -218,14 +231,14 @@ class Endpoint:
                 if track:
                     tracker = self._send_tracked(frames)
                 else:
-                    self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    self._sock.send_multipart(frames, _NOBLOCK, copy=False)
                     tracker = None
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise ConnectionClosedError(f"{self.name}: peer {peer!r} is not connected", by_us=False) from None
                 raise ConnectionClosedError(f"{self.name}: send failed: {exc}", by_us=False) from exc
             # A send can swallow the socket's read edge: look again (a thread's zmq.Poller looks itself).
-            readable = int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN if self._reading else 0
+            readable = cast(int, self._sock.getsockopt(_EVENTS)) & _POLLIN if self._reading else 0
         finally:
             self._lock.release()
         if readable and not self._drain_scheduled:
@@ -339,7 +352,7 @@ class Endpoint:
         if self._reading or self._closed:
             return
         self._reading = True
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._loop.add_reader(self._fd, self._on_fd)
         self._schedule_drain()  # edge-triggered FD: anything already queued must be read now
 
     def stop_reading(self) -> None:
@@ -372,13 +385,84 @@ class Endpoint:
         if self._read_some(_DRAIN_BATCH):
             self._schedule_drain()  # more waiting: yield to the loop, then go on
 
+    def _on_fd(self) -> None:
+        """The loop's reader callback: the socket may have messages."""
+        if self._thread_idle:
+            self._pause()  # the idle thread reads them (without a look here that would take its wake-up)
+        else:
+            self._on_readable()
+
+    # -- sharing the reading with a thread ----------------------------------
+    #
+    # An actor's sync-method thread reads the actor's socket itself while it is
+    # idle (take_waiting), so a sync call runs on the thread that received it;
+    # a thread blocked on a call's answer reads its connection (read_responses).
+    # Both would wake on every message and race for it; instead the loop stands
+    # aside while the thread is idle, and reads again while the thread is busy
+    # (for several threads blocked on one connection: until the first is done):
+    #
+    #   LOOP ──thread idle──▶ THREAD (the loop's reader still on)
+    #   THREAD ──the loop wakes──▶ PAUSED (reader off; a check due in _TICK)
+    #   PAUSED ──check: thread busy──▶ LOOP (reader on)
+    #   PAUSED ──check: thread idle, took messages since──▶ PAUSED (check again)
+    #   PAUSED ──check: idle, took nothing──▶ PAUSED, no check (an idle actor: no wake-ups)
+    #   PAUSED, no check ──thread busy──▶ LOOP (the thread wakes the loop)
+    #
+    # So during a stream of sync calls the loop wakes once per _TICK, and a call
+    # the thread does not take (async, cancel, ...) waits for the loop at most
+    # _TICK while the thread runs a job.
+
+    def share_reading(self, idle: bool) -> None:
+        """The thread that reads this socket with :meth:`take_waiting` is now ``idle`` (waiting on :attr:`fd`
+        and reading) or busy (the loop must read). From that thread; see the comment above."""
+        with self._lock:
+            if self._thread_idle == idle:
+                return
+            self._thread_idle = idle
+            resume = not idle and self._paused and not self._ticking
+            if resume:
+                self._ticking = True  # one wake-up asked for
+        if resume:
+            try:
+                self._loop.call_soon_threadsafe(self._check_paused)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _pause(self) -> None:
+        with self._lock:
+            if not self._thread_idle or self._closed:
+                return
+            self._paused = True
+            self._loop.remove_reader(self._fd)
+            if not self._ticking:
+                self._ticking = True
+                self._loop.call_later(_TICK, self._check_paused, self._taken)
+
+    def _check_paused(self, taken: int = -1) -> None:
+        with self._lock:
+            self._ticking = False
+            if not self._paused or self._closed:
+                return
+            if self._thread_idle:
+                if self._taken != taken and taken != -1:  # still busy with calls: look again later
+                    self._ticking = True
+                    self._loop.call_later(_TICK, self._check_paused, self._taken)
+                return
+            self._paused = False
+            if self._reading:
+                self._loop.add_reader(self._fd, self._on_fd)
+        self._schedule_drain()
+
     def _read_some(self, limit: int) -> bool:
         """Handle up to ``limit`` messages; True if there may be more."""
         for _ in range(limit):
             frames = self._next_frames()
             if frames is None:
                 return False
-            self._dispatch(frames)
+            try:
+                self._dispatch(frames)
+            finally:
+                self._in_hand -= 1
             if self._closed:
                 return False
         return True
@@ -390,53 +474,73 @@ class Endpoint:
             if self._closed:
                 return None
             if self._handoff:
+                self._in_hand += 1
                 return self._handoff.popleft()
             try:
                 # Header frames are small: copy them (cheaper than a Frame); buffer frames stay zero-copy.
-                frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
+                frames: list[Any] = [sock.recv(_NOBLOCK)]
                 if self._routed:
-                    frames.append(sock.recv(zmq.NOBLOCK))
-                while sock.get(zmq.RCVMORE):
-                    frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+                    frames.append(sock.recv(_NOBLOCK))
+                while sock.get(_RCVMORE):
+                    frames.append(sock.recv(_NOBLOCK, copy=False))
             except zmq.Again:
                 return None
             except zmq.ZMQError as exc:
                 log.warning("%s: receive failed: %s", self.name, exc)
                 return None
+            self._in_hand += 1
         return frames
 
     @property
     def fd(self) -> int:
-        """The socket's notification descriptor: readable when something may be waiting (see :meth:`read_response`)."""
+        """The socket's notification descriptor: readable when something may be waiting (see :meth:`read_responses`)."""
         return self._fd
 
-    def read_response(self, req_id: int) -> None:
-        """From a thread waiting for the answer to ``req_id`` (a connected endpoint): read what is waiting now.
+    def read_responses(self, req_ids: Container[int], streams: Container[int] = ()) -> None:
+        """From a thread waiting for the answers to ``req_ids`` (a connected endpoint): read what is waiting now.
 
-        The answer, if it is here on its own, is handled on this thread (its
-        sink runs here): the waiting thread need not be woken by the loop after
-        the loop was woken by the socket. Every other message read is handed to
-        the loop, which handles those first, in the order they were read. The
-        loop goes on reading too; whoever reads the answer first delivers it.
-        A waiting thread polls :attr:`fd` and calls this again.
+        Those answers, and the items of ``streams`` (requests whose sinks take
+        items in any order, from any thread), if here on their own, are
+        handled on this thread (their sinks run here): the waiting thread need not be woken by the loop after
+        the loop was woken by the socket. Everything else goes to the loop (see
+        :meth:`take_waiting`). A waiting thread polls :attr:`fd` and calls this again.
         """
-        mine: list[Any] | None = None
+        for frames in self.take_waiting(lambda frames: _answers(frames[0], req_ids, streams), after_loop=False):
+            self._dispatch(frames)
+
+    def take_waiting(self, take: Callable[[list[Any]], bool], *, after_loop: bool) -> list[list[Any]]:
+        """From a thread other than the loop's: read the messages waiting on the socket now.
+
+        Those for which ``take(frames)`` is true (called under the socket's
+        lock: it must be short and must not use this endpoint) are the
+        thread's, returned in order. Every other one is handed to the loop,
+        which handles those first, in the order they were read. The loop goes
+        on reading too: whoever reads a message handles it. ``after_loop``:
+        take nothing while the loop holds messages it has read and not yet
+        handled, or was handed some, so what the thread takes comes after all
+        of those (a sync call the actor's thread takes must not overtake one
+        the loop is about to queue for it).
+        """
+        taken: list[list[Any]] = []
         handed = False
         sock = self._sock
         with self._lock:
             if self._closed:
-                return
+                return taken
             for _ in range(_DRAIN_BATCH):
                 try:
-                    if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a recv raising zmq.Again
+                    if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than a recv raising zmq.Again
                         break
-                    frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
-                    while sock.get(zmq.RCVMORE):
-                        frames.append(sock.recv(zmq.NOBLOCK, copy=False))
-                except zmq.ZMQError:  # zmq.Again: nothing more; anything else the loop will see and log
+                    frames: list[Any] = [sock.recv(_NOBLOCK)]
+                    if self._routed:
+                        frames.append(sock.recv(_NOBLOCK))
+                    while sock.get(_RCVMORE):
+                        frames.append(sock.recv(_NOBLOCK, copy=False))
+                except zmq.ZMQError:  # the loop will see it and log it
                     break
-                if mine is None and _answers(frames[0], req_id):
-                    mine = frames
+                if not (after_loop and (handed or self._in_hand or self._handoff)) and take(frames):
+                    taken.append(frames)
+                    self._taken += 1
                 else:
                     self._handoff.append(frames)
                     handed = True
@@ -445,8 +549,7 @@ class Endpoint:
                 self._schedule_drain()
             except RuntimeError:  # the loop is closed: nobody reads any more
                 pass
-        if mine is not None:
-            self._dispatch(mine)
+        return taken
 
     def _dispatch(self, frames: list[Any]) -> None:
         peer = None
@@ -519,11 +622,13 @@ class Endpoint:
             self._sock.close(linger=0)
 
 
-def _answers(head: bytes, req_id: int) -> bool:
-    """Whether a header frame is the final answer to ``req_id`` (a malformed one is not: the loop refuses it)."""
+def _answers(head: bytes, req_ids: Container[int], streams: Container[int]) -> bool:
+    """Whether a header frame is the final answer to one of ``req_ids`` or an item of one of ``streams``
+    (a malformed one is neither: the loop refuses it)."""
     try:
         envelope = msgpack.unpackb(head, raw=False, use_list=False)
-        return envelope[2] == req_id and envelope[1] in _FINAL
+        req_id, kind = envelope[2], envelope[1]
+        return (req_id in req_ids and kind in _FINAL) or (kind == Kind.STREAM_ITEM and req_id in streams)
     except Exception:
         return False
 
