@@ -64,6 +64,15 @@ class Completion:
                 return
         callback(self)
 
+    def discard_callback(self, callback: Callable[[Completion], None]) -> None:
+        """Forget ``callback`` if it has not been called (a waiter that gave up)."""
+        with _lock:
+            if self._callbacks is not None:
+                try:
+                    self._callbacks.remove(callback)
+                except ValueError:
+                    pass
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done or ``timeout`` passes; True if done."""
         if self._done:

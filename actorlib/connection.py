@@ -312,7 +312,7 @@ class ActorConnection:
             old.pending.clear()
             old.close()
         err = ActorDiedError(death)
-        for call in inflight.values():
+        for call in list(inflight.values()):  # a thread reading its answer may pop from it meanwhile
             if call.req_id != 0:
                 call.fail(err)
         self.rt.loop.create_task(self._resolve())
@@ -325,7 +325,7 @@ class ActorConnection:
             self._death = death
             inflight, self._inflight = self._inflight, {}
         err = self._died()
-        for call in inflight.values():
+        for call in list(inflight.values()):  # a thread reading its answer may pop from it meanwhile
             call.fail(err)
         self._fail_queue()
         if self.endpoint is not None:

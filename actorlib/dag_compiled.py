@@ -347,7 +347,7 @@ class CompiledDAG:
                 err = ActorLibError(f"a tensor transfer of the compiled graph failed: {record.get('message')}")
             _settle(pending.ref, error=err)
 
-        self._rt.loop.create_task(decide())
+        self._rt.call_soon(self._rt.loop.create_task, decide())  # from any thread: callers read outputs too
 
     def _fail(self, err: BaseException) -> None:
         """An actor is gone: every pending and later execution fails with ``err``; the others drop the graph."""

@@ -78,10 +78,11 @@ class ObjectRef:
     def _result(self, timeout: float | None) -> Any:
         if self._value is not _UNSET:
             return self._value
+        left = timeout
         if self._source is not None and not self._fut.done():
-            timeout = wait_reading((self,), timeout)
+            left = wait_reading((self,), timeout)
         try:
-            msg = self._fut.result(timeout)
+            msg = self._fut.result(left)
         except TimeoutError:
             raise GetTimeoutError(f"{_describe(self._what)} did not finish within {timeout} s") from None
         return self._decode(msg)
@@ -271,12 +272,21 @@ class ObjectRefGenerator:
 
 
 class _Wakeup:
-    """A thread's eventfd, written when a completion that thread polls for is set by another thread."""
+    """A thread's eventfd, written when a completion that thread polls for is set by another thread.
+
+    Callbacks left on refs that outlived a wait (a timeout) hold it, so its fd stays this one's.
+    """
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN)
+        self.thread = threading.get_ident()
+        self.blocked = False  # the thread waits in wait_reading: a loop it runs is not running now
+
+    def wake(self, _: Completion) -> None:
+        if threading.get_ident() != self.thread:
+            os.eventfd_write(self.fd, 1)
 
     def __del__(self) -> None:
         os.close(self.fd)
@@ -300,33 +310,30 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_ex
     for ref in refs:
         if ref._source is not None and not ref._fut.done():
             for endpoint, req_id, stream in ref._source:
-                by_endpoint.setdefault(endpoint, (set(), set()))[stream].add(req_id)
+                if not endpoint.closed:  # (a closed one's fd number may be an open one's by now)
+                    by_endpoint.setdefault(endpoint, (set(), set()))[stream].add(req_id)
     if not by_endpoint:
         return timeout
     wakeup = getattr(_thread_state, "wakeup", None)
     if wakeup is None:
         wakeup = _thread_state.wakeup = _Wakeup()
-    me = threading.get_ident()
-    wake_fd = wakeup.fd
-
-    def wake(_: Completion) -> None:
-        if threading.get_ident() != me:
-            os.eventfd_write(wake_fd, 1)
-
+    wake_fd, poller = wakeup.fd, wakeup.poller
     futs = [ref._fut for ref in refs]
-    for fut in futs:
-        fut.add_done_callback(wake)
-    poller = wakeup.poller
-    by_fd = {ep.fd: ep for ep in by_endpoint}
-    for fd in by_fd:
-        poller.register(fd, select.POLLIN)
+    by_fd: dict[int, Any] = {}
+    shared: list[Any] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     # Nothing to read before the first poll: an answer that came already either left the socket's fd
     # readable, or was seen by a send's look at the socket, which then had the loop read it.
     to_read: list[Any] = []
-    for ep in by_endpoint:
-        ep.share_reading(True)  # its loop stands aside: this thread reads (it would mostly lose the race)
+    wakeup.blocked = True
     try:
+        for fut in futs:
+            fut.add_done_callback(wakeup.wake)
+        for ep in by_endpoint:
+            poller.register(ep.fd, select.POLLIN)
+            by_fd[ep.fd] = ep
+            ep.share_reading(True)  # its loop stands aside: this thread reads (it would mostly lose the race)
+            shared.append(ep)
         while True:
             for ep in to_read:
                 if not ep.closed:
@@ -338,6 +345,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_ex
                 del by_fd[fd]
             if not by_fd:
                 break  # the loop fails what is left: waiting for that goes on through the eventfd alone
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # timed out (the fds may stay readable with others' traffic)
             wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
             events = poller.poll(wait_ms)
             if not events:
@@ -352,10 +361,13 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_ex
                 elif fd in by_fd:
                     to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
     finally:
+        wakeup.blocked = False
         for fd in by_fd:
             poller.unregister(fd)
-        for ep in by_endpoint:
+        for ep in shared:
             ep.share_reading(False)
+        for fut in futs:
+            fut.discard_callback(wakeup.wake)
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
@@ -382,7 +394,8 @@ class _Waker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        # (the loop batching, the loop to wake): a batch is flushed by the loop that made it
+        self._pending: dict[tuple[asyncio.AbstractEventLoop, asyncio.AbstractEventLoop], list[asyncio.Future[None]]] = {}
 
     def wake(self, loop: asyncio.AbstractEventLoop, afut: asyncio.Future[None]) -> None:
         try:
@@ -392,21 +405,23 @@ class _Waker:
         if here is loop:
             _set_done([afut])
             return
-        if here is None:  # not on a loop: nothing to batch with
+        wakeup = getattr(_thread_state, "wakeup", None)
+        if here is None or (wakeup is not None and wakeup.blocked):  # no loop turn to batch in: wake it now
             _call_in(loop, [afut])
             return
+        key = (here, loop)
         with self._lock:
-            batch = self._pending.get(loop)
+            batch = self._pending.get(key)
             if batch is None:
-                self._pending[loop] = [afut]
-                here.call_soon(self._flush, loop)
+                self._pending[key] = [afut]
+                here.call_soon(self._flush, key)
             else:
                 batch.append(afut)
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(self, key: tuple[asyncio.AbstractEventLoop, asyncio.AbstractEventLoop]) -> None:
         with self._lock:
-            batch = self._pending.pop(loop, [])
-        _call_in(loop, batch)
+            batch = self._pending.pop(key, [])
+        _call_in(key[1], batch)
 
 
 def _call_in(loop: asyncio.AbstractEventLoop, afuts: list[asyncio.Future[None]]) -> None:

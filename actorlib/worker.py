@@ -344,6 +344,14 @@ class ActorHost:
 
     def _take_call(self, frames: list[Any]) -> bool:
         """Queue a call to a known sync method for this thread (under the socket's lock: no sends here)."""
+        try:
+            return self._take_call_or_refuse(frames)
+        except Exception:  # never lose the frames read with it, nor the thread: the loop handles it
+            log.exception("%s: could not take a call on the sync thread", self.label)
+            self._refused = True
+            return False
+
+    def _take_call_or_refuse(self, frames: list[Any]) -> bool:
         msg = None
         name = _method_name(frames[1]) if len(frames) > 1 else None
         found = self._methods.get(name) if name is not None else None

@@ -205,8 +205,18 @@ def test_wait_and_get_timeout(cluster, Counter):
     fast, slow = c.wait_then.remote(0, "fast"), c.wait_then.remote(30, "slow")
     ready, pending = cluster.wait([slow, fast], num_returns=1, timeout=20)
     assert ready == [fast] and pending == [slow]
-    with pytest.raises(GetTimeoutError):
+    with pytest.raises(GetTimeoutError, match="within 0.2 s"):
         cluster.get(slow, timeout=0.2)
+    # other traffic on the same connection (a stream's items) does not keep a timed-out get waiting
+    items = []
+    consumer = threading.Thread(target=lambda: items.extend(cluster.get(r, timeout=30) for r in c.agen.remote(300, 0.01)))
+    consumer.start()
+    t0 = time.monotonic()
+    with pytest.raises(GetTimeoutError):
+        cluster.get(slow, timeout=0.3)
+    assert time.monotonic() - t0 < 2.5  # bound: the stream goes on for 3 s
+    consumer.join(60)
+    assert items == list(range(300))
     ready, pending = cluster.wait([slow], timeout=0.1)
     assert ready == [] and pending == [slow]
     cluster.cancel(slow)
@@ -494,9 +504,14 @@ def test_blocking_get_inside_a_running_loop_like_jupyter(cluster, Counter):
     async def cell():
         # a notebook cell: the thread runs a loop, and a blocking get still works
         value = cluster.get(c.incr.remote(), timeout=30)
-        return value, await c.incr.remote()
+        # this thread reads `first`'s answer, which the I/O loop waits for to send the second call:
+        # it must be woken at once, not in a turn of this thread's loop (blocked in get)
+        await asyncio.sleep(0)  # a new step of this loop: the next call leaves at once (not batched)
+        first = c.wait_then.remote(0.2, 5)
+        both = cluster.get([first, c.echo.remote(first)], timeout=30)
+        return value, await c.incr.remote(), both
 
-    assert asyncio.run(cell()) == (1, 2)
+    assert asyncio.run(cell()) == (1, 2, [5, ((5,), {})])
 
 
 def test_arrays_may_change_once_remote_returns(cluster):

@@ -1,4 +1,5 @@
 import asyncio
+import os
 import select
 import threading
 import time
@@ -7,7 +8,18 @@ import numpy as np
 import pytest
 import zmq
 
-from transport import ControlError, ControlServer, Endpoint, Kind, RemoteFailure, control_call, dumps, loads, shared_context
+from transport import (
+    ControlError,
+    ControlServer,
+    Endpoint,
+    Kind,
+    RemoteFailure,
+    control_call,
+    dumps,
+    endpoint as endpoint_module,
+    loads,
+    shared_context,
+)
 from transport.protocol import decode
 
 
@@ -207,12 +219,6 @@ def test_a_waiting_thread_reads_its_own_answer_and_hands_the_rest_to_the_loop_in
 
 
 def test_the_loop_stands_aside_while_a_thread_reads_and_reads_again_once_it_is_busy(tmp_path):
-    async def until(condition, what):
-        deadline = time.monotonic() + 10
-        while not condition():
-            assert time.monotonic() < deadline, f"not {what} within 10 s"
-            await asyncio.sleep(0.005)
-
     async def main():
         loop = asyncio.get_running_loop()
         got = []
@@ -235,3 +241,37 @@ def test_the_loop_stands_aside_while_a_thread_reads_and_reads_again_once_it_is_b
         server.close()
 
     run(main())
+
+
+def test_a_thread_that_takes_a_whole_batch_leaves_the_rest_to_the_loop(monkeypatch):
+    monkeypatch.setattr(endpoint_module, "_DRAIN_BATCH", 4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        peers, items = [], []
+        address = f"inproc://batch-{os.getpid()}"  # inproc: a message sent is already there to read
+        server = Endpoint.bind(address, on_message=lambda m: peers.append(m.peer), name="server")
+        client = Endpoint.connect(address, on_message=None, name="client")
+        client.pending[1] = lambda msg: items.append((loads(msg.body), threading.get_ident()))
+        client.send(Kind.CALL, 1, dumps(None)[0])
+        await until(lambda: peers, "the call arrived")
+        client.share_reading(True)  # a thread reads this socket: the loop stands aside
+        for i in range(10):
+            server.send(Kind.STREAM_ITEM, 1, dumps(i)[0], peer=peers[0])
+        # the thread takes the stream's items: a whole batch (4), and its look at the socket cleared the fd
+        await loop.run_in_executor(None, lambda: client.read_responses((), streams=(1,)))
+        assert sum(1 for _, reader in items if reader != threading.get_ident()) == 4  # on the thread
+        await until(lambda: len(items) == 10, "the rest read by the loop")
+        assert sorted(v for v, _ in items) == list(range(10))
+        client.share_reading(False)
+        client.close()
+        server.close()
+
+    run(main())
+
+
+async def until(condition, what):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within 10 s"
+        await asyncio.sleep(0.005)

@@ -522,7 +522,7 @@ class Endpoint:
         the loop is about to queue for it).
         """
         taken: list[list[Any]] = []
-        handed = False
+        handed = more = False
         sock = self._sock
         with self._lock:
             if self._closed:
@@ -536,7 +536,8 @@ class Endpoint:
                         frames.append(sock.recv(_NOBLOCK))
                     while sock.get(_RCVMORE):
                         frames.append(sock.recv(_NOBLOCK, copy=False))
-                except zmq.ZMQError:  # the loop will see it and log it
+                except zmq.ZMQError as exc:
+                    log.warning("%s: receive failed: %s", self.name, exc)
                     break
                 if not (after_loop and (handed or self._in_hand or self._handoff)) and take(frames):
                     taken.append(frames)
@@ -544,7 +545,9 @@ class Endpoint:
                 else:
                     self._handoff.append(frames)
                     handed = True
-        if handed:
+            else:  # the batch ran out: the look above cleared the fd, so have the loop read the rest
+                more = True
+        if handed or more:
             try:
                 self._schedule_drain()
             except RuntimeError:  # the loop is closed: nobody reads any more
