@@ -189,7 +189,7 @@ class ActorConnection:
         req_id = call.req_id = ep.next_id()
         self._inflight[req_id] = call
         ep.pending[req_id] = self._sink(call)
-        if type(call.sink) is ObjectRef:
+        if type(call.sink) is ObjectRef and self.rt.direct_answers:
             call.sink._source = ((ep, req_id, False),)  # a thread blocking on it reads the socket itself
         try:
             if not buffers and self.rt.in_loop():

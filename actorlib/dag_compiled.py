@@ -457,7 +457,8 @@ class CompiledDAG:
             seq = self._next_seq
             self._next_seq = seq + 1
             ref = ObjectRef(("CompiledDAG", f"execute#{seq}"))
-            ref._source = self._sources or self._find_sources()
+            if self._rt.direct_answers:
+                ref._source = self._sources or self._find_sources()
             with self._lock:
                 try:
                     self._check_usable_locked()

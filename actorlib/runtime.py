@@ -88,6 +88,11 @@ class Runtime:
         self.actor_name: str | None = None
         self.gpu_ids: list[str] = []
         self.log_to_driver = True
+        # A thread blocked on a call's answer reads it itself (object_ref.wait_reading) -- except in a
+        # notebook kernel: there a worker's print must show under the cell that made the call, and
+        # it comes by a longer way (worker pipe -> node agent -> head -> this loop) than the answer,
+        # so the answer goes through this loop too, behind whatever came before it.
+        self.direct_answers = "ipykernel" not in sys.modules
         self._conns: dict[str, ActorConnection] = {}
         self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._inbox_scheduled = False
