@@ -213,9 +213,11 @@ class ActorHost:
     def _sync_loop(self) -> None:
         """Jobs in order; while sockets are watched, wait on them and on the job queue at once.
 
-        Waiting: on the queue alone (no socket watched), or in a ``zmq.Poller``
-        on the watched sockets and an eventfd that :meth:`post_sync` writes once
-        ``_polling`` is set (set here before the queue is looked at, so a job
+        Waiting: on the queue alone (until the actor's socket is bound), or in
+        a ``zmq.Poller`` on the watched inboxes, the actor's socket (after a
+        sync call: :meth:`_read_calls` takes the next ones, the loop standing
+        aside meanwhile) and an eventfd that :meth:`post_sync` writes once
+        ``_polling`` is set (set before the queue is looked at, so a job
         queued after that look always writes it).
         """
         while True:
