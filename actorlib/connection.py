@@ -300,8 +300,7 @@ class ActorConnection:
             inflight, self._inflight = self._inflight, {}
             old, self.endpoint = self.endpoint, None
             again = []
-            for req_id in sorted(inflight):
-                call = inflight[req_id]
+            for _, call in sorted(inflight.items()):  # a copy: a thread reading its answer may pop from it
                 retry = self.max_task_retries == -1 or call.retries < self.max_task_retries
                 if retry and not isinstance(call.sink, StreamState) and not call.cancelled:
                     call.retries += 1

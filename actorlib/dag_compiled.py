@@ -347,7 +347,12 @@ class CompiledDAG:
                 err = ActorLibError(f"a tensor transfer of the compiled graph failed: {record.get('message')}")
             _settle(pending.ref, error=err)
 
-        self._rt.call_soon(self._rt.loop.create_task, decide())  # from any thread: callers read outputs too
+        coro = decide()
+        try:
+            self._rt.call_soon(self._rt.loop.create_task, coro)  # from any thread: callers read outputs too
+        except RuntimeError:  # actorlib was shut down meanwhile
+            coro.close()
+            _settle(pending.ref, error=ActorLibError(f"a tensor transfer of the compiled graph failed: {record.get('message')}"))
 
     def _fail(self, err: BaseException) -> None:
         """An actor is gone: every pending and later execution fails with ``err``; the others drop the graph."""

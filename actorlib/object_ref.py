@@ -306,17 +306,17 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_ex
     not sent yet are waited for through that eventfd alone. Returns once all
     are done (or one failed, with ``stop_on_exception``) or ``timeout`` passed.
     """
+    wakeup = getattr(_thread_state, "wakeup", None)
+    if wakeup is None:  # made before endpoints are looked at: its fd is never one of theirs
+        wakeup = _thread_state.wakeup = _Wakeup()
     by_endpoint: dict[Any, tuple[set[int], set[int]]] = {}  # endpoint: (calls' request ids, streams' request ids)
     for ref in refs:
         if ref._source is not None and not ref._fut.done():
             for endpoint, req_id, stream in ref._source:
-                if not endpoint.closed:  # (a closed one's fd number may be an open one's by now)
+                if not endpoint.closed and endpoint.fd != wakeup.fd:  # (a closed one's fd may be reused)
                     by_endpoint.setdefault(endpoint, (set(), set()))[stream].add(req_id)
     if not by_endpoint:
         return timeout
-    wakeup = getattr(_thread_state, "wakeup", None)
-    if wakeup is None:
-        wakeup = _thread_state.wakeup = _Wakeup()
     wake_fd, poller = wakeup.fd, wakeup.poller
     futs = [ref._fut for ref in refs]
     by_fd: dict[int, Any] = {}

@@ -89,9 +89,9 @@ class Runtime:
         self.gpu_ids: list[str] = []
         self.log_to_driver = True
         # A thread blocked on a call's answer reads it itself (object_ref.wait_reading) -- except in a
-        # notebook kernel: there a worker's print must show under the cell that made the call, and
-        # it comes by a longer way (worker pipe -> node agent -> head -> this loop) than the answer,
-        # so the answer goes through this loop too, behind whatever came before it.
+        # notebook kernel: there a worker's print should show under the cell that made the call, and
+        # it comes by a longer way (worker pipe -> node agent -> head -> this loop) than the answer.
+        # Through this loop the answer leaves it more time (best effort: nothing orders the two).
         self.direct_answers = "ipykernel" not in sys.modules
         self._conns: dict[str, ActorConnection] = {}
         self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()

@@ -538,6 +538,7 @@ class Endpoint:
                         frames.append(sock.recv(_NOBLOCK, copy=False))
                 except zmq.ZMQError as exc:
                     log.warning("%s: receive failed: %s", self.name, exc)
+                    more = True  # the look above cleared the fd: the loop must look again
                     break
                 if not (after_loop and (handed or self._in_hand or self._handoff)) and take(frames):
                     taken.append(frames)
