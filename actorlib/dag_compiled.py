@@ -344,15 +344,16 @@ class CompiledDAG:
                 err: BaseException = ActorDiedError(info.get("death") or {"actor_id": peer})
                 self._fail(err)
             else:
-                err = ActorLibError(f"a tensor transfer of the compiled graph failed: {record.get('message')}")
+                err = failed
             _settle(pending.ref, error=err)
 
+        failed = ActorLibError(f"a tensor transfer of the compiled graph failed: {record.get('message')}")
         coro = decide()
         try:
             self._rt.call_soon(self._rt.loop.create_task, coro)  # from any thread: callers read outputs too
         except RuntimeError:  # actorlib was shut down meanwhile
             coro.close()
-            _settle(pending.ref, error=ActorLibError(f"a tensor transfer of the compiled graph failed: {record.get('message')}"))
+            _settle(pending.ref, error=failed)
 
     def _fail(self, err: BaseException) -> None:
         """An actor is gone: every pending and later execution fails with ``err``; the others drop the graph."""

@@ -295,7 +295,7 @@ class _Wakeup:
 _thread_state = threading.local()
 
 
-def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_exception: bool = True) -> float | None:
+def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | None:
     """Wait for calls' answers by reading their connections' sockets on this thread; returns the time left.
 
     The I/O loop stands aside meanwhile (``Endpoint.share_reading``) but may
@@ -304,7 +304,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_ex
     thread's eventfd. This saves the loop -> caller wake-up, the
     thread hop of a blocking round trip that bare ZeroMQ does not have. Refs
     not sent yet are waited for through that eventfd alone. Returns once all
-    are done (or one failed, with ``stop_on_exception``) or ``timeout`` passed.
+    are done, or one failed, or ``timeout`` passed.
     """
     wakeup = getattr(_thread_state, "wakeup", None)
     if wakeup is None:  # made before endpoints are looked at: its fd is never one of theirs
@@ -338,7 +338,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None, *, stop_on_ex
             for ep in to_read:
                 if not ep.closed:
                     ep.read_responses(*by_endpoint[ep])
-            if all(f.done() for f in futs) or (stop_on_exception and any(f.exception() is not None for f in futs)):
+            if all(f.done() for f in futs) or any(f.exception() is not None for f in futs):
                 break
             for fd in [fd for fd, ep in by_fd.items() if ep.closed]:  # its fd may be another file's by now
                 poller.unregister(fd)

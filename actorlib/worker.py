@@ -29,7 +29,7 @@ import queue
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import uvloop
@@ -271,7 +271,7 @@ class ActorHost:
             return
         for sock, _ in ready:
             if isinstance(sock, int):
-                if sock == self._calls_fd and sock != self._wake:
+                if sock == self._calls_fd:
                     self._read_calls()
                     continue
                 if sock != self._wake:  # a closed socket shows up as fd 0
@@ -295,7 +295,6 @@ class ActorHost:
         """A watched socket was closed under the poller (a bug, and it would spin): stop watching it."""
         log.error("%s: a socket the sync thread watched was closed under it (%s)", self.label, why)
         self._watched = {w: r for w, r in self._watched.items() if not w.closed}
-        self._polling = bool(self._watched) or self._calls_fd >= 0
         self._remake_poller()
 
     def watch_sync(self, sock: zmq.Socket, reader: Callable[[], None]) -> None:
@@ -306,13 +305,11 @@ class ActorHost:
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._watched[sock] = reader
         self._remake_poller()
-        self._polling = True
 
     def unwatch_sync(self, sock: zmq.Socket) -> None:
         """Stop reading ``sock`` (sync thread)."""
         if self._watched.pop(sock, None) is not None:
             self._remake_poller()
-            self._polling = bool(self._watched) or self._calls_fd >= 0
 
     def watch_calls(self) -> None:
         """From now on the sync thread, while idle, reads the actor's socket too (sync thread; see the module)."""
@@ -322,7 +319,6 @@ class ActorHost:
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._calls_fd = self.endpoint.fd
         self._remake_poller()
-        self._polling = True  # post_sync now writes the eventfd: the poller may be waiting
 
     def _share_reading(self, idle: bool) -> None:
         if self._calls_fd >= 0 and self.endpoint is not None:
@@ -335,7 +331,6 @@ class ActorHost:
             self._share_reading(False)
             self._calls_fd = -1
             self._reading_calls = False
-            self._polling = bool(self._watched)
             self._remake_poller()
             return
         self._refused = False
@@ -380,20 +375,18 @@ class ActorHost:
         self._run_sync(key, fn, args, kwargs)
 
     def _remake_poller(self) -> None:
-        """Two pollers: the eventfd and the watched inboxes; and those with the actor's socket (watch_calls)."""
-        pollers = []
-        for calls in (False, True):
-            poller = zmq.Poller()
-            poller.register(self._wake, zmq.POLLIN)
-            if calls:
-                if self._calls_fd < 0:
-                    break
-                poller.register(self._calls_fd, zmq.POLLIN)
-            for sock in self._watched:
-                poller.register(sock, zmq.POLLIN)
-            pollers.append(poller)
-        self._poller = pollers[0]
-        self._calls_poller = pollers[1] if len(pollers) > 1 else None
+        """Two pollers: the eventfd and the watched inboxes; and those and the actor's socket (watch_calls).
+        While there is anything to poll, ``post_sync`` must write the eventfd (``_polling``)."""
+        self._poller = self._poller_over(self._watched)
+        self._calls_poller = self._poller_over([self._calls_fd, *self._watched]) if self._calls_fd >= 0 else None
+        self._polling = bool(self._watched) or self._calls_fd >= 0
+
+    def _poller_over(self, sockets: Iterable[zmq.Socket | int]) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self._wake, zmq.POLLIN)
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        return poller
 
     async def construct(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._sync_thread.start()

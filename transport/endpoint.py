@@ -14,12 +14,13 @@ with a ``zmq.Poller`` and calls :meth:`Endpoint.read_available` (a compiled
 graph's inbox, read by the actor's sync-method thread: no hop through the
 loop). A loop-read endpoint can also be read by another thread beside the
 loop (:meth:`Endpoint.take_waiting`): a thread blocked on a call's answer
-reads it itself (:meth:`Endpoint.read_responses`), an actor's idle sync thread
-takes sync calls while the loop stands aside (:meth:`Endpoint.share_reading`),
-and whatever such a thread does not take goes to the loop in order. Sending is allowed from any thread: every use of the socket holds
-one lock (ZeroMQ allows a socket to move between threads across a full memory
-barrier), so a caller's thread sends without waking the loop. Everything
-else must be called on the loop's thread.
+reads it itself (:meth:`Endpoint.read_responses`), an actor's idle sync
+thread takes sync calls while the loop stands aside
+(:meth:`Endpoint.share_reading`), and whatever such a thread does not take
+goes to the loop in order. Sending is allowed from any thread: every use of
+the socket holds one lock (ZeroMQ allows a socket to move between threads
+across a full memory barrier), so a caller's thread sends without waking the
+loop. Everything else must be called on the loop's thread.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from collections import deque
 from collections.abc import Callable, Container, Sequence
 from typing import Any, cast
 
-import msgpack
 import zmq
 
 from . import codec, security, shm
@@ -469,7 +469,6 @@ class Endpoint:
 
     def _next_frames(self) -> list[Any] | None:
         """The next message: one a waiting thread handed over first, then the socket's; None if none waits."""
-        sock = self._sock
         with self._lock:
             if self._closed:
                 return None
@@ -477,18 +476,24 @@ class Endpoint:
                 self._in_hand += 1
                 return self._handoff.popleft()
             try:
-                # Header frames are small: copy them (cheaper than a Frame); buffer frames stay zero-copy.
-                frames: list[Any] = [sock.recv(_NOBLOCK)]
-                if self._routed:
-                    frames.append(sock.recv(_NOBLOCK))
-                while sock.get(_RCVMORE):
-                    frames.append(sock.recv(_NOBLOCK, copy=False))
+                frames = self._recv_locked()
             except zmq.Again:
                 return None
             except zmq.ZMQError as exc:
                 log.warning("%s: receive failed: %s", self.name, exc)
                 return None
             self._in_hand += 1
+        return frames
+
+    def _recv_locked(self) -> list[Any]:
+        """One message's frames, off the socket (under ``_lock``). Header frames are small: copied (cheaper
+        than a Frame); buffer frames stay zero-copy."""
+        sock = self._sock
+        frames: list[Any] = [sock.recv(_NOBLOCK)]
+        if self._routed:
+            frames.append(sock.recv(_NOBLOCK))
+        while sock.get(_RCVMORE):
+            frames.append(sock.recv(_NOBLOCK, copy=False))
         return frames
 
     @property
@@ -501,9 +506,10 @@ class Endpoint:
 
         Those answers, and the items of ``streams`` (requests whose sinks take
         items in any order, from any thread), if here on their own, are
-        handled on this thread (their sinks run here): the waiting thread need not be woken by the loop after
-        the loop was woken by the socket. Everything else goes to the loop (see
-        :meth:`take_waiting`). A waiting thread polls :attr:`fd` and calls this again.
+        handled on this thread (their sinks run here): the waiting thread need
+        not be woken by the loop after the loop was woken by the socket.
+        Everything else goes to the loop (see :meth:`take_waiting`). A waiting
+        thread polls :attr:`fd` and calls this again.
         """
         for frames in self.take_waiting(lambda frames: _answers(frames[0], req_ids, streams), after_loop=False):
             self._dispatch(frames)
@@ -531,11 +537,7 @@ class Endpoint:
                 try:
                     if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than a recv raising zmq.Again
                         break
-                    frames: list[Any] = [sock.recv(_NOBLOCK)]
-                    if self._routed:
-                        frames.append(sock.recv(_NOBLOCK))
-                    while sock.get(_RCVMORE):
-                        frames.append(sock.recv(_NOBLOCK, copy=False))
+                    frames = self._recv_locked()
                 except zmq.ZMQError as exc:
                     log.warning("%s: receive failed: %s", self.name, exc)
                     more = True  # the look above cleared the fd: the loop must look again
@@ -629,15 +631,11 @@ class Endpoint:
 def _answers(head: bytes, req_ids: Container[int], streams: Container[int]) -> bool:
     """Whether a header frame is the final answer to one of ``req_ids`` or an item of one of ``streams``
     (a malformed one is neither: the loop refuses it)."""
-    try:
-        envelope = msgpack.unpackb(head, raw=False, use_list=False)
-        req_id, kind = envelope[2], envelope[1]
-        return (req_id in req_ids and kind in _FINAL) or (kind == Kind.STREAM_ITEM and req_id in streams)
-    except Exception:
+    found = peek_request([head])
+    if found is None:
         return False
-
-
-_FINAL = frozenset(int(k) for k in FINAL_KINDS)
+    kind, req_id = found
+    return (req_id in req_ids and kind in FINAL_KINDS) or (kind == Kind.STREAM_ITEM and req_id in streams)
 
 
 def wait_sent(tracker: zmq.MessageTracker | None, still_wanted: Callable[[], bool]) -> None:
