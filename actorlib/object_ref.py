@@ -1,8 +1,9 @@
 """Futures for call results: :class:`ObjectRef` and :class:`ObjectRefGenerator`.
 
-An ``ObjectRef`` wraps a :class:`~actorlib.completion.Completion` set by the I/O
-loop with the raw response; the value is decoded by whoever first asks for it,
-in their own thread. It can be awaited from any event loop and waited on from
+An ``ObjectRef`` wraps a :class:`~actorlib.completion.Completion` set with the
+raw response by the I/O loop, or by a thread blocked on it that read the
+response itself (:func:`wait_reading`); the value is decoded by whoever first
+asks for it, in their own thread. It can be awaited from any event loop and waited on from
 any thread — except the runtime's own loop, where blocking would deadlock it.
 
 An ``ObjectRefGenerator`` yields one resolved ``ObjectRef`` per streamed item,
