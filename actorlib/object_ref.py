@@ -296,6 +296,29 @@ class _Wakeup:
 _thread_state = threading.local()
 
 
+def _get_spin_s() -> float:
+    """How long a blocking get() of one ref polls before it sleeps (``ACTORLIB_GET_SPIN_US``, default 100).
+
+    An answer that comes meanwhile is read by a thread that is on a CPU
+    already: no wake-up of a sleeping thread (on a VM, of an idle vCPU), which
+    is most of what a short call costs over the wire's own time. Bounded: a
+    longer call costs this much CPU per get(). Not with one CPU (the answer
+    needs it), and not for lists (their calls run on several workers, which
+    need the CPUs more than the caller does).
+    """
+    raw = os.environ.get("ACTORLIB_GET_SPIN_US", "100")
+    try:
+        us = float(raw)
+    except ValueError:
+        raise ValueError(f"ACTORLIB_GET_SPIN_US must be a number of microseconds (0: never spin), not {raw!r}") from None
+    if not 0 <= us <= 1e6:
+        raise ValueError(f"ACTORLIB_GET_SPIN_US must be between 0 and 1000000 microseconds, not {raw!r}")
+    return us / 1e6 if len(os.sched_getaffinity(0)) > 1 else 0.0
+
+
+GET_SPIN_S = _get_spin_s()
+
+
 def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | None:
     """Wait for calls' answers by reading their connections' sockets on this thread; returns the time left.
 
@@ -304,7 +327,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     (see ``Endpoint.read_responses``); when the loop does, it writes this
     thread's eventfd. This saves the loop -> caller wake-up, the
     thread hop of a blocking round trip that bare ZeroMQ does not have. Refs
-    not sent yet are waited for through that eventfd alone. Returns once all
+    not sent yet are waited for through that eventfd alone. For one ref, the
+    first wait polls for up to ``GET_SPIN_S`` before it sleeps. Returns once all
     are done, or one failed, or ``timeout`` passed.
     """
     wakeup = getattr(_thread_state, "wakeup", None)
@@ -326,6 +350,9 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     # Nothing to read before the first poll: an answer that came already either left the socket's fd
     # readable, or was seen by a send's look at the socket, which then had the loop read it.
     to_read: list[Any] = []
+    spin_until = time.monotonic() + GET_SPIN_S if GET_SPIN_S and len(futs) == 1 else 0.0
+    if deadline is not None:
+        spin_until = min(spin_until, deadline)
     wakeup.blocked = True
     try:
         for fut in futs:
@@ -348,8 +375,11 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                 break  # the loop fails what is left: waiting for that goes on through the eventfd alone
             if deadline is not None and time.monotonic() >= deadline:
                 break  # timed out (the fds may stay readable with others' traffic)
-            wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            events = poller.poll(wait_ms)
+            events = _spin(poller, spin_until) if spin_until else None
+            spin_until = 0.0  # once per wait
+            if not events:
+                wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                events = poller.poll(wait_ms)
             if not events:
                 break  # timed out
             to_read = []
@@ -370,6 +400,14 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
         for fut in futs:
             fut.discard_callback(wakeup.wake)
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _spin(poller: Any, until: float) -> list[tuple[int, int]]:
+    """``poller.poll(0)`` until something is ready or ``until`` (``time.monotonic()``) passes."""
+    while True:
+        events: list[tuple[int, int]] = poller.poll(0)
+        if events or time.monotonic() >= until:
+            return events
 
 
 def _loop_future(cf: Completion) -> asyncio.Future[None]:

@@ -333,6 +333,34 @@ def test_an_actor_idle_after_a_burst_of_sync_calls_uses_no_cpu(cluster, Counter)
     assert cluster.get(c.incr.remote(), timeout=30) == 301
 
 
+def test_a_blocking_get_spins_briefly_then_sleeps(cluster, Counter):
+    c = Counter.remote()
+    assert cluster.get(c.incr.remote(), timeout=30) == 1
+    ref = c.slow_incr.remote(0.5)
+    before = time.thread_time()
+    assert cluster.get(ref, timeout=30) == 2
+    used = time.thread_time() - before
+    # the spin is ~100 us; a thread that polled for the whole 0.5 s would use about that much CPU
+    assert used < 0.1, f"get() used {used * 1000:.0f} ms of CPU waiting 500 ms: it must sleep after a short spin"
+
+
+def test_the_get_spin_is_set_by_its_environment_variable(monkeypatch):
+    from actorlib.object_ref import _get_spin_s
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("ACTORLIB_GET_SPIN_US", "250")
+    assert _get_spin_s() == pytest.approx(250e-6)
+    monkeypatch.setenv("ACTORLIB_GET_SPIN_US", "0")
+    assert _get_spin_s() == 0.0
+    for bad in ("fast", "-5", "nan"):
+        monkeypatch.setenv("ACTORLIB_GET_SPIN_US", bad)
+        with pytest.raises(ValueError, match="ACTORLIB_GET_SPIN_US"):
+            _get_spin_s()
+    monkeypatch.setenv("ACTORLIB_GET_SPIN_US", "250")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert _get_spin_s() == 0.0  # one CPU: the answer needs it
+
+
 def test_generator_exception_surfaces_on_next_item(cluster, Counter):
     c = Counter.remote()
     gen = c.gen_fail.remote(3)
