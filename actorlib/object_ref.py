@@ -273,7 +273,8 @@ class ObjectRefGenerator:
 
 
 class _Wakeup:
-    """A thread's eventfd, written when a completion that thread polls for is set by another thread.
+    """A thread's eventfd, written when a completion that thread polls for is set by another thread, and how
+    long its recent blocking gets of one ref took (to choose how long the next one polls before it sleeps).
 
     Callbacks left on refs that outlived a wait (a timeout) hold it, so its fd stays this one's.
     """
@@ -284,6 +285,15 @@ class _Wakeup:
         self.poller.register(self.fd, select.POLLIN)
         self.thread = threading.get_ident()
         self.blocked = False  # the thread waits in wait_reading: a loop it runs is not running now
+        self.typical = GET_SPIN_S / 2  # seconds: a moving average of this thread's gets of one ref
+
+    def spin_for(self) -> float:
+        """How long the next get of one ref polls before it sleeps: about twice what such gets took lately,
+        at most ``GET_SPIN_S``; not at all while they take longer than that (it would only burn CPU)."""
+        return 0.0 if self.typical > GET_SPIN_S else min(GET_SPIN_S, 2 * self.typical)
+
+    def took(self, seconds: float) -> None:
+        self.typical += (seconds - self.typical) / 8
 
     def wake(self, _: Completion) -> None:
         if threading.get_ident() != self.thread:
@@ -297,16 +307,17 @@ _thread_state = threading.local()
 
 
 def _get_spin_s() -> float:
-    """How long a blocking get() of one ref polls before it sleeps (``ACTORLIB_GET_SPIN_US``, default 100).
+    """The most a blocking get() of one ref polls before it sleeps (``ACTORLIB_GET_SPIN_US``, default 500).
 
     An answer that comes meanwhile is read by a thread that is on a CPU
     already: no wake-up of a sleeping thread (on a VM, of an idle vCPU), which
-    is most of what a short call costs over the wire's own time. Bounded: a
-    longer call costs this much CPU per get(). Not with one CPU (the answer
+    is most of what a short call costs over the wire's own time. How long it
+    polls follows what the thread's recent gets took (:meth:`_Wakeup.spin_for`):
+    gets of longer calls do not poll at all. Not with one CPU (the answer
     needs it), and not for lists (their calls run on several workers, which
     need the CPUs more than the caller does).
     """
-    raw = os.environ.get("ACTORLIB_GET_SPIN_US", "100")
+    raw = os.environ.get("ACTORLIB_GET_SPIN_US", "500")
     try:
         us = float(raw)
     except ValueError:
@@ -328,7 +339,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     thread's eventfd. This saves the loop -> caller wake-up, the
     thread hop of a blocking round trip that bare ZeroMQ does not have. Refs
     not sent yet are waited for through that eventfd alone. For one ref, the
-    first wait polls for up to ``GET_SPIN_S`` before it sleeps. Returns once all
+    first wait polls a while before it sleeps (see :func:`_get_spin_s`). Returns once all
     are done, or one failed, or ``timeout`` passed.
     """
     wakeup = getattr(_thread_state, "wakeup", None)
@@ -350,9 +361,9 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     # Nothing to read before the first poll: an answer that came already either left the socket's fd
     # readable, or was seen by a send's look at the socket, which then had the loop read it.
     to_read: list[Any] = []
-    spin_until = time.monotonic() + GET_SPIN_S if GET_SPIN_S and len(futs) == 1 else 0.0
-    if deadline is not None:
-        spin_until = min(spin_until, deadline)
+    start = time.monotonic()
+    spin = wakeup.spin_for() if len(futs) == 1 else 0.0
+    spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
     wakeup.blocked = True
     try:
         for fut in futs:
@@ -391,6 +402,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                         pass
                 elif fd in by_fd:
                     to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
+        if len(futs) == 1 and futs[0].done():
+            wakeup.took(time.monotonic() - start)
     finally:
         wakeup.blocked = False
         for fd in by_fd:

@@ -340,8 +340,20 @@ def test_a_blocking_get_spins_briefly_then_sleeps(cluster, Counter):
     before = time.thread_time()
     assert cluster.get(ref, timeout=30) == 2
     used = time.thread_time() - before
-    # the spin is ~100 us; a thread that polled for the whole 0.5 s would use about that much CPU
+    # the spin is at most 0.5 ms; a thread that polled for the whole 0.5 s would use about that much CPU
     assert used < 0.1, f"get() used {used * 1000:.0f} ms of CPU waiting 500 ms: it must sleep after a short spin"
+
+
+def test_the_get_spin_follows_how_long_recent_gets_took():
+    from actorlib.object_ref import GET_SPIN_S, _Wakeup
+
+    wakeup = _Wakeup()
+    for _ in range(100):
+        wakeup.took(50e-6)  # short calls: poll about twice as long as they take
+    assert wakeup.spin_for() == pytest.approx(min(GET_SPIN_S, 100e-6), rel=0.01)
+    for _ in range(100):
+        wakeup.took(0.01)  # long calls: polling would only burn CPU
+    assert wakeup.spin_for() == 0.0
 
 
 def test_the_get_spin_is_set_by_its_environment_variable(monkeypatch):

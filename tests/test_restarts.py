@@ -165,13 +165,26 @@ def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
             def pid(self):
                 return os.getpid()
 
+        def stop(pid):
+            # kill() returns before the process is stopped: until each of its threads has stopped, one
+            # may still answer a call sent meanwhile. Wait until they all have (bounded).
+            os.kill(pid, signal.SIGSTOP)
+            def state(tid):
+                try:
+                    return open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    return "T"
+            deadline = time.monotonic() + 10
+            while any(state(t) not in "Tt" for t in os.listdir(f"/proc/{pid}/task")) and time.monotonic() < deadline:
+                time.sleep(0.001)
+
         s = Sleeper.remote()
         first = actorlib.get(s.pid.remote(), timeout=60)
-        os.kill(first, signal.SIGSTOP)
+        stop(first)
         t0 = time.monotonic()
         second = actorlib.get(s.pid.remote(), timeout=60)  # in flight while it hangs: retried on the new worker
         print("RESTARTED", second != first, round(time.monotonic() - t0, 1))
-        os.kill(second, signal.SIGSTOP)
+        stop(second)
         try:
             actorlib.get(s.pid.remote(), timeout=60)
         except actorlib.ActorDiedError as exc:
