@@ -174,8 +174,13 @@ def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
                     return open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
                 except OSError:
                     return "T"
+            def running():
+                try:
+                    return any(state(t) not in "Tt" for t in os.listdir(f"/proc/{pid}/task"))
+                except OSError:
+                    return False  # gone already
             deadline = time.monotonic() + 10
-            while any(state(t) not in "Tt" for t in os.listdir(f"/proc/{pid}/task")) and time.monotonic() < deadline:
+            while running() and time.monotonic() < deadline:
                 time.sleep(0.001)
 
         s = Sleeper.remote()
