@@ -226,8 +226,9 @@ def cancel(ref: ObjectRef) -> None:
         return
     if not isinstance(ref, ObjectRef):
         raise TypeError(f"cancel() takes an ObjectRef, not {type(ref).__name__}")
-    if ref._cancel is not None and not ref.done():
-        runtime.current().call_soon(ref._cancel)
+    cancel = ref._cancel  # (let go of once the call is done)
+    if cancel is not None and not ref.done():
+        runtime.current().call_soon(cancel)
 
 
 def kill(actor: ActorHandle) -> None:

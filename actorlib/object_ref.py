@@ -64,12 +64,16 @@ class ObjectRef:
             ref._fut.set_result(None)
         return ref
 
-    # completion, from the I/O loop
+    # completion, from the I/O loop or a thread that read the answer. The cancel callback is let go of:
+    # it holds the call, which holds this ref (a reference cycle, and with it the answer's buffers, would
+    # otherwise last until the garbage collector next ran).
     def _set_message(self, msg: Message) -> None:
+        self._cancel = None
         if not self._fut.done():
             self._fut.set_result(msg)
 
     def _set_error(self, exc: BaseException) -> None:
+        self._cancel = None
         if not self._fut.done():
             self._fut.set_exception(exc)
 
@@ -166,6 +170,8 @@ class StreamState:
             if error is not None:
                 self._error = error
             self._finished = final
+            if final:  # the producer is done: no credit or close to send. The callbacks hold the call, which
+                self._send_credit = self._send_close = _ignore  # holds this: a cycle, and the items' buffers
             waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -228,6 +234,10 @@ class StreamState:
             waiter.set_result(None)  # a consumer waiting elsewhere sees the end
         if not finished:
             self._send_close()
+
+
+def _ignore(*_: Any) -> None:
+    pass
 
 
 class ObjectRefGenerator:

@@ -124,3 +124,21 @@ def test_header_round_trip_and_protocol_errors():
     for frames in bad:
         with pytest.raises(ProtocolError):
             decode(frames)
+
+
+def test_encoding_and_decoding_leave_no_reference_cycles():
+    """A cycle would keep a message's buffers (a shared-memory mapping, a received frame) until the
+    garbage collector ran, and give it garbage to collect on every call."""
+    import gc
+
+    arr = np.arange(1000, dtype=np.float32)
+    value = {"a": (1, (2, arr)), "t": torch.ones(3), "o": threading.Lock}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            body, buffers = dumps(value)
+            loads(body, buffers)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

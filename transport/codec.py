@@ -48,38 +48,14 @@ _EXT_TENSOR = 4
 
 def dumps(obj: Any, *, allow_pickle: bool = True) -> tuple[bytes, list[Any]]:
     """Encode ``obj``; raise :class:`EncodeError` naming what could not be encoded."""
-    buffers: list[Any] = []
-
-    def default(o: Any) -> msgpack.ExtType:
-        t = type(o)
-        if t is tuple:
-            return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), default))
-        np = sys.modules.get("numpy")
-        if np is not None and t is np.ndarray and o.dtype.kind not in "OV":
-            arr = o if o.flags.c_contiguous else np.ascontiguousarray(o)
-            buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
-            meta = [arr.dtype.str, list(arr.shape), len(buffers) - 1]
-            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta, None))
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(o, torch.Tensor) and _plain_cpu_tensor(o, torch):
-            buffers.append(_tensor_bytes(o, torch))
-            meta = [str(o.dtype).removeprefix("torch."), list(o.shape), len(buffers) - 1]
-            return msgpack.ExtType(_EXT_TENSOR, _pack(meta, None))
-        if not allow_pickle:
-            raise EncodeError(f"cannot encode a {t.__qualname__} here (plain data only)")
-        first = len(buffers)
-        try:
-            data = pickle_dumps(o, buffers.append)
-        except Exception as exc:
-            raise EncodeError(f"cannot serialize {t.__module__}.{t.__qualname__}: {exc}") from exc
-        return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None))
-
+    default = _Encoder(allow_pickle)
     try:
         body = _pack(obj, default)
     except EncodeError:
         raise
     except Exception as exc:  # msgpack's own errors: int too large, recursion ...
         raise EncodeError(f"cannot encode value of type {type(obj).__qualname__}: {exc}") from exc
+    buffers = default.buffers
     if buffers or len(body) > MAX_MESSAGE_BYTES:
         size = len(body) + sum(memoryview(b).nbytes for b in buffers)
         if size > MAX_MESSAGE_BYTES:
@@ -92,37 +68,87 @@ def dumps(obj: Any, *, allow_pickle: bool = True) -> tuple[bytes, list[Any]]:
 
 def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bool = True) -> Any:  # type: ignore[assignment]
     """Decode what :func:`dumps` made; raise :class:`DecodeError` on anything malformed."""
+    try:
+        return _unpack(body, _Decoder(buffers, allow_pickle))
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
 
-    def ext_hook(code: int, data: bytes) -> Any:
+
+# msgpack's hooks are objects, not closures: a closure that calls itself (tuples nest) is a reference
+# cycle, which would keep every buffer of the message alive until the garbage collector next ran (for
+# a shared-memory buffer, its mapping, whose unmapping then lands in a random collection) and give it
+# garbage to collect on every call.
+
+
+class _Encoder:
+    """msgpack's ``default`` for one :func:`dumps`: extension types, with the out-of-band buffers they take."""
+
+    __slots__ = ("allow_pickle", "buffers")
+
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.buffers: list[Any] = []
+
+    def __call__(self, o: Any) -> msgpack.ExtType:
+        buffers = self.buffers
+        t = type(o)
+        if t is tuple:
+            return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), self))
+        np = sys.modules.get("numpy")
+        if np is not None and t is np.ndarray and o.dtype.kind not in "OV":
+            arr = o if o.flags.c_contiguous else np.ascontiguousarray(o)
+            buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
+            meta = [arr.dtype.str, list(arr.shape), len(buffers) - 1]
+            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta, None))
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(o, torch.Tensor) and _plain_cpu_tensor(o, torch):
+            buffers.append(_tensor_bytes(o, torch))
+            meta = [str(o.dtype).removeprefix("torch."), list(o.shape), len(buffers) - 1]
+            return msgpack.ExtType(_EXT_TENSOR, _pack(meta, None))
+        if not self.allow_pickle:
+            raise EncodeError(f"cannot encode a {t.__qualname__} here (plain data only)")
+        first = len(buffers)
+        try:
+            data = pickle_dumps(o, buffers.append)
+        except Exception as exc:
+            raise EncodeError(f"cannot serialize {t.__module__}.{t.__qualname__}: {exc}") from exc
+        return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None))
+
+
+class _Decoder:
+    """msgpack's ``ext_hook`` for one :func:`loads`: extension types, arrays as views on the message's buffers."""
+
+    __slots__ = ("allow_pickle", "buffers")
+
+    def __init__(self, buffers: list[Any], allow_pickle: bool) -> None:
+        self.buffers = buffers
+        self.allow_pickle = allow_pickle
+
+    def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_TUPLE:
-            return tuple(_unpack(data, ext_hook))
+            return tuple(_unpack(data, self))
         if code == _EXT_NDARRAY:
             import numpy as np
 
             dtype, shape, index = _unpack(data, None)
-            return np.frombuffer(buffers[index], dtype=np.uint8).view(np.dtype(dtype)).reshape(shape)
+            return np.frombuffer(self.buffers[index], dtype=np.uint8).view(np.dtype(dtype)).reshape(shape)
         if code == _EXT_TENSOR:
             import torch
 
             dtype, shape, index = _unpack(data, None)
-            buf = buffers[index]
+            buf = self.buffers[index]
             if len(buf) == 0:
                 return torch.empty(shape, dtype=getattr(torch, dtype))
             flat = torch.frombuffer(buf, dtype=getattr(torch, dtype))  # one torch call where it can be: see _tensor_bytes
             return flat if len(shape) == 1 and shape[0] == flat.numel() else flat.reshape(shape)
         if code == _EXT_PICKLE:
-            if not allow_pickle:
+            if not self.allow_pickle:
                 raise DecodeError("a pickled value arrived where only plain data is accepted")
             payload, first, count = _unpack(data, None)
-            return pickle.loads(payload, buffers=buffers[first : first + count])
+            return pickle.loads(payload, buffers=self.buffers[first : first + count])
         raise DecodeError(f"unknown extension type {code}")
-
-    try:
-        return _unpack(body, ext_hook)
-    except DecodeError:
-        raise
-    except Exception as exc:
-        raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _plain_cpu_tensor(t: Any, torch: Any) -> bool:
