@@ -98,11 +98,19 @@ def test_a_received_mapping_is_unmapped_off_the_callers_thread_once_nothing_view
     shm.claim(tuple(tuple(m) for m in moved), buffers)
     mapping = buffers[0].obj
     assert isinstance(mapping, mmap.mmap) and not ours()  # mapped, and its file unlinked at once
+    import torch
+
     arr = np.frombuffer(buffers[0], dtype=np.float32)
+    tensor = torch.frombuffer(buffers[0], dtype=torch.float32)  # holds the view object, not a buffer export
     del buffers
     gc.collect()
     wait_for(lambda: shm._reaper.pending() == 1, timeout=10, what="the reaper to hold the mapping")
-    assert not mapping.closed and arr[-1] == (1 << 18) - 1  # a view is alive: still mapped
+    assert not mapping.closed and arr[-1] == (1 << 18) - 1  # views are alive: still mapped
     del arr
+    gc.collect()
+    tried = shm._reaper.rounds
+    wait_for(lambda: shm._reaper.rounds >= tried + 2, timeout=10, what="the reaper to try it twice more")
+    assert not mapping.closed and float(tensor[-1]) == (1 << 18) - 1  # the tensor alone keeps it mapped
+    del tensor
     wait_for(lambda: mapping.closed, timeout=10, what="the reaper to unmap it")
     wait_for(lambda: not any(t.name == "actorlib-shm-reaper" for t in threading.enumerate()), timeout=10, what="the reaper to end")

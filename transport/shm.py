@@ -125,6 +125,7 @@ class _Reaper:
         self._maps: list[mmap.mmap] = []
         self._thread: threading.Thread | None = None
         self._soon = threading.Event()  # set by adopt(): look again at the shortest pause
+        self.rounds = 0  # passes over the mappings so far (tests wait on it)
 
     def adopt(self, mapped: mmap.mmap) -> None:
         with self._lock:
@@ -155,6 +156,7 @@ class _Reaper:
                 except BufferError:
                     pass
             with self._lock:
+                self.rounds += 1
                 self._maps = [m for m in self._maps if not m.closed]
                 if not self._maps:
                     self._thread = None
