@@ -106,6 +106,8 @@ class Driver:
             is_head_node=True,
             host=address.rsplit(":", 1)[0][len("tcp://") :] if address else "127.0.0.1",
         )
+        self.node.show_output = self.rt.show_local_output  # this driver's workers' lines, shown here at once
+        self.rt.drain_output = self.node.drain_output
         await self.node.start()
         self.rt.node_id = self.node.node_id
         await self._register(self.head.address, namespace, log_to_driver, timeout=None)

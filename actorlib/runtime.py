@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import contextvars
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -89,10 +90,14 @@ class Runtime:
         self.gpu_ids: list[str] = []
         self.log_to_driver = True
         # A thread blocked on a call's answer reads it itself (object_ref.wait_reading) -- except in a
-        # notebook kernel: there a worker's print should show under the cell that made the call, and
-        # it comes by a longer way (worker pipe -> node agent -> head -> this loop) than the answer.
-        # Through this loop the answer leaves it more time (best effort: nothing orders the two).
+        # notebook kernel: there a worker's print should show under the cell that made the call. With
+        # the head in this process (init()), its node agent shows this driver's workers' lines here
+        # (show_local_output), and the loop has it read a worker's pipe before taking each of that
+        # worker's answers (drain_output): what the worker printed before answering shows first.
+        # Workers on other nodes: their lines come by a longer way, best effort.
         self.direct_answers = "ipykernel" not in sys.modules
+        self.drain_output: Callable[[str], None] | None = None  # set by an embedded driver: NodeAgent.drain_output
+        self.owned: set[str] = set()  # actors this process created (their output is this driver's to show)
         self._conns: dict[str, ActorConnection] = {}
         self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._inbox_scheduled = False
@@ -200,8 +205,19 @@ class Runtime:
             self._print_log(payload)
 
     def _print_log(self, payload: dict[str, Any]) -> None:
-        if not self.log_to_driver:
+        if not self.log_to_driver or payload.get("shown_by") == os.getpid():
             return
+        self._show_log(payload)
+
+    def show_local_output(self, payload: dict[str, Any]) -> bool:
+        """A worker's lines, from a node agent in this process (loop thread): shown here if they are this
+        driver's to show; says whether they were (see ``NodeAgent.show_output``)."""
+        if not self.log_to_driver or payload.get("actor_id") not in self.owned:
+            return False
+        self._show_log(payload)
+        return True
+
+    def _show_log(self, payload: dict[str, Any]) -> None:
         out = sys.stderr if payload.get("stream") == "stderr" else sys.stdout
         prefix = f"({payload.get('label')} pid={payload.get('pid')}) "
         text = "".join(prefix + line + "\n" for line in payload.get("lines", []))
@@ -225,6 +241,8 @@ class Runtime:
         raises here), unless called on the loop thread, where it cannot block:
         then a refusal fails the actor's calls instead.
         """
+
+        self.owned.add(spec["actor_id"])
 
         async def create() -> None:
             spec["payload"] = await payload()

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,9 @@ class NodeAgent:
         self._heartbeat: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()  # the agent has stopped, or should: the head left or is gone
         self.why_finished = ""
+        # In a driver's own process (an embedded head): shows a worker's output lines there and says whether it
+        # did; those go on to the head marked ``shown_by`` this pid, so that driver does not show them twice.
+        self.show_output: Callable[[dict[str, Any]], bool] | None = None
 
     async def start(self, timeout: float | None = None) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
@@ -245,6 +249,26 @@ class NodeAgent:
             return
         self._lines(w, fd, data)
 
+    def drain_output(self, actor_id: str) -> None:
+        """Handle now what the actor's worker has written so far (loop thread). A driver in this process calls it
+        before it takes one of that worker's answers: the lines the worker wrote before answering are shown
+        (:attr:`show_output`) before the answer is."""
+        for w in list(self._workers.values()):
+            if w.actor_id == actor_id:
+                for fd in sorted(w.open_fds):
+                    self._read_all(w, fd)
+
+    def _read_all(self, w: _Worker, fd: int) -> None:
+        """Handle everything the pipe holds now (it is non-blocking); its end is left to the reader callback."""
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._lines(w, fd, data)
+
     def _lines(self, w: _Worker, fd: int, data: bytes, *, final: bool = False) -> None:
         is_err = fd == w.fds[1]
         (w.err_file if is_err else w.out_file).write(data)
@@ -267,6 +291,8 @@ class NodeAgent:
                 "stream": "stderr" if is_err else "stdout",
                 "lines": text,
             }
+            if self.show_output is not None and self.show_output(payload):
+                payload["shown_by"] = os.getpid()
             try:
                 send_event(self._head, "log", payload)
             except Exception as exc:
@@ -286,14 +312,7 @@ class NodeAgent:
 
     def _drain(self, w: _Worker) -> None:
         for fd in sorted(w.open_fds):
-            while True:
-                try:
-                    data = os.read(fd, 65536)
-                except (BlockingIOError, OSError):
-                    break
-                if not data:
-                    break
-                self._lines(w, fd, data)
+            self._read_all(w, fd)
             if w.partial.get(fd):
                 self._lines(w, fd, b"", final=True)
             self._close_fd(w, fd)

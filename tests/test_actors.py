@@ -20,7 +20,7 @@ from actorlib.exceptions import (
 )
 from transport.security import cluster_key
 
-from .conftest import cpu_seconds
+from .conftest import cpu_seconds, wait_for
 
 
 class Boom(Exception):
@@ -392,6 +392,27 @@ def test_calls_and_streams_leave_no_reference_cycles_in_the_caller(cluster, Coun
     finally:
         gc.enable()
     assert collected < 50, f"{collected} objects in reference cycles after 130 calls (13 a call with one)"
+
+
+def test_in_a_notebook_a_workers_print_shows_before_its_answer(cluster, capsys, monkeypatch):
+    """In a notebook kernel, answers go through the loop, which reads the worker's output first: a line the
+    method printed is shown by the time get() returns (it would otherwise come by way of the head, later)."""
+
+    @cluster.remote
+    class Talker:
+        def say(self, i):
+            print(f"line {i}")
+            return i
+
+    rt = cluster.api.runtime.current()
+    t = Talker.remote()
+    assert cluster.get(t.say.remote(-1), timeout=30) == -1
+    wait_for(lambda: "line -1" in capsys.readouterr().out, timeout=10, what="the first line")
+    monkeypatch.setattr(rt, "direct_answers", False)  # as in a notebook kernel
+    for i in range(20):
+        assert cluster.get(t.say.remote(i), timeout=30) == i
+        shown = capsys.readouterr().out
+        assert f"line {i}\n" in shown and shown.count(f"line {i}\n") == 1, f"call {i}: {shown!r}"
 
 
 def test_generator_exception_surfaces_on_next_item(cluster, Counter):
