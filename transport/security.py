@@ -168,15 +168,16 @@ def watch_refusals(sock: zmq.Socket, loop: asyncio.AbstractEventLoop, name: str)
     """Log every connection a CURVE server refused (a peer without the cluster key); returns a stop function.
 
     The refusal itself is ZeroMQ's (the handshake fails before any message is
-    read); this makes it visible. Logs are rate-limited: a flood of attempts
-    must not become a flood of lines.
+    read); this makes it visible. Logs are rate-limited per kind of refusal: a
+    flood of attempts must not become a flood of lines, nor hide a refusal of
+    another kind (a peer that retries a plaintext handshake many times a second
+    must not hide one that offers a wrong key).
     """
     monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
     fd = int(monitor.getsockopt(zmq.FD))
-    count = 0
+    counts: dict[int, int] = {}  # refusals so far, by kind (monitor event)
 
     def drain() -> None:
-        nonlocal count
         while True:
             try:
                 event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -184,15 +185,16 @@ def watch_refusals(sock: zmq.Socket, loop: asyncio.AbstractEventLoop, name: str)
                 return
             except zmq.ZMQError:
                 return
-            count += 1
+            kind = int(event.get("event", 0))
+            count = counts[kind] = counts.get(kind, 0) + 1
             if count <= 10 or count % 1000 == 0:
                 where = event.get("endpoint", b"?")
                 log.warning(
-                    "%s: refused a connection on %s (%d so far): no proof it holds the cluster key (%s)",
+                    "%s: refused a connection on %s (%d of this kind so far): no proof it holds the cluster key (%s)",
                     name,
                     where.decode(errors="replace") if isinstance(where, bytes) else where,
                     count,
-                    _WHY.get(int(event.get("event", 0)), "the handshake failed"),
+                    _WHY.get(kind, "the handshake failed"),
                 )
 
     loop.add_reader(fd, drain)
