@@ -210,12 +210,13 @@ class ActorConnection:
     def _sink(self, call: Call) -> Any:
         inflight = self._inflight
         rt, actor_id = self.rt, self.actor_id
+        drain = None if rt.direct_answers else rt.drain_output  # in a notebook, with the head in this process
 
         def sink(msg: Any) -> None:
             if msg.kind != Kind.STREAM_ITEM:
                 inflight.pop(msg.req_id, None)
-            if not rt.direct_answers and rt.drain_output is not None and rt.in_loop():
-                rt.drain_output(actor_id)  # a notebook: what the worker printed before this answer shows first
+            if drain is not None and rt.in_loop():
+                drain(actor_id)  # what the worker printed before this answer shows first
             call.deliver(msg)
 
         return sink

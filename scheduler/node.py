@@ -239,7 +239,7 @@ class NodeAgent:
 
     def _on_output(self, w: _Worker, fd: int) -> None:
         try:
-            data = os.read(fd, 65536)
+            data = os.read(fd, 65536)  # one read per callback: a worker that floods its pipe must not hold the loop
         except BlockingIOError:
             return
         except OSError:
@@ -256,11 +256,14 @@ class NodeAgent:
         for w in list(self._workers.values()):
             if w.actor_id == actor_id:
                 for fd in sorted(w.open_fds):
-                    self._read_all(w, fd)
+                    self._read_all(w, fd, limit=16)  # (bounded: the worker may be writing still)
 
-    def _read_all(self, w: _Worker, fd: int) -> None:
-        """Handle everything the pipe holds now (it is non-blocking); its end is left to the reader callback."""
-        while True:
+    def _read_all(self, w: _Worker, fd: int, limit: int | None = None) -> None:
+        """Handle what the pipe holds now (it is non-blocking), at most ``limit`` reads of 64 KiB; its end is
+        left to the reader callback."""
+        reads = 0
+        while limit is None or reads < limit:
+            reads += 1
             try:
                 data = os.read(fd, 65536)
             except (BlockingIOError, OSError):
