@@ -6,9 +6,11 @@ include_dashboard=False)`` as run.py's ``actorlib.init(num_cpus=4)``. Where
 Ray needs another shape, it gets its best one:
 
 - W1, W3, W5, W6 use a plain (sync) actor; W2 an async actor (``async def
-  aping``) driven from asyncio, as run.py does. Ray makes a whole actor async
-  if one of its methods is, so the two live in two classes. W2 also reports
-  a sync actor driven with ``ray.get`` on lists of 1000 (``calls_per_s_sync_lists``).
+  aping``) driven from asyncio, as run.py does (a window of refs awaited in
+  order; and ``calls_per_s_gather``, a coroutine per call under a semaphore).
+  Ray makes a whole actor async if one of its methods is, so the two live in
+  two classes. W2 also reports a sync actor driven with ``ray.get`` on lists
+  of 1000 (``calls_per_s_sync_lists``).
 - W3's four actors sit one per bundle of a STRICT_PACK placement group of
   four 1-CPU bundles, which is what run.py's ``VirtualCluster([4])`` is.
 - W6's generator is ``for i in range(n): yield i``: Ray 2.60 sends into
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -141,7 +144,18 @@ def w2(ray: Any, actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     async_actor = ray.remote(AsyncBench).remote()
     ray.get(async_actor.aping.remote())
 
-    async def drive() -> float:
+    async def window_drive() -> float:  # run.py's timed_window: answers awaited in order, one call sent per answer
+        pending: collections.deque[Any] = collections.deque()
+        t0 = time.perf_counter()
+        for _ in range(total):
+            if len(pending) >= window:
+                await pending.popleft()
+            pending.append(async_actor.aping.remote())
+        while pending:
+            await pending.popleft()
+        return time.perf_counter() - t0
+
+    async def gather_drive() -> float:  # run.py's timed_gather
         sem = asyncio.Semaphore(window)
 
         async def one() -> None:
@@ -158,13 +172,16 @@ def w2(ray: Any, actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
             ray.get([actor.ping.remote() for _ in range(min(window, total - start))])
         return time.perf_counter() - t0
 
-    asyncio.run(drive())  # warm-up
-    elapsed = asyncio.run(drive())
+    asyncio.run(window_drive())  # warm-up
+    elapsed = asyncio.run(window_drive())
+    asyncio.run(gather_drive())
+    gathered = asyncio.run(gather_drive())
     lists()  # warm-up
     elapsed_lists = lists()
     ray.kill(async_actor)
     return [
         record("W2", "calls_per_s", total / elapsed, "calls/s"),
+        record("W2", "calls_per_s_gather", total / gathered, "calls/s"),
         record("W2", "calls_per_s_sync_lists", total / elapsed_lists, "calls/s"),
     ]
 

@@ -27,6 +27,7 @@ def test_runner_prints_json_lines_for_every_workload(tmp_path):
         ("W1", "p50_us"),
         ("W1", "p99_us"),
         ("W2", "calls_per_s"),
+        ("W2", "calls_per_s_gather"),
         ("W3", "p50_us"),
         ("W3", "w1_p50_us_interleaved"),
         ("W3", "ratio_to_w1"),
