@@ -86,11 +86,19 @@ class Message(NamedTuple):
     shm: tuple[Any, ...] = ()  # buffers sent through shared memory: ((frame index, file name, size), ...)
 
 
+# One packer for every header, from any thread: a header holds only ints, str and bytes, so packing it runs
+# no Python code and cannot be interleaved with another thread's (``msgpack.packb`` makes a packer per call,
+# which costs more than packing a header does).
+_pack_header = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode_header(kind: Kind, req_id: int, body: bytes, shm: list[tuple[int, str, int]] | None = None) -> bytes:
     """The header frame; ``shm`` lists buffer frames whose bytes travel in shared memory (see ``transport.shm``)."""
+    if type(body) is not bytes:  # anything else could run Python code while the shared packer is mid-way
+        raise TypeError(f"a message body must be bytes, not {type(body).__name__}")
     if shm:
-        return msgpack.packb((VERSION, kind, req_id, body, shm), use_bin_type=True)
-    return msgpack.packb((VERSION, kind, req_id, body), use_bin_type=True)
+        return _pack_header((VERSION, kind, req_id, body, shm))
+    return _pack_header((VERSION, kind, req_id, body))
 
 
 def decode(frames: list[Any], peer: bytes | None = None) -> Message:
