@@ -109,6 +109,32 @@ def test_garbage_is_a_decode_error(garbage):
         loads(garbage, [])
 
 
+def test_headers_packed_from_many_threads_at_once_stay_whole():
+    # every header goes through one shared msgpack Packer (encode_header)
+    errors = []
+
+    def pack(t):
+        for i in range(2000):
+            body = bytes([t]) * (i % 300)
+            msg = decode([encode_header(Kind.RESULT, t * 100_000 + i, body, [(1, f"s{t}", i)] if i % 2 else None)])
+            if msg.req_id != t * 100_000 + i or msg.body != body or (msg.shm and msg.shm[0][1] != f"s{t}"):
+                errors.append((t, i))
+
+    threads = [threading.Thread(target=pack, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors and not any(th.is_alive() for th in threads)
+
+
+def test_a_header_body_must_be_bytes():
+    for body in ("text", bytearray(b"x"), memoryview(b"x"), None):
+        with pytest.raises(TypeError, match="must be bytes"):
+            encode_header(Kind.CALL, 1, body)
+    assert decode([encode_header(Kind.CALL, 1, b"ok")]).body == b"ok"  # the packer is fine after a refusal
+
+
 def test_header_round_trip_and_protocol_errors():
     msg = decode([encode_header(Kind.CALL, 7, b"\x90"), b"buf"])
     assert msg.kind is Kind.CALL and msg.req_id == 7 and msg.body == b"\x90" and msg.buffers == [b"buf"]
