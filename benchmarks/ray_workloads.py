@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import platform
@@ -140,31 +139,11 @@ def w1(ray: Any, actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def w2(ray: Any, actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    from run import timed_gather, timed_window  # run.py's own W2 drivers (this file's directory is on sys.path)
+
     total, window = size["w2_calls"], size["w2_inflight"]
     async_actor = ray.remote(AsyncBench).remote()
     ray.get(async_actor.aping.remote())
-
-    async def window_drive() -> float:  # run.py's timed_window: answers awaited in order, one call sent per answer
-        pending: collections.deque[Any] = collections.deque()
-        t0 = time.perf_counter()
-        for _ in range(total):
-            if len(pending) >= window:
-                await pending.popleft()
-            pending.append(async_actor.aping.remote())
-        while pending:
-            await pending.popleft()
-        return time.perf_counter() - t0
-
-    async def gather_drive() -> float:  # run.py's timed_gather
-        sem = asyncio.Semaphore(window)
-
-        async def one() -> None:
-            async with sem:
-                await async_actor.aping.remote()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(total)))
-        return time.perf_counter() - t0
 
     def lists() -> float:
         t0 = time.perf_counter()
@@ -172,10 +151,8 @@ def w2(ray: Any, actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
             ray.get([actor.ping.remote() for _ in range(min(window, total - start))])
         return time.perf_counter() - t0
 
-    asyncio.run(window_drive())  # warm-up
-    elapsed = asyncio.run(window_drive())
-    asyncio.run(gather_drive())
-    gathered = asyncio.run(gather_drive())
+    elapsed = asyncio.run(timed_window(lambda: async_actor.aping.remote(), total, window))
+    gathered = asyncio.run(timed_gather(lambda: async_actor.aping.remote(), total, window))
     lists()  # warm-up
     elapsed_lists = lists()
     ray.kill(async_actor)
