@@ -28,6 +28,7 @@ from transport import DecodeError, Kind, Message, loads
 
 from .completion import Completion
 from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
+from .spin import Recent, poll_until
 
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
 
@@ -284,7 +285,7 @@ class ObjectRefGenerator:
 
 class _Wakeup:
     """A thread's eventfd, written when a completion that thread polls for is set by another thread, and how
-    long its recent blocking gets of one ref took (to choose how long the next one polls before it sleeps).
+    long its recent blocking gets took (to choose how long the next one polls before it sleeps).
 
     Callbacks left on refs that outlived a wait (a timeout) hold it, so its fd stays this one's.
     """
@@ -295,15 +296,7 @@ class _Wakeup:
         self.poller.register(self.fd, select.POLLIN)
         self.thread = threading.get_ident()
         self.blocked = False  # the thread waits in wait_reading: a loop it runs is not running now
-        self.typical = GET_SPIN_S / 2  # seconds: a moving average of this thread's gets of one ref
-
-    def spin_for(self) -> float:
-        """How long the next get of one ref polls before it sleeps: about twice what such gets took lately,
-        at most ``GET_SPIN_S``; not at all while they take longer than that (it would only burn CPU)."""
-        return 0.0 if self.typical > GET_SPIN_S else min(GET_SPIN_S, 2 * self.typical)
-
-    def took(self, seconds: float) -> None:
-        self.typical += (seconds - self.typical) / 8
+        self.gets = Recent()  # this thread's blocking gets (see actorlib.spin)
 
     def wake(self, _: Completion) -> None:
         if threading.get_ident() != self.thread:
@@ -316,30 +309,6 @@ class _Wakeup:
 _thread_state = threading.local()
 
 
-def _get_spin_s() -> float:
-    """The most a blocking get() of one ref polls before it sleeps (``ACTORLIB_GET_SPIN_US``, default 500).
-
-    An answer that comes meanwhile is read by a thread that is on a CPU
-    already: no wake-up of a sleeping thread (on a VM, of an idle vCPU), which
-    is most of what a short call costs over the wire's own time. How long it
-    polls follows what the thread's recent gets took (:meth:`_Wakeup.spin_for`):
-    gets of longer calls do not poll at all. Not with one CPU (the answer
-    needs it), and not for lists (their calls run on several workers, which
-    need the CPUs more than the caller does).
-    """
-    raw = os.environ.get("ACTORLIB_GET_SPIN_US", "500")
-    try:
-        us = float(raw)
-    except ValueError:
-        raise ValueError(f"ACTORLIB_GET_SPIN_US must be a number of microseconds (0: never spin), not {raw!r}") from None
-    if not 0 <= us <= 1e6:
-        raise ValueError(f"ACTORLIB_GET_SPIN_US must be between 0 and 1000000 microseconds, not {raw!r}")
-    return us / 1e6 if len(os.sched_getaffinity(0)) > 1 else 0.0
-
-
-GET_SPIN_S = _get_spin_s()
-
-
 def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | None:
     """Wait for calls' answers by reading their connections' sockets on this thread; returns the time left.
 
@@ -348,8 +317,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     (see ``Endpoint.read_responses``); when the loop does, it writes this
     thread's eventfd. This saves the loop -> caller wake-up, the
     thread hop of a blocking round trip that bare ZeroMQ does not have. Refs
-    not sent yet are waited for through that eventfd alone. For one ref, the
-    first wait polls a while before it sleeps (see :func:`_get_spin_s`). Returns once all
+    not sent yet are waited for through that eventfd alone. The first wait
+    polls a while before it sleeps (see :mod:`actorlib.spin`). Returns once all
     are done, or one failed, or ``timeout`` passed.
     """
     wakeup = getattr(_thread_state, "wakeup", None)
@@ -372,7 +341,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     # readable, or was seen by a send's look at the socket, which then had the loop read it.
     to_read: list[Any] = []
     start = time.monotonic()
-    spin = wakeup.spin_for() if len(futs) == 1 else 0.0
+    spin = wakeup.gets.spin_for()
     spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
     wakeup.blocked = True
     try:
@@ -396,7 +365,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                 break  # the loop fails what is left: waiting for that goes on through the eventfd alone
             if deadline is not None and time.monotonic() >= deadline:
                 break  # timed out (the fds may stay readable with others' traffic)
-            events = _spin(poller, spin_until) if spin_until else None
+            events = poll_until(poller, spin_until) if spin_until else None
             spin_until = 0.0  # once per wait
             if not events:
                 wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
@@ -412,8 +381,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                         pass
                 elif fd in by_fd:
                     to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
-        if len(futs) == 1 and futs[0].done():
-            wakeup.took(time.monotonic() - start)
+        if all(f.done() for f in futs):
+            wakeup.gets.took(time.monotonic() - start)
     finally:
         wakeup.blocked = False
         for fd in by_fd:
@@ -423,14 +392,6 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
         for fut in futs:
             fut.discard_callback(wakeup.wake)
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _spin(poller: Any, until: float) -> list[tuple[int, int]]:
-    """``poller.poll(0)`` until something is ready or ``until`` (``time.monotonic()``) passes."""
-    while True:
-        events: list[tuple[int, int]] = poller.poll(0)
-        if events or time.monotonic() >= until:
-            return events
 
 
 def _loop_future(cf: Completion) -> asyncio.Future[None]:

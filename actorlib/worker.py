@@ -28,6 +28,7 @@ import pickle
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -55,6 +56,7 @@ from transport.protocol import decode
 from . import runtime as runtime_mod
 from .rank_program import RUN_METHOD, run_in_worker
 from .runtime import Runtime
+from .spin import Recent, poll_until
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,7 @@ class ActorHost:
         self._refused = False  # _take_call left a message to the loop
         self._polling = False  # the sync thread may be waiting in its poller: post_sync must wake it
         self._wake = -1  # an eventfd, made when the first socket is watched
+        self._inbox_waits = Recent()  # how long the waits that ended with a graph's message took (see actorlib.spin)
         self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
@@ -261,14 +264,23 @@ class ActorHost:
 
     def poll_sync_once(self) -> None:
         """Wait until a watched socket has messages, a job is queued or :meth:`wake_sync` is called, and read
-        what came (sync thread; jobs are left queued). Compiled graphs also wait so while their sends complete."""
+        what came (sync thread; jobs are left queued). Compiled graphs also wait so while their sends complete.
+
+        While it watches a graph's inbox, it polls a while first when the
+        graph's messages came soon after it went idle lately: see
+        :mod:`actorlib.spin`."""
         poller = self._calls_poller if self._reading_calls else self._poller
         assert poller is not None
+        start = time.monotonic()
+        spin = self._inbox_waits.spin_for() if self._watched else 0.0
         try:
-            ready = poller.poll()
+            ready = poll_until(poller, start + spin) if spin else []
+            if not ready:
+                ready = poller.poll()
         except zmq.ZMQError as exc:
             self._drop_closed(str(exc))
             return
+        waited = time.monotonic() - start
         for sock, _ in ready:
             if isinstance(sock, int):
                 if sock == self._calls_fd:
@@ -285,6 +297,9 @@ class ActorHost:
             reader = self._watched.get(sock)
             if reader is None:
                 continue
+            if waited >= 0:
+                self._inbox_waits.took(waited)
+                waited = -1.0
             self._share_reading(False)  # it runs a graph's nodes: the loop reads the actor's socket meanwhile
             try:
                 reader()

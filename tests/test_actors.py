@@ -345,32 +345,39 @@ def test_a_blocking_get_spins_briefly_then_sleeps(cluster, Counter):
 
 
 def test_the_get_spin_follows_how_long_recent_gets_took():
-    from actorlib.object_ref import GET_SPIN_S, _Wakeup
+    from actorlib.spin import SPIN_S, Recent
 
-    wakeup = _Wakeup()
+    recent = Recent()
     for _ in range(100):
-        wakeup.took(50e-6)  # short calls: poll about twice as long as they take
-    assert wakeup.spin_for() == pytest.approx(min(GET_SPIN_S, 100e-6), rel=0.01)
+        recent.took(50e-6)  # short calls: poll about twice as long as they take
+    assert recent.spin_for() == pytest.approx(min(SPIN_S, 100e-6), rel=0.01)
     for _ in range(100):
-        wakeup.took(0.01)  # long calls: polling would only burn CPU
-    assert wakeup.spin_for() == 0.0
+        recent.took(0.01)  # long calls: polling would only burn CPU
+    assert recent.spin_for() == 0.0
+    for _ in range(6):
+        recent.took(50e-6)  # a long wait counts as just too long: a few short ones bring the polling back
+    assert recent.spin_for() > 0.0
+    for _ in range(100):
+        recent.took(50e-6)
+    recent.took(30.0)  # one idle spell among short waits does not stop it
+    assert recent.spin_for() > 0.0
 
 
 def test_the_get_spin_is_set_by_its_environment_variable(monkeypatch):
-    from actorlib.object_ref import _get_spin_s
+    from actorlib.spin import _spin_s
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("ACTORLIB_GET_SPIN_US", "250")
-    assert _get_spin_s() == pytest.approx(250e-6)
+    assert _spin_s() == pytest.approx(250e-6)
     monkeypatch.setenv("ACTORLIB_GET_SPIN_US", "0")
-    assert _get_spin_s() == 0.0
+    assert _spin_s() == 0.0
     for bad in ("fast", "-5", "nan"):
         monkeypatch.setenv("ACTORLIB_GET_SPIN_US", bad)
         with pytest.raises(ValueError, match="ACTORLIB_GET_SPIN_US"):
-            _get_spin_s()
+            _spin_s()
     monkeypatch.setenv("ACTORLIB_GET_SPIN_US", "250")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert _get_spin_s() == 0.0  # one CPU: the answer needs it
+    assert _spin_s() == 0.0  # one CPU: the answer needs it
 
 
 def test_calls_and_streams_leave_no_reference_cycles_in_the_caller(cluster, Counter):
