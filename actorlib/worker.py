@@ -202,6 +202,7 @@ class ActorHost:
         self._polling = False  # the sync thread may be waiting in its poller: post_sync must wake it
         self._wake = -1  # an eventfd, made when the first socket is watched
         self._inbox_waits = Recent()  # how long the waits that ended with a graph's message took (see actorlib.spin)
+        self._after_inbox = False  # the last wake-up ran a graph's messages: the next wait may poll first
         self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
@@ -266,13 +267,14 @@ class ActorHost:
         """Wait until a watched socket has messages, a job is queued or :meth:`wake_sync` is called, and read
         what came (sync thread; jobs are left queued). Compiled graphs also wait so while their sends complete.
 
-        While it watches a graph's inbox, it polls a while first when the
-        graph's messages came soon after it went idle lately: see
+        Right after it ran a graph's messages, it polls a while first when
+        the graph's next messages came soon after that lately: see
         :mod:`actorlib.spin`."""
         poller = self._calls_poller if self._reading_calls else self._poller
         assert poller is not None
         start = time.monotonic()
-        spin = self._inbox_waits.spin_for() if self._watched else 0.0
+        spin = self._inbox_waits.spin_for() if self._after_inbox and self._watched else 0.0
+        self._after_inbox = False  # (a plain call or job in between: the graph is not running back to back)
         try:
             ready = poll_until(poller, start + spin) if spin else []
             if not ready:
@@ -300,6 +302,7 @@ class ActorHost:
             if waited >= 0:
                 self._inbox_waits.took(waited)
                 waited = -1.0
+            self._after_inbox = True
             self._share_reading(False)  # it runs a graph's nodes: the loop reads the actor's socket meanwhile
             try:
                 reader()

@@ -535,6 +535,28 @@ def test_an_idle_compiled_graph_uses_no_cpu(env):
         compiled.teardown()
 
 
+def test_a_stage_polls_after_its_graph_messages_only(env):
+    """A stage polls its inbox a while after running a graph's messages (executions that come back to back),
+    not after plain calls: an actor of a compiled graph that then serves calls must not poll after each."""
+    transport, stages = env
+    a, b, c = stages
+    with InputNode() as inp:
+        dag = c.to_host.bind(b.add.bind(a.add.bind(inp).with_tensor_transport(transport)).with_tensor_transport(transport))
+    compiled = dag.compile()
+    try:
+        for _ in range(200):  # back to back: the stages learn to poll after each execution
+            actorlib.get(compiled.execute(torch.zeros(1)), timeout=30)
+        pid = actorlib.get(a.pid.remote(), timeout=30)
+        before = cpu_seconds(pid)
+        for _ in range(300):  # plain calls ~1 ms apart: ~30 ms of the actor's CPU; ~120 ms more if it polled after each
+            assert actorlib.get(a.ping.remote(), timeout=30) == "a"
+            time.sleep(0.001)
+        used = cpu_seconds(pid) - before
+        assert used < 0.1, f"stage a used {used * 1000:.0f} ms of CPU serving 300 plain calls: it polls after them"
+    finally:
+        compiled.teardown()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_actor_killed_mid_graph_fails_the_graph(al, transport, tmp_path):
     options = {"num_gpus": 1} if transport == "nccl" else {}
