@@ -141,6 +141,44 @@ def test_send_soon_batches_what_one_loop_turn_sends(tmp_path):
     run(main())
 
 
+def test_a_long_turn_sends_its_batches_as_they_fill(tmp_path):
+    """A loop turn that queues many messages sends them BATCH_MAX at a time as it goes, so the peer can start
+    on them: all arrive, in order."""
+    n = 3 * endpoint_module.BATCH_MAX + 8
+
+    async def main():
+        got = []
+        done = asyncio.get_running_loop().create_future()
+
+        def on_message(msg):
+            got.append((msg.kind, msg.req_id, loads(msg.body)))
+            if len(got) == n and not done.done():
+                done.set_result(None)
+
+        raw_frames = []
+        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=on_message, name="server")
+        client = Endpoint.connect(server.address, on_message=None, name="client")
+        original = client.send_frames
+
+        def spy(frames, peer=None, **kw):
+            raw_frames.append(frames)
+            return original(frames, peer, **kw)
+
+        client.send_frames = spy
+        for i in range(n):
+            body, _ = dumps(i)
+            client.send_soon(Kind.CALL, i + 1, body)
+        assert len(raw_frames) == 3  # the full batches left during the turn
+        assert client.has_outbox()  # the last 8 wait for its end
+        await asyncio.wait_for(done, 10)
+        assert got == [(Kind.CALL, i + 1, i) for i in range(n)]  # all, in order
+        assert len(raw_frames) == 4
+        client.close()
+        server.close()
+
+    run(main())
+
+
 def test_malformed_batches_are_refused():
     import msgpack
 

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 Sink = Callable[[Message], None]
 
 _DRAIN_BATCH = 512
+# the most messages one BATCH carries: the peer starts on the first ones while the rest are still being
+# made (W2: ~60k -> ~90k calls/s against one BATCH per loop turn, however long)
+BATCH_MAX = 64
 # plain ints: pyzmq's enum members cost an enum operation on every use, on every message
 _NOBLOCK, _RCVMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
 _NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
@@ -264,7 +267,9 @@ class Endpoint:
         """Send a buffer-less message at the end of this loop iteration (loop thread).
 
         Everything queued for one peer in the meantime leaves as a single
-        BATCH message: one wake-up of ZeroMQ and of the peer for the lot.
+        BATCH message: one wake-up of ZeroMQ and of the peer for the lot; or
+        at once, :data:`BATCH_MAX` at a time, while a long turn goes on
+        queueing, so the two ends work at the same time.
         """
         box = self._outbox.get(peer)
         if box is None:
@@ -272,6 +277,9 @@ class Endpoint:
                 self._loop.call_soon(self._flush_outbox)
             box = self._outbox[peer] = []
         box.append((kind, req_id, body))
+        if len(box) >= BATCH_MAX:
+            del self._outbox[peer]  # all that is queued for this peer: its order holds
+            self._send_box(peer, box)
 
     def has_outbox(self) -> bool:
         """Messages are waiting in :meth:`send_soon`'s outbox (later sends must not overtake them)."""
@@ -284,15 +292,18 @@ class Endpoint:
         try:
             outbox, self._outbox = self._outbox, {}
             for peer, items in outbox.items():
-                try:
-                    if len(items) == 1:
-                        self.send(*items[0], peer=peer)
-                    else:
-                        self.send_frames([encode_batch(items)], peer)
-                except TransportError as exc:
-                    log.debug("%s: %d queued message(s) to %r dropped: %s", self.name, len(items), peer, exc)
+                self._send_box(peer, items)
         finally:
             self._flushing = False
+
+    def _send_box(self, peer: bytes | None, items: list[tuple[Kind, int, bytes]]) -> None:
+        try:
+            if len(items) == 1:
+                self.send(*items[0], peer=peer)
+            else:
+                self.send_frames([encode_batch(items)], peer)
+        except TransportError as exc:
+            log.debug("%s: %d queued message(s) to %r dropped: %s", self.name, len(items), peer, exc)
 
     def request(
         self,
