@@ -21,7 +21,9 @@ actor still runs its calls in the order they were made.
 A call made from another thread goes straight onto the socket when nothing
 is ahead of it (:meth:`ActorConnection.try_direct`); otherwise it is posted
 to the loop and counted in ``posted`` until the loop has taken it, so no
-later call can overtake it. ``lock`` guards that decision.
+later call can overtake it. ``lock`` guards that decision; counting a post
+takes no lock (a deque's append and popleft are atomic), so a caller posting
+a burst of calls never waits for the loop sending the previous ones.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class ActorConnection:
         self._inflight: dict[int, Call] = {}
         self.created: asyncio.Future[None] | None = None  # set while this process is creating the actor
         self.lock = threading.Lock()
-        self.posted = 0  # calls handed to the loop from other threads, not yet submitted
+        self.posted: deque[None] = deque()  # one per call handed to the loop from another thread, not yet submitted
         self.max_task_retries = 0  # the actor's, learnt when resolving it
         rt.loop.create_task(self._resolve())
 
@@ -151,8 +153,7 @@ class ActorConnection:
 
     def post(self) -> None:
         """A caller's thread is about to hand a call to the loop (after :meth:`try_direct` said no)."""
-        with self.lock:
-            self.posted += 1
+        self.posted.append(None)  # atomic: no lock, which the loop may hold while it sends
 
     def submit_posted(self, call: Call) -> None:
         """Loop thread: a call handed over by another thread (see :meth:`post`)."""
@@ -161,8 +162,8 @@ class ActorConnection:
     def submit(self, call: Call, *, posted: bool = False) -> None:
         """Loop thread. ``posted``: the call was counted by :meth:`post`; uncount it in the same step."""
         with self.lock:
-            if posted:
-                self.posted -= 1
+            if posted and self.posted:
+                self.posted.popleft()
             if call.cancelled:
                 return  # cancelled while it waited to be handed over: already failed, never sent
             if self.state is ConnState.DEAD:
