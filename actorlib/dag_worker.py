@@ -654,6 +654,9 @@ class GraphRuntime:
             raise RuntimeError("the compiled graph is torn down")
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="actorlib-dag")
+            if self.closed:  # torn down meanwhile (close() runs on the loop): it may have looked before this existed
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError("the compiled graph is torn down")
         return self._executor
 
     # -- handing an output on -----------------------------------------------------------

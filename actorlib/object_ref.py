@@ -296,7 +296,8 @@ class _Wakeup:
         self.poller.register(self.fd, select.POLLIN)
         self.thread = threading.get_ident()
         self.blocked = False  # the thread waits in wait_reading: a loop it runs is not running now
-        self.gets = Recent()  # this thread's blocking gets (see actorlib.spin)
+        self.gets = Recent()  # this thread's blocking gets of one ref (see actorlib.spin)
+        self.list_gets = Recent()  # and of several: they take longer, and must not stop the others' polling
 
     def wake(self, _: Completion) -> None:
         if threading.get_ident() != self.thread:
@@ -341,7 +342,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     # readable, or was seen by a send's look at the socket, which then had the loop read it.
     to_read: list[Any] = []
     start = time.monotonic()
-    spin = wakeup.gets.spin_for()
+    recent = wakeup.gets if len(futs) == 1 else wakeup.list_gets
+    spin = recent.spin_for()
     spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
     wakeup.blocked = True
     try:
@@ -382,7 +384,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                 elif fd in by_fd:
                     to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
         if all(f.done() for f in futs):
-            wakeup.gets.took(time.monotonic() - start)
+            recent.took(time.monotonic() - start)
     finally:
         wakeup.blocked = False
         for fd in by_fd:

@@ -238,6 +238,7 @@ class ActorHost:
             if job is None:
                 return
             self._share_reading(False)
+            self._after_inbox = False  # a plain call or job in between: the graph is not running back to back
             try:
                 job()
             except BaseException:  # never lose the thread: every later sync call would hang
@@ -253,6 +254,7 @@ class ActorHost:
             if job is None:  # the end: left for the thread's own loop (no wake-up: this waiter would take it again)
                 self._sync_jobs.put(None)
                 return
+            self._after_inbox = False
             try:
                 job()
             except BaseException:  # never lose the thread
@@ -274,7 +276,7 @@ class ActorHost:
         assert poller is not None
         start = time.monotonic()
         spin = self._inbox_waits.spin_for() if self._after_inbox and self._watched else 0.0
-        self._after_inbox = False  # (a plain call or job in between: the graph is not running back to back)
+        self._after_inbox = False
         try:
             ready = poll_until(poller, start + spin) if spin else []
             if not ready:
