@@ -9,6 +9,7 @@ actors' own counters (``actorlib.dag_worker.stats()``), not just the result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -516,36 +517,38 @@ def test_teardown_then_recompile(env):
         third.teardown()
 
 
-def test_an_idle_compiled_graph_uses_no_cpu(env):
-    transport, stages = env
-    a, b, c = stages
+@contextlib.contextmanager
+def three_stages_run_back_to_back(env):
+    """A 3-stage graph on the shared stages, after 200 executions back to back: the stages (and the driver's
+    get) have learnt to poll a while before they sleep."""
+    transport, (a, b, c) = env
     with InputNode() as inp:
         dag = c.to_host.bind(b.add.bind(a.add.bind(inp).with_tensor_transport(transport)).with_tensor_transport(transport))
     compiled = dag.compile()
     try:
-        for _ in range(200):  # back to back: the stages (and the driver's get) poll a while before they sleep
+        for _ in range(200):
             actorlib.get(compiled.execute(torch.zeros(1)), timeout=30)
+        yield compiled
+    finally:
+        compiled.teardown()
+
+
+def test_an_idle_compiled_graph_uses_no_cpu(env):
+    _, stages = env
+    with three_stages_run_back_to_back(env):
         pids = actorlib.get([s.pid.remote() for s in stages], timeout=30)
         before = [cpu_seconds(p) for p in pids] + [cpu_seconds(os.getpid())]
         time.sleep(1.0)  # the measured idle window
         after = [cpu_seconds(p) for p in pids] + [cpu_seconds(os.getpid())]
         used = [round(y - x, 3) for x, y in zip(before, after, strict=True)]
         assert all(u < 0.2 for u in used), f"CPU seconds used in 1 s idle (stages a, b, c, driver): {used}"
-    finally:
-        compiled.teardown()
 
 
 def test_a_stage_polls_after_its_graph_messages_only(env):
     """A stage polls its inbox a while after running a graph's messages (executions that come back to back),
     not after plain calls: an actor of a compiled graph that then serves calls must not poll after each."""
-    transport, stages = env
-    a, b, c = stages
-    with InputNode() as inp:
-        dag = c.to_host.bind(b.add.bind(a.add.bind(inp).with_tensor_transport(transport)).with_tensor_transport(transport))
-    compiled = dag.compile()
-    try:
-        for _ in range(200):  # back to back: the stages learn to poll after each execution
-            actorlib.get(compiled.execute(torch.zeros(1)), timeout=30)
+    a = env[1][0]
+    with three_stages_run_back_to_back(env):
         pid = actorlib.get(a.pid.remote(), timeout=30)
         before = cpu_seconds(pid)
         for _ in range(300):  # plain calls ~1 ms apart: ~30 ms of the actor's CPU; ~120 ms more if it polled after each
@@ -553,8 +556,6 @@ def test_a_stage_polls_after_its_graph_messages_only(env):
             time.sleep(0.001)
         used = cpu_seconds(pid) - before
         assert used < 0.1, f"stage a used {used * 1000:.0f} ms of CPU serving 300 plain calls: it polls after them"
-    finally:
-        compiled.teardown()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

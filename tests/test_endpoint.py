@@ -108,43 +108,9 @@ def test_large_buffers_stream_through_zero_copy(tmp_path):
     run(main())
 
 
-def test_send_soon_batches_what_one_loop_turn_sends(tmp_path):
-    async def main():
-        got = []
-        done = asyncio.get_running_loop().create_future()
-
-        def on_message(msg):
-            got.append((msg.kind, msg.req_id, loads(msg.body)))
-            if len(got) == 50 and not done.done():
-                done.set_result(None)
-
-        raw_frames = []
-        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=on_message, name="server")
-        client = Endpoint.connect(server.address, on_message=None, name="client")
-        original = client.send_frames
-
-        def spy(frames, peer=None, **kw):
-            raw_frames.append(frames)
-            return original(frames, peer, **kw)
-
-        client.send_frames = spy
-        for i in range(50):
-            body, _ = dumps(i)
-            client.send_soon(Kind.CALL, i + 1, body)
-        assert client.has_outbox()
-        await asyncio.wait_for(done, 10)
-        assert got == [(Kind.CALL, i + 1, i) for i in range(50)]  # all, in order
-        assert len(raw_frames) == 1  # as one message
-        client.close()
-        server.close()
-
-    run(main())
-
-
-def test_a_long_turn_sends_its_batches_as_they_fill(tmp_path):
-    """A loop turn that queues many messages sends them BATCH_MAX at a time as it goes, so the peer can start
-    on them: all arrive, in order."""
-    n = 3 * endpoint_module.BATCH_MAX + 8
+def send_soon_in_one_turn(tmp_path, n: int) -> tuple[int, bool, int]:
+    """Queue ``n`` messages with ``send_soon`` in one loop turn; check they all arrive, in order. Returns how many
+    messages went on the socket during the turn, whether some were still queued at its end, and how many in all."""
 
     async def main():
         got = []
@@ -165,18 +131,29 @@ def test_a_long_turn_sends_its_batches_as_they_fill(tmp_path):
             return original(frames, peer, **kw)
 
         client.send_frames = spy
-        for i in range(n):
-            body, _ = dumps(i)
-            client.send_soon(Kind.CALL, i + 1, body)
-        assert len(raw_frames) == 3  # the full batches left during the turn
-        assert client.has_outbox()  # the last 8 wait for its end
-        await asyncio.wait_for(done, 10)
-        assert got == [(Kind.CALL, i + 1, i) for i in range(n)]  # all, in order
-        assert len(raw_frames) == 4
-        client.close()
-        server.close()
+        try:
+            for i in range(n):
+                body, _ = dumps(i)
+                client.send_soon(Kind.CALL, i + 1, body)
+            during, queued = len(raw_frames), client.has_outbox()
+            await asyncio.wait_for(done, 10)
+            assert got == [(Kind.CALL, i + 1, i) for i in range(n)]  # all, in order
+            return during, queued, len(raw_frames)
+        finally:
+            client.close()
+            server.close()
 
-    run(main())
+    return run(main())
+
+
+def test_send_soon_batches_what_one_loop_turn_sends(tmp_path):
+    assert send_soon_in_one_turn(tmp_path, 50) == (0, True, 1)  # as one message, at the turn's end
+
+
+def test_a_long_turn_sends_its_batches_as_they_fill(tmp_path):
+    """A loop turn that queues many messages sends them BATCH_MAX at a time as it goes, so the peer can start
+    on them: 3 full batches during the turn, the last 8 at its end."""
+    assert send_soon_in_one_turn(tmp_path, 3 * endpoint_module.BATCH_MAX + 8) == (3, True, 4)
 
 
 def test_malformed_batches_are_refused():
