@@ -24,6 +24,7 @@ Prints the same JSON lines as run.py, with ``"system": "floor-blocking"``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -149,6 +151,18 @@ class Servers:
         self.context.term()
 
 
+@contextlib.contextmanager
+def server() -> Iterator[zmq.Socket[bytes]]:
+    """One server process and a blocking DEALER to it, for run.py's figures timed block by block against the floor's."""
+    tmpdir = tempfile.mkdtemp(prefix="floor-")
+    servers = Servers(tmpdir)
+    try:
+        yield servers.add()
+    finally:
+        servers.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 def round_trip(sock: zmq.Socket[bytes], i: int) -> None:
     sock.send(msgpack.packb(["ping", i]))
     msgpack.unpackb(sock.recv())
@@ -164,22 +178,23 @@ def w1(sock: zmq.Socket[bytes], size: dict[str, int]) -> list[dict[str, Any]]:
     return [record("W1", "p50_us", percentile(lat, 0.5), "us"), record("W1", "p99_us", percentile(lat, 0.99), "us")]
 
 
+def window_seconds(sock: zmq.Socket[bytes], total: int, window: int) -> float:
+    """Seconds for ``total`` round trips with at most ``window`` in flight: W2's loop (run.py times it too)."""
+    sent = done = 0
+    t0 = time.perf_counter()
+    while done < total:
+        while sent < total and sent - done < window:
+            sock.send(msgpack.packb(["ping", sent]))
+            sent += 1
+        msgpack.unpackb(sock.recv())
+        done += 1
+    return time.perf_counter() - t0
+
+
 def w2(sock: zmq.Socket[bytes], size: dict[str, int]) -> list[dict[str, Any]]:
     total, window = size["w2_calls"], size["w2_inflight"]
-
-    def drive() -> float:
-        sent = done = 0
-        t0 = time.perf_counter()
-        while done < total:
-            while sent < total and sent - done < window:
-                sock.send(msgpack.packb(["ping", sent]))
-                sent += 1
-            msgpack.unpackb(sock.recv())
-            done += 1
-        return time.perf_counter() - t0
-
-    drive()  # warm-up
-    return [record("W2", "calls_per_s", total / drive(), "calls/s")]
+    window_seconds(sock, total, window)  # warm-up
+    return [record("W2", "calls_per_s", total / window_seconds(sock, total, window), "calls/s")]
 
 
 def w3(servers: Servers, size: dict[str, int]) -> list[dict[str, Any]]:

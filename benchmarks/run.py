@@ -111,6 +111,14 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def w1(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
+    """Sequential calls: ``p50_us``/``p99_us`` in one block; then ``ratio_to_floor``, timed block by block.
+
+    For the ratio, blocks of actorlib calls alternate with blocks of the raw
+    floor's round trips (floor.py's blocking pyzmq + msgpack, to a server
+    process of its own) in this process, so both see the same machine noise:
+    figures of separate processes here differ by up to ~20 % from process to
+    process.
+    """
     for _ in range(size["w1_warmup"]):
         actorlib.get(actor.ping.remote())
     lat = []
@@ -118,7 +126,30 @@ def w1(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         actorlib.get(actor.ping.remote())
         lat.append((time.perf_counter() - t0) * 1e6)
-    return [record("W1", "p50_us", percentile(lat, 0.5), "us"), record("W1", "p99_us", percentile(lat, 0.99), "us")]
+    import floor  # benchmarks/floor.py (this file's directory is on sys.path)
+
+    ours, theirs = [], []
+    with floor.server() as sock:
+        for i in range(size["w1_warmup"]):
+            floor.round_trip(sock, i)
+        calls, block = size["w1_calls"], max(1, size["w1_calls"] // 10)
+        for start in range(0, calls, block):
+            for _ in range(min(block, calls - start)):
+                t0 = time.perf_counter()
+                actorlib.get(actor.ping.remote())
+                ours.append((time.perf_counter() - t0) * 1e6)
+            for i in range(min(block, calls - start)):
+                t0 = time.perf_counter()
+                floor.round_trip(sock, i)
+                theirs.append((time.perf_counter() - t0) * 1e6)
+    mine, raw = percentile(ours, 0.5), percentile(theirs, 0.5)
+    return [
+        record("W1", "p50_us", percentile(lat, 0.5), "us"),
+        record("W1", "p99_us", percentile(lat, 0.99), "us"),
+        record("W1", "p50_us_interleaved", mine, "us"),
+        record("W1", "floor_p50_us_interleaved", raw, "us"),
+        record("W1", "ratio_to_floor", mine / raw, "x"),
+    ]
 
 
 def w2(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
@@ -133,9 +164,20 @@ def w2(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     total, window = size["w2_calls"], size["w2_inflight"]
     elapsed = asyncio.run(timed_window(lambda: actor.aping.remote(), total, window))
     gathered = asyncio.run(timed_gather(lambda: actor.aping.remote(), total, window))
+    # ratio_to_floor: 3 runs of calls_per_s's loop alternating with 3 of the floor's (floor.py), medians
+    import floor
+
+    ours, theirs = [], []
+    with floor.server() as sock:
+        floor.window_seconds(sock, total, window)  # warm-up
+        for _ in range(3):
+            ours.append(asyncio.run(timed_window(lambda: actor.aping.remote(), total, window)))
+            theirs.append(floor.window_seconds(sock, total, window))
     return [
         record("W2", "calls_per_s", total / elapsed, "calls/s"),
         record("W2", "calls_per_s_gather", total / gathered, "calls/s"),
+        record("W2", "floor_calls_per_s_interleaved", total / statistics.median(theirs), "calls/s"),
+        record("W2", "ratio_to_floor", statistics.median(theirs) / statistics.median(ours), "x"),
     ]
 
 

@@ -26,8 +26,13 @@ def test_runner_prints_json_lines_for_every_workload(tmp_path):
     assert figures == {
         ("W1", "p50_us"),
         ("W1", "p99_us"),
+        ("W1", "p50_us_interleaved"),
+        ("W1", "floor_p50_us_interleaved"),
+        ("W1", "ratio_to_floor"),
         ("W2", "calls_per_s"),
         ("W2", "calls_per_s_gather"),
+        ("W2", "floor_calls_per_s_interleaved"),
+        ("W2", "ratio_to_floor"),
         ("W3", "p50_us"),
         ("W3", "w1_p50_us_interleaved"),
         ("W3", "ratio_to_w1"),
@@ -115,4 +120,10 @@ def test_compare_runs_every_system_side_by_side(tmp_path):
         assert "Ray is not installed" in out.stdout
     assert all(r["value"] > 0 for r in rows if "value" in r)
     table = md.read_text()
-    assert "| W1 sync call p50 |" in table and "| DAG / W1 (interleaved) |" in table and "Python" in table and "torch" in table
+    assert (
+        "| W1 sync call p50 |" in table
+        and "| W1 / floor (interleaved) |" in table
+        and "| DAG / W1 (interleaved) |" in table
+        and "Python" in table
+        and "torch" in table
+    )
