@@ -101,11 +101,11 @@ def encode_call(method: str, args: tuple[Any, ...], kwargs: dict[str, Any], opti
         key = (method, None if options is None else tuple(sorted(options.items())))
         cached = _no_arg_calls.get(key)
         if cached is None and len(_no_arg_calls) < 4096:
-            cached = _no_arg_calls[key] = dumps([method, (), {}, options])
+            cached = _no_arg_calls[key] = dumps([method, [], {}, options])
         if cached is not None:
             return cached
-    try:
-        return dumps([method, args, kwargs, options])
+    try:  # the arguments as a list: msgpack's own array, where a tuple would be an extension type packed apart
+        return dumps([method, list(args), kwargs, options])
     except EncodeError as exc:
         raise SerializationError(f"could not serialize the arguments of {method}(): {exc}") from None
 

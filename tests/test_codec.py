@@ -168,3 +168,14 @@ def test_encoding_and_decoding_leave_no_reference_cycles():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_calls_arguments_travel_as_msgpacks_own_array():
+    """The argument list is a plain msgpack array (one unpack reads it), whatever the caller passed."""
+    from actorlib.connection import encode_call
+
+    for args in [(), (1, (2, 3), b"x")]:
+        body, buffers = encode_call("f", args, {"k": 4}, None)
+        raw = msgpack.unpackb(body, raw=False, ext_hook=lambda code, data: ("ext", code))
+        assert raw[0] == "f" and type(raw[1]) is list and raw[2] == {"k": 4} and not buffers
+        assert loads(body, buffers)[1] == list(args)  # nested tuples stay tuples

@@ -95,18 +95,18 @@ class _Encoder:
         buffers = self.buffers
         t = type(o)
         if t is tuple:
-            return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), self))
+            return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), self, _NESTED_BUF))
         np = sys.modules.get("numpy")
         if np is not None and t is np.ndarray and o.dtype.kind not in "OV":
             arr = o if o.flags.c_contiguous else np.ascontiguousarray(o)
             buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
             meta = [arr.dtype.str, list(arr.shape), len(buffers) - 1]
-            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta, None))
+            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta, None, _NESTED_BUF))
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(o, torch.Tensor) and _plain_cpu_tensor(o, torch):
             buffers.append(_tensor_bytes(o, torch))
             meta = [str(o.dtype).removeprefix("torch."), list(o.shape), len(buffers) - 1]
-            return msgpack.ExtType(_EXT_TENSOR, _pack(meta, None))
+            return msgpack.ExtType(_EXT_TENSOR, _pack(meta, None, _NESTED_BUF))
         if not self.allow_pickle:
             raise EncodeError(f"cannot encode a {t.__qualname__} here (plain data only)")
         first = len(buffers)
@@ -114,7 +114,7 @@ class _Encoder:
             data = pickle_dumps(o, buffers.append)
         except Exception as exc:
             raise EncodeError(f"cannot serialize {t.__module__}.{t.__qualname__}: {exc}") from exc
-        return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None))
+        return msgpack.ExtType(_EXT_PICKLE, _pack([data, first, len(buffers) - first], None, _NESTED_BUF))
 
 
 class _Decoder:
@@ -198,8 +198,16 @@ def _tensor_bytes(t: Any, torch: Any) -> memoryview:
         return memoryview(t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _pack(obj: Any, default: Any) -> bytes:
-    return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+# A msgpack packer starts with a 256 KiB buffer. With two alive at once (an extension type is packed from
+# inside the outer pack's ``default``), glibc handed memory back to the system and took it again on every
+# call: a value holding a tuple, array, tensor or pickle took ~12 µs more to encode (["ping", (1,), {}, None]:
+# 12.7 against 1.9 µs). What is packed inside is mostly small (metadata, a tuple's items); a buffer grows
+# when it must.
+_NESTED_BUF = 4096
+
+
+def _pack(obj: Any, default: Any, buf_size: int = 256 << 10) -> bytes:
+    return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True, buf_size=buf_size)
 
 
 def _unpack(data: bytes | memoryview, ext_hook: Any) -> Any:
