@@ -51,6 +51,7 @@ from transport import (
     set_cluster_key,
     wait_sent,
 )
+from transport.endpoint import BATCH_BYTES
 from transport.protocol import decode
 
 from . import runtime as runtime_mod
@@ -137,13 +138,16 @@ class _Producer:
         if not items or self.closed:
             return
         plain: list[bytes] = []
+        size = 0
         for body, buffers in items:
-            if not buffers:
-                plain.append(body)
+            if buffers or (plain and size + len(body) > BATCH_BYTES):  # one message must fit the peer's limit
+                self._send_plain(plain)
+                plain, size = [], 0
+            if buffers:
+                self.host.send_raw(Kind.STREAM_ITEM, self.req_id, _array_header(1) + body, buffers, self.peer)
                 continue
-            self._send_plain(plain)
-            plain = []
-            self.host.send_raw(Kind.STREAM_ITEM, self.req_id, _array_header(1) + body, buffers, self.peer)
+            plain.append(body)
+            size += len(body)
         self._send_plain(plain)
 
     def _send_plain(self, bodies: list[bytes]) -> None:

@@ -165,8 +165,17 @@ def test_the_largest_message_is_configurable_and_a_call_over_it_fails_clearly(tm
                 return x.nbytes
             def make(self, n):
                 return np.zeros(n, dtype=np.uint8)
+            async def chunks(self, count, n):  # yields without awaiting: its items queue up in one loop turn
+                for i in range(count):
+                    yield bytes([i]) * n
+            async def blob(self, n):
+                return b"b" * n
 
         a = A.remote()
+        # under the limit one by one, over it together: each must still arrive (they are batched apart)
+        items = a.chunks.remote(4, 300_000)
+        print("STREAM", [len(actorlib.get(items.next(timeout=30), timeout=30)) for _ in range(4)])
+        print("REPLIES", [len(b) for b in actorlib.get([a.blob.remote(400_000) for _ in range(3)], timeout=30)])
         try:
             a.size.remote(np.zeros(2_000_000, dtype=np.uint8))
         except actorlib.exceptions.SerializationError as exc:
@@ -185,4 +194,5 @@ def test_the_largest_message_is_configurable_and_a_call_over_it_fails_clearly(tm
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "CALL True" in out.stdout and "SMALL 1000" in out.stdout, out.stdout + out.stderr
+    assert "STREAM [300000, 300000, 300000, 300000]" in out.stdout and "REPLIES [400000, 400000, 400000]" in out.stdout
     assert "RESULT" in out.stdout and out.stdout.split("RESULT")[1].split("\n")[0].strip().endswith("True"), out.stdout

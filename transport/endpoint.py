@@ -50,6 +50,10 @@ _DRAIN_BATCH = 512
 # the most messages one BATCH carries: the peer starts on the first ones while the rest are still being
 # made (W2: ~60k -> ~90k calls/s against one BATCH per loop turn, however long)
 BATCH_MAX = 64
+# ... and the bodies of one BATCH stay under this many bytes: together they must fit every socket's
+# MAXMSGSIZE, past which ZeroMQ drops the message and the connection without a word. A body this big leaves
+# on its own (after what was queued before it).
+BATCH_BYTES = min(1 << 20, codec.MAX_MESSAGE_BYTES // 2)
 # plain ints: pyzmq's enum members cost an enum operation on every use, on every message
 _NOBLOCK, _RCVMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
 _NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
@@ -80,6 +84,16 @@ class RemoteFailure(TransportError):
         self.record = record
 
 
+class _Box(list[tuple[Kind, int, bytes]]):
+    """The messages :meth:`Endpoint.send_soon` holds for one peer, and how many bytes their bodies make."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+
 class Endpoint:
     def __init__(
         self,
@@ -102,7 +116,7 @@ class Endpoint:
         self.pending: dict[int, Sink] = {}
         self._closed = False
         self._drain_scheduled = False
-        self._outbox: dict[bytes | None, list[tuple[Kind, int, bytes]]] = {}
+        self._outbox: dict[bytes | None, _Box] = {}
         self._flushing = False
         self._refused = 0
         self._unwatch: Callable[[], None] | None = None  # stops the log of refused (keyless) connections
@@ -268,16 +282,23 @@ class Endpoint:
 
         Everything queued for one peer in the meantime leaves as a single
         BATCH message: one wake-up of ZeroMQ and of the peer for the lot; or
-        at once, :data:`BATCH_MAX` at a time, while a long turn goes on
-        queueing, so the two ends work at the same time.
+        at once, :data:`BATCH_MAX` (or :data:`BATCH_BYTES`) at a time, while a
+        long turn goes on queueing, so the two ends work at the same time.
         """
+        if len(body) >= BATCH_BYTES:  # too big to share a BATCH: on its own, after what is queued for this peer
+            queued = self._outbox.pop(peer, None)
+            if queued:
+                self._send_box(peer, queued)
+            self._send_box(peer, [(kind, req_id, body)])
+            return
         box = self._outbox.get(peer)
         if box is None:
             if not self._outbox:
                 self._loop.call_soon(self._flush_outbox)
-            box = self._outbox[peer] = []
+            box = self._outbox[peer] = _Box()
         box.append((kind, req_id, body))
-        if len(box) >= BATCH_MAX:
+        box.nbytes += len(body)
+        if len(box) >= BATCH_MAX or box.nbytes >= BATCH_BYTES:
             del self._outbox[peer]  # all that is queued for this peer: its order holds
             self._send_box(peer, box)
 
