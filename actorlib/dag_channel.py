@@ -42,6 +42,7 @@ from transport import Pickler
 __all__ = [
     "BufferPool",
     "Channel",
+    "Outgoing",
     "TensorMeta",
     "choose_backend",
     "from_bytes",
@@ -344,17 +345,14 @@ class Channel:
             end += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
         return offsets if end <= SLOT_BYTES else None
 
-    def post_send(self, tensors: list[Any], offsets: list[int] | None, seq: int) -> list[Any]:
-        """Start sending ``tensors`` (in order) for execution ``seq``; returns the transfers to wait for before
-        reusing their memory.
+    def prepare_send(self, tensors: list[Any], offsets: list[int] | None) -> Outgoing:
+        """What :meth:`post_send` sends for ``tensors``: one packed copy (``offsets``), or each tensor's bytes.
 
-        Packed (``offsets``): the tensors are copied into one buffer, so nothing of the caller's needs waiting
-        for. The channel keeps the send until it is done: execution ``seq`` started only once every execution
-        up to ``seq - max_inflight`` had completed, and those had received everything sent for them.
+        Whatever can fail short of the channel itself (out of memory, a CUDA copy) fails here, before the
+        value is announced to the receiver, which would otherwise post receives that nothing matches.
         """
         torch = self._torch
-        self.transfers += 1
-        self.nbytes += sum(t.numel() * t.element_size() for t in tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if offsets is not None:
             size = max((o + t.numel() * t.element_size() for o, t in zip(offsets, tensors, strict=True)), default=0)
             packed = torch.empty(max(size, 1), dtype=torch.uint8)
@@ -362,18 +360,28 @@ class Channel:
                 n = t.numel() * t.element_size()
                 if n:
                     packed[o : o + n].copy_(self._bytes(t))
+            return Outgoing(nbytes, packed, [])
+        return Outgoing(nbytes, None, [(i, self._bytes(t)) for i, t in enumerate(tensors) if t.numel()])
+
+    def post_send(self, out: Outgoing, seq: int) -> list[Any]:
+        """Start sending what :meth:`prepare_send` made for execution ``seq`` (in order); returns the transfers to
+        wait for before the tensors' memory may change. Raises only ``ConnectionError``.
+
+        Packed: nothing of the caller's needs waiting for. The channel keeps the send until it is done:
+        execution ``seq`` started only once every execution up to ``seq - max_inflight`` had completed,
+        and those had received everything sent for them.
+        """
+        self.transfers += 1
+        self.nbytes += out.nbytes
+        if out.packed is not None:
             while self._outgoing and self._outgoing[0][0] <= seq - self._max_inflight:
                 try:
                     self._outgoing.popleft()[1].wait()  # returns at once: it is done
                 except Exception:
                     pass  # it failed, and so did its execution
-            self._outgoing.append((seq, self._start(self.group.send, packed, SLOT_TAG)))  # kept: a dropped send is never made
+            self._outgoing.append((seq, self._start(self.group.send, out.packed, SLOT_TAG)))  # kept: a dropped send is never made
             return []
-        works = []
-        for i, t in enumerate(tensors):
-            if t.numel():
-                works.append(self._start(self.group.send, self._bytes(t), i))
-        return works
+        return [self._start(self.group.send, flat, i) for i, flat in out.flats]
 
     def _bytes(self, t: Any) -> Any:
         if self.backend == "gloo" and t.device.type != "cpu":
@@ -445,6 +453,17 @@ class Channel:
             return op([flat], self.peer, tag)
         except Exception as exc:
             raise ConnectionError(f"tensor channel {self.name} ({self.backend}) failed: {exc}") from exc
+
+
+class Outgoing:
+    """A value's tensors ready to send (:meth:`Channel.prepare_send`): one packed buffer, or ``(tag, bytes)`` each."""
+
+    __slots__ = ("flats", "nbytes", "packed")
+
+    def __init__(self, nbytes: int, packed: Any, flats: list[tuple[int, Any]]) -> None:
+        self.nbytes = nbytes
+        self.packed = packed
+        self.flats = flats
 
 
 class _Packed:

@@ -51,6 +51,7 @@ from transport import DecodeError, EncodeError, Endpoint, Kind, Message, Transpo
 from .dag_channel import (
     BufferPool,
     Channel,
+    Outgoing,
     choose_backend,
     from_bytes,
     inline,
@@ -663,7 +664,7 @@ class GraphRuntime:
 
     def _emit(self, node: _Node, seq: int, out: Any, *, on_loop: bool) -> list[Any]:
         """Hand ``out`` to its readers here, on other actors and at the driver; returns the transfers started."""
-        plans: list[tuple[str, list[Any], dict[str, tuple[Channel, list[Any], list[int] | None]]]] = []
+        plans: list[tuple[str, list[Any], dict[str, tuple[Channel, Outgoing]]]] = []
         skeleton = b""
         if node.remote and not isinstance(out, _Failed):
             try:
@@ -697,7 +698,7 @@ class GraphRuntime:
                         offsets = channel.offsets(ts)
                         for n, i in enumerate(indices):
                             metas[i] = meta_of(tensors[i], backend, -1 if offsets is None else offsets[n])
-                        by_backend[backend] = (channel, ts, offsets)
+                        by_backend[backend] = (channel, channel.prepare_send(ts, offsets))
                     plans.append((peer, metas, by_backend))
             except Exception as exc:
                 record = error_record(exc, self.label)
@@ -712,8 +713,8 @@ class GraphRuntime:
                 with self.send_locks[peer]:  # the message and its transfers, in one order at both ends
                     self._deliver(peer, seq, node.id, metas, skeleton, None)
                     try:
-                        for channel, ts, offsets in by_backend.values():
-                            works.extend(channel.post_send(ts, offsets, seq))
+                        for channel, outgoing in by_backend.values():
+                            works.extend(channel.post_send(outgoing, seq))
                     except ConnectionError as exc:
                         log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
         if node.id in self.readers:

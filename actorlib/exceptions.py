@@ -37,6 +37,12 @@ class ActorLibError(Exception):
 class RemoteError(ActorLibError):
     """User code raised in an actor; ``cause`` is the original exception (when it could travel)."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> RemoteError:
+        try:
+            return super().__new__(cls)  # a RemoteError[X]: X's own (OSError's sets up its fields)
+        except TypeError:  # MemoryError's refuses a class it does not know: Exception's, then
+            return Exception.__new__(cls)
+
     def __init__(
         self, class_name: str, message: str, traceback_text: str, *, actor: str = "", cause: BaseException | None = None
     ) -> None:
@@ -72,7 +78,10 @@ def make_remote_error(
         cls = _derived.get(base) or RemoteError
         if base not in _derived:
             try:
-                cls = cast("type[RemoteError]", type(f"RemoteError[{base.__name__}]", (RemoteError, base), {"__module__": __name__}))
+                cls = cast(
+                    "type[RemoteError]", type(f"RemoteError[{base.__name__}]", (RemoteError, base), {"__module__": __name__})
+                )
+                cls.__new__(cls)  # some C types allow the class but not its instances (ExceptionGroup)
             except TypeError:  # incompatible layouts (rare C types): plain RemoteError
                 cls = RemoteError
             _derived[base] = cls
@@ -178,9 +187,11 @@ def error_from_record(record: dict[str, Any]) -> ActorLibError:
                 cause = pickle.loads(exc_bytes)
             except Exception:
                 cause = None
-        return make_remote_error(
-            record.get("class", "Exception"), message, record.get("traceback", ""), actor=record.get("actor", ""), cause=cause
-        )
+        args = (record.get("class", "Exception"), message, record.get("traceback", ""))
+        try:
+            return make_remote_error(*args, actor=record.get("actor", ""), cause=cause)
+        except Exception:  # a cause no class can be derived from: the error must still reach the caller
+            return RemoteError(*args, actor=record.get("actor", ""), cause=cause)
     if kind == "cancelled":
         return TaskCancelledError(message or "the call was cancelled")
     if kind == "serialization":

@@ -186,6 +186,10 @@ class _Producer:
         return not self.closed
 
 
+def _NO_JOB() -> None:
+    """The sync thread's job queue was empty."""
+
+
 class ActorHost:
     def __init__(self, rt: Runtime, config: dict[str, Any]) -> None:
         self.rt = rt
@@ -233,6 +237,9 @@ class ActorHost:
                 try:
                     job = self._sync_jobs.get_nowait()
                 except queue.Empty:
+                    job = _NO_JOB  # waited for below, out of the handler: a graph's node that raises while this
+                    # thread waits must not show the queue's Empty as its context in the user's traceback
+                if job is _NO_JOB:
                     if self._reading_calls:
                         self._share_reading(True)
                     self.poll_sync_once()

@@ -29,6 +29,11 @@ class Boom(Exception):
         self.code = code
 
 
+class NeedsArguments(Exception):
+    def __new__(cls, what, count):
+        return super().__new__(cls, what, count)
+
+
 def make_classes(actorlib):
     @actorlib.remote
     class Counter:
@@ -57,6 +62,11 @@ def make_classes(actorlib):
 
         def fail(self, code):
             raise Boom(code)
+
+        def fail_with(self, kind):
+            if kind == "memory":
+                raise MemoryError("simulated")
+            raise NeedsArguments("several", 2)
 
         def echo(self, *args, **kwargs):
             return args, kwargs
@@ -198,6 +208,18 @@ def test_remote_error_is_instance_of_user_class_with_traceback(cluster, Counter)
     assert "raise Boom(code)" in err.traceback_text and "boom 7" in str(err)
     # the actor keeps serving
     assert cluster.get(c.incr.remote(), timeout=30) == 1
+
+
+def test_builtin_errors_that_resist_subclassing_still_reach_the_caller(cluster, Counter):
+    """MemoryError's __new__ refuses a derived class it does not know; NeedsArguments's wants arguments."""
+    c = Counter.remote()
+    with pytest.raises(MemoryError) as info:
+        cluster.get(c.fail_with.remote("memory"), timeout=30)
+    assert isinstance(info.value, RemoteError) and "MemoryError: simulated" in str(info.value)
+    with pytest.raises(NeedsArguments, match="several") as other:
+        cluster.get(c.fail_with.remote("other"), timeout=30)
+    assert isinstance(other.value, RemoteError) and "raise NeedsArguments" in other.value.traceback_text
+    assert "queue.Empty" not in other.value.traceback_text  # nothing of the runtime's own in the user's traceback
 
 
 def test_wait_and_get_timeout(cluster, Counter):

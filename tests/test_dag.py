@@ -32,6 +32,13 @@ TRANSPORTS = [
 ]
 
 
+class CopyFails(torch.Tensor):
+    """A tensor whose contiguous copy fails, as one would when memory runs out."""
+
+    def contiguous(self, *args, **kwargs):
+        raise MemoryError("no memory for a contiguous copy (simulated)")
+
+
 @dataclasses.dataclass
 class IntermediateTensors:
     """Like vLLM's: the tensors one pipeline stage hands the next, by name."""
@@ -97,6 +104,10 @@ class Stage:
             n *= d
         values = torch.arange(n, dtype=torch.float64) % 97 + (offset[0] if offset else 0)
         return values.to(getattr(torch, dtype)).reshape(shape).to(self.device)
+
+    def make_or_break(self, spec):
+        """``make(spec)``; or, for ``"broken"``, a tensor whose bytes cannot be taken."""
+        return torch.ones(4, device=self.device).as_subclass(CopyFails) if spec == "broken" else self.make(spec)
 
     def check(self, t):
         return list(t.shape), str(t.dtype).removeprefix("torch."), float(t.to(torch.float64).sum()), t.device.type
@@ -484,6 +495,7 @@ def test_a_stage_that_raises_fails_that_execution_only(env):
             actorlib.get(refs[1], timeout=30)
         assert isinstance(info.value, actorlib.RemoteError)
         assert "in fail_on_negative" in info.value.traceback_text and "raise ValueError" in info.value.traceback_text
+        assert "queue.Empty" not in info.value.traceback_text  # nothing of the runtime's own
         assert actorlib.get(refs[2], timeout=30).item() == 3.0
         with pytest.raises(ValueError):
             actorlib.get(refs[3], timeout=30)
@@ -633,6 +645,28 @@ def test_values_that_cannot_travel_fail_their_execution_only(env):
         unserializable.teardown()
 
 
+def test_an_output_that_cannot_be_sent_fails_before_it_is_announced(env):
+    """The receiver is told of a value only once its tensors are ready to go: one that fails on the way
+    (here its copy runs out of memory) leaves no receives posted that a later execution's tensors would land in."""
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        compiled = b.check.bind(a.make_or_break.bind(inp).with_tensor_transport(transport)).compile(max_inflight=2)
+    try:
+        for spec in ("broken", ((5,), "float32"), "broken", ((3, 2), "float64")):
+            ref = compiled.execute(spec)
+            if spec == "broken":
+                with pytest.raises(actorlib.ActorLibError, match="could not send the output of"):
+                    actorlib.get(ref, timeout=30)
+            else:
+                shape, dtype = spec
+                n = 1
+                for d in shape:
+                    n *= d
+                assert list(actorlib.get(ref, timeout=30)[:3]) == [list(shape), dtype, float(sum(range(n)))]
+    finally:
+        compiled.teardown()
+
+
 def test_a_failed_compile_leaves_the_other_actors_idle_and_serving(al):
     """c's set-up fails while a and b are still building their channel: the driver tears the graph down on them
     mid-set-up, and they must neither go on setting it up nor keep a closed inbox (their sync threads idle)."""
@@ -759,4 +793,3 @@ def test_benchmark_workloads_run(tmp_path):
         ("DAG", "ratio_to_w1_between_only"),
     }
     assert all(r["value"] > 0 for r in rows if "workload" in r)
-
