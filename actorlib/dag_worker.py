@@ -562,7 +562,7 @@ class GraphRuntime:
             if role == "recv":
                 try:
                     channel.repost()
-                except ConnectionError as exc:
+                except Exception as exc:  # the channel failed (or memory ran out): its next transfer fails
                     log.warning("%s: %s", self.label, exc)
 
     def _sent(self, node: _Node) -> None:
@@ -626,29 +626,40 @@ class GraphRuntime:
         """An async node's executions, one at a time, in order."""
         while True:
             seq, inputs = await node.queue.get()
-            values = {}
-            for src, v in inputs.items():
-                values[src] = await self.loop.run_in_executor(self._helpers(), v.resolve) if isinstance(v, _Incoming) else v
-            del inputs
-            if node.sending and not all(w.is_completed() for w in node.sending):
-                await self.loop.run_in_executor(self._helpers(), self._sent, node)
-            node.sending = []
-            out = _first_failure(values)
-            if out is None:
-                try:
-                    args, kwargs = _arguments(node, values)
-                except Exception as exc:
-                    out = _Failed(error_record(exc, self.label))
-                else:
-                    try:
-                        out = await node.fn(*args, **kwargs)
-                    except asyncio.CancelledError:
-                        raise
-                    except BaseException as exc:
-                        out = _Failed(error_record(exc, self.label, skip_frames=1))
-            node.sending = self._emit(node, seq, out, on_loop=True)
-            del values, out
+            try:
+                await self._run_async(node, seq, inputs)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # a bug of ours must fail the execution, not end this node's loop
+                if self.closed:
+                    return
+                log.exception("%s: compiled graph node %s failed", self.label, node.what)
+                node.sending = self._emit(node, seq, _Failed(error_record(exc, self.label)), on_loop=True)
             self._repost()
+
+    async def _run_async(self, node: _Node, seq: int, inputs: dict[int, Any]) -> None:
+        """One execution of an async node, on the loop (its transfers waited for by helpers)."""
+        values = {}
+        for src, v in inputs.items():
+            values[src] = await self.loop.run_in_executor(self._helpers(), v.resolve) if isinstance(v, _Incoming) else v
+        inputs.clear()  # nothing of ours keeps the inputs alive meanwhile (their buffers are reused)
+        if node.sending and not all(w.is_completed() for w in node.sending):
+            await self.loop.run_in_executor(self._helpers(), self._sent, node)
+        node.sending = []
+        out = _first_failure(values)
+        if out is None:
+            try:
+                args, kwargs = _arguments(node, values)
+            except Exception as exc:
+                out = _Failed(error_record(exc, self.label))
+            else:
+                try:
+                    out = await node.fn(*args, **kwargs)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    out = _Failed(error_record(exc, self.label, skip_frames=1))
+        node.sending = self._emit(node, seq, out, on_loop=True)
 
     def _helpers(self) -> concurrent.futures.ThreadPoolExecutor:
         if self.closed:

@@ -166,6 +166,19 @@ class Stage:
         dag_worker._Node.__init__ = fail_once
         return True
 
+    def sabotage_next_run(self):
+        """Make the runtime fail (not the method) on this actor's next execution of a node."""
+        from actorlib import dag_worker
+
+        original = dag_worker._first_failure
+
+        def fail_once(values):
+            dag_worker._first_failure = original
+            raise RuntimeError("sabotaged run")
+
+        dag_worker._first_failure = fail_once
+        return True
+
     def packed_sends_held(self):
         """How many packed sends each of this actor's channels still holds (they must not pile up)."""
         from actorlib import dag_worker
@@ -252,6 +265,11 @@ def test_three_stages_with_an_async_one(env):
         for i in range(3):
             assert actorlib.get(compiled.execute(torch.tensor([float(i)])), timeout=30).tolist() == [(i + 11) * 3.0]
         assert events(c, compiled) == {"deliver": 3} and "exec" not in events(b, compiled)
+        # a fault of the runtime's own in the async stage fails that execution, and the stage goes on
+        assert actorlib.get(b.sabotage_next_run.remote(), timeout=30)
+        with pytest.raises(actorlib.ActorLibError, match="sabotaged run"):
+            actorlib.get(compiled.execute(torch.tensor([0.0])), timeout=30)
+        assert actorlib.get(compiled.execute(torch.tensor([1.0])), timeout=30).tolist() == [36.0]
     finally:
         compiled.teardown()
 
