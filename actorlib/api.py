@@ -18,7 +18,7 @@ from .actor import ActorHandle
 from .completion import wait_for
 from .driver import Driver
 from .exceptions import ActorLibError, GetTimeoutError, HeadUnreachableError
-from .object_ref import ObjectRef, ObjectRefGenerator, wait_reading
+from .object_ref import ObjectRef, ObjectRefGenerator, failed, wait_reading
 
 __all__ = [
     "available_resources",
@@ -176,17 +176,17 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"get() takes ObjectRefs, not {type(r).__name__}")
+    deadline = None if timeout is None else time.monotonic() + timeout  # for the whole call
     pending_refs = [r for r in refs if not r.done()]
     pending = [r._fut for r in pending_refs]
-    if pending:
+    if pending and not any(failed(r._fut) for r in refs):
         rt.check_can_block()
         left = wait_reading(pending_refs, timeout)  # this thread reads the answers itself where it can
-        wait_for(pending, len(pending), left, stop_on_exception=True)  # one wake-up for the whole list
-        if timeout is not None and not all(f.done() for f in pending) and not any(f.exception() for f in pending):
+        wait_for(pending, len(pending), left, stop=failed)  # one wake-up for the whole list; a failure ends it
+        if timeout is not None and not all(f.done() for f in pending) and not any(failed(f) for f in pending):
             late = sum(1 for f in pending if not f.done())
             raise GetTimeoutError(f"{late} of {len(refs)} results did not finish within {timeout} s")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out = []
+    out = []  # in order: a failed ref's error once the refs before it are done (within what is left of timeout)
     for r in refs:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         out.append(r._result(left))

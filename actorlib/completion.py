@@ -97,8 +97,10 @@ class Completion:
         return self._exception if self._done else None
 
 
-def wait_for(completions: Sequence[Completion], count: int, timeout: float | None, *, stop_on_exception: bool = False) -> None:
-    """Block until ``count`` of ``completions`` are done (or one failed, with ``stop_on_exception``), or ``timeout`` passes."""
+def wait_for(
+    completions: Sequence[Completion], count: int, timeout: float | None, *, stop: Callable[[Completion], bool] | None = None
+) -> None:
+    """Block until ``count`` of ``completions`` are done (or one for which ``stop`` is true), or ``timeout`` passes."""
     if sum(1 for c in completions if c.done()) >= count:
         return
     left = [count]
@@ -108,7 +110,7 @@ def wait_for(completions: Sequence[Completion], count: int, timeout: float | Non
     def one(c: Completion) -> None:
         with guard:
             left[0] -= 1
-            if left[0] <= 0 or (stop_on_exception and c._exception is not None):
+            if left[0] <= 0 or (stop is not None and stop(c)):
                 event.set()
 
     # Every completion gets the callback, done or not (a done one calls it at once): counting the done

@@ -217,7 +217,10 @@ class ActorConnection:
             if msg.kind != Kind.STREAM_ITEM:
                 inflight.pop(msg.req_id, None)
             if drain is not None and rt.in_loop():
-                drain(actor_id)  # what the worker printed before this answer shows first
+                try:
+                    drain(actor_id)  # what the worker printed before this answer shows first
+                except Exception:  # (its log file full ...): the answer must still arrive
+                    log.exception("could not show the output of actor %s", actor_id[:8])
             call.deliver(msg)
 
         return sink
@@ -237,12 +240,20 @@ class ActorConnection:
         with self.lock:
             if self.state is ConnState.DEAD:
                 return
-            self.endpoint = Endpoint.connect(info["address"], on_message=None, name=f"{self.class_name}:{self.actor_id[:8]}")
-            self.state = ConnState.CONNECTED
-            flush = bool(self._queue) and not self._flushing
-            if flush:
-                self._flushing = True
-        if flush:
+            try:
+                self.endpoint = Endpoint.connect(info["address"], on_message=None, name=f"{self.class_name}:{self.actor_id[:8]}")
+            except Exception as exc:  # no socket to be had (too many open files ...): fail the calls, never strand them
+                failure: Exception | None = exc
+            else:
+                failure = None
+                self.state = ConnState.CONNECTED
+                flush = bool(self._queue) and not self._flushing
+                if flush:
+                    self._flushing = True
+        if failure is not None:
+            reason = f"could not connect to the actor at {info['address']}: {failure}"
+            self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": reason})
+        elif flush:
             await self._flush()
 
     async def _flush(self) -> None:

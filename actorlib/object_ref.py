@@ -157,13 +157,14 @@ class StreamState:
                 items = value
             elif msg.kind == Kind.ERROR:
                 error = error_from_record(value if isinstance(value, dict) else {"message": str(value)})
-        final = msg.kind != Kind.STREAM_ITEM or error is not None
-        self._push(items, error, final)
+        producer_done = msg.kind != Kind.STREAM_ITEM
+        self._push(items, error, producer_done or error is not None, producer_done)
 
     def fail(self, exc: BaseException) -> None:
-        self._push([], exc, True)
+        self._push([], exc, True, True)
 
-    def _push(self, items: list[Any], error: BaseException | None, final: bool) -> None:
+    def _push(self, items: list[Any], error: BaseException | None, final: bool, producer_done: bool) -> None:
+        close = None
         with self._lock:
             if self._finished:
                 return
@@ -171,9 +172,13 @@ class StreamState:
             if error is not None:
                 self._error = error
             self._finished = final
-            if final:  # the producer is done: no credit or close to send. The callbacks hold the call, which
-                self._send_credit = self._send_close = _ignore  # holds this: a cycle, and the items' buffers
+            if final:  # no credit or close to send after this. The callbacks hold the call, which holds
+                if not producer_done:  # (this: a cycle, and the items' buffers.) An item we could not read
+                    close = self._send_close  # ends the stream here: the producer, waiting for credit, is told
+                self._send_credit = self._send_close = _ignore
             waiter, self._waiter = self._waiter, None
+        if close is not None:
+            close()
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -310,6 +315,14 @@ class _Wakeup:
 _thread_state = threading.local()
 
 
+def failed(fut: Completion) -> bool:
+    """A ref's completion holds an error: one set here (the actor died ...), or an ERROR answer not decoded yet."""
+    if not fut.done():
+        return False
+    msg = fut._result
+    return fut._exception is not None or (type(msg) is Message and msg.kind == Kind.ERROR)
+
+
 def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | None:
     """Wait for calls' answers by reading their connections' sockets on this thread; returns the time left.
 
@@ -358,7 +371,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
             for ep in to_read:
                 if not ep.closed:
                     ep.read_responses(*by_endpoint[ep])
-            if all(f.done() for f in futs) or any(f.exception() is not None for f in futs):
+            if all(f.done() for f in futs) or any(failed(f) for f in futs):
                 break
             for fd in [fd for fd, ep in by_fd.items() if ep.closed]:  # its fd may be another file's by now
                 poller.unregister(fd)

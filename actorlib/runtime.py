@@ -114,6 +114,11 @@ class Runtime:
         if self.in_loop():
             fn(*args)
             return
+        self.post(fn, *args)
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Like :meth:`call_soon`, but never now, even on the loop: for callers that may hold a lock the loop's
+        sends take (a garbage collection running ``__del__`` in the middle of a receive)."""
         self._inbox.append((fn, args))
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
@@ -294,7 +299,7 @@ class Runtime:
                 f"{class_name}.{call.method}()",
                 stream_window,
                 send_credit=lambda n: self.call_soon(self._credit, actor_id, call, n),
-                send_close=lambda: self.call_soon(self._close_stream, actor_id, call),
+                send_close=lambda: self.post(self._close_stream, actor_id, call),
             )
             result = ObjectRefGenerator(call.sink, self.check_can_block)
         if self.in_loop():

@@ -34,6 +34,17 @@ class NeedsArguments(Exception):
         return super().__new__(cls, what, count)
 
 
+class ArrivesUnreadable:
+    """Pickles fine in the actor; fails to unpickle at the driver."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise RuntimeError("this value cannot be loaded here")
+
+
 def make_classes(actorlib):
     @actorlib.remote
     class Counter:
@@ -95,6 +106,24 @@ def make_classes(actorlib):
 
         async def produced_count(self):
             return getattr(self, "produced", 0)
+
+        def gen_unreadable(self, n):
+            yield 0
+            yield ArrivesUnreadable()
+            yield from range(2, n)
+
+        async def endless(self):
+            self.endless_closed = False
+            try:
+                i = 0
+                while True:
+                    yield i
+                    i += 1
+            finally:
+                self.endless_closed = True
+
+        def endless_was_closed(self):
+            return getattr(self, "endless_closed", None)
 
         def context(self):
             import actorlib as al
@@ -220,6 +249,82 @@ def test_builtin_errors_that_resist_subclassing_still_reach_the_caller(cluster, 
         cluster.get(c.fail_with.remote("other"), timeout=30)
     assert isinstance(other.value, RemoteError) and "raise NeedsArguments" in other.value.traceback_text
     assert "queue.Empty" not in other.value.traceback_text  # nothing of the runtime's own in the user's traceback
+
+
+def test_a_stream_item_that_cannot_be_read_ends_the_stream_and_frees_the_actor(cluster, Counter):
+    """The consumer ends the stream on an item it cannot read, and tells the producer: a sync generator
+    waiting for credit would otherwise hold the actor's sync thread, and every later sync call, for good."""
+    c = Counter.remote()
+    items = c.gen_unreadable.options(generator_backpressure=2).remote(100)
+    first = items.next(timeout=30)  # item 0, or the error if item 0 came in the same message as the bad one
+    with pytest.raises(SerializationError, match="cannot be loaded here"):
+        assert cluster.get(first, timeout=30) == 0
+        cluster.get(items.next(timeout=30), timeout=30)
+    with pytest.raises(StopIteration):
+        items.next(timeout=30)
+    assert cluster.get(c.incr.remote(), timeout=30) == 1
+
+
+def test_a_stream_dropped_while_the_loop_holds_its_socket_is_closed_afterwards(cluster, Counter):
+    """A generator whose last reference goes (say, in a garbage collection) on the I/O thread while it holds
+    the connection's lock: its close is queued for the loop, never sent there and then (a deadlock)."""
+    from actorlib import runtime
+
+    c = Counter.remote()
+    holder = [c.endless.options(generator_backpressure=2).remote()]
+    assert cluster.get(holder[0].next(timeout=30), timeout=30) == 0
+    rt = runtime.current()
+    endpoint = rt._conns[c._actor_id].endpoint
+    dropped = threading.Event()
+
+    def drop_holding_the_lock():
+        with endpoint._lock:
+            holder.clear()  # the generator's __del__ runs here
+        dropped.set()
+
+    rt.call_soon(drop_holding_the_lock)
+    assert dropped.wait(30)
+    wait_for(lambda: cluster.get(c.endless_was_closed.remote(), timeout=30), timeout=30, what="the stream's close")
+
+
+def test_get_of_a_list_raises_a_remote_error_without_waiting_for_the_refs_after_it(cluster, Counter):
+    c, d = Counter.remote(), Counter.remote()
+    slow = d.wait_then.remote(60, "late")
+    with pytest.raises(Boom, match="boom 3"):
+        cluster.get([c.fail.remote(3), slow], timeout=30)
+    assert not slow.done()
+    cluster.kill(d)
+
+
+def test_an_answer_arrives_when_showing_the_workers_output_fails(cluster, Counter, monkeypatch):
+    """In a notebook the loop shows a worker's output before its answer; a failure there (a full disk) is
+    logged, and the answer still arrives."""
+    from actorlib import runtime
+
+    rt = runtime.current()
+
+    def disk_full(actor_id):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rt, "direct_answers", False)
+    monkeypatch.setattr(rt, "drain_output", disk_full)
+    c = Counter.remote()
+    assert cluster.get(c.incr.remote(), timeout=30) == 1
+
+
+def test_an_actor_no_socket_can_be_opened_to_fails_its_calls(cluster, Counter, monkeypatch):
+    from actorlib import connection
+
+    class NoSockets:
+        @staticmethod
+        def connect(*args, **kwargs):
+            raise zmq.ZMQError(24)  # EMFILE: too many open files
+
+    c = Counter.remote()
+    monkeypatch.setattr(connection, "Endpoint", NoSockets)
+    with pytest.raises(ActorDiedError, match="could not connect to the actor"):
+        cluster.get(c.incr.remote(), timeout=30)
+    cluster.kill(c)
 
 
 def test_wait_and_get_timeout(cluster, Counter):
