@@ -18,7 +18,11 @@ one msgpack map per packet:
 
 Fate sharing: the server dies with its agent (``PR_SET_PDEATHSIG`` and EOF on
 the socket), and its workers die with it (``PR_SET_PDEATHSIG`` again); when
-the socket closes it kills every worker before exiting.
+the socket closes it kills every worker before exiting. Each worker leads a
+process group of its own, which holds what it starts (``subprocess``,
+``multiprocessing``): when the worker ends, however it ends, the server kills
+that group too, so nothing an actor started outlives it (short of a process
+that leaves the group itself, with ``setsid``).
 """
 
 from __future__ import annotations
@@ -220,6 +224,7 @@ def serve(fd: int, preload: list[str], entry: str) -> None:
             if pid == 0:
                 return
             children.discard(pid)
+            _kill_group(pid)  # what the worker started goes with it
             code = os.waitstatus_to_exitcode(status)
             send({"op": "exited", "pid": pid, "status": code})
 
@@ -235,6 +240,10 @@ def serve(fd: int, preload: list[str], entry: str) -> None:
             return
         if pid == 0:
             _child(me, (sock, sel, wake_r, wake_w, out_r, err_r), out_w, err_w, req, entry_fn)
+        try:
+            os.setpgid(pid, pid)  # as the child does: whichever runs first, the group exists from here on
+        except OSError:
+            pass  # it is gone already
         os.close(out_w)
         os.close(err_w)
         children.add(pid)
@@ -268,8 +277,9 @@ def serve(fd: int, preload: list[str], entry: str) -> None:
             reap()
     finally:
         for pid in list(children):
+            _kill_group(pid)
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # (not reaped yet: the pid is still this child's)
             except ProcessLookupError:
                 pass
         for pid in list(children):
@@ -286,6 +296,7 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
         set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != server_pid:
             os._exit(1)
+        os.setpgid(0, 0)  # a group of its own: what it starts is killed with it (see _kill_group)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -316,6 +327,14 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL worker ``pid``'s process group: the worker, if still there, and what it started."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in it
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -40,6 +40,42 @@ def test_shutdown_leaves_nothing_and_init_works_again(fresh):
     actorlib.shutdown()  # twice is fine
 
 
+_CHILD = """
+import subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(grandchild.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_an_actor_starts_goes_with_it(fresh):
+    """A process an actor starts, and what that one starts, end with the actor: killed, exited on its own, or
+    at shutdown (as Ray kills a worker's child processes)."""
+    actorlib = fresh
+
+    @actorlib.remote
+    class Starter:
+        def start(self):
+            child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, text=True)
+            self.child = child  # kept: a running Popen dropped warns (ResourceWarning)
+            return [child.pid, int(child.stdout.readline())]
+
+        def exit_now(self):
+            os._exit(3)
+
+    actorlib.init(num_cpus=3)
+    killed, exits, stays = Starter.remote(), Starter.remote(), Starter.remote()
+    started = {a: actorlib.get(a.start.remote(), timeout=60) for a in (killed, exits, stays)}
+    assert all(alive(pid) for pids in started.values() for pid in pids)
+    actorlib.kill(killed)
+    wait_for(lambda: not any(alive(pid) for pid in started[killed]), timeout=30, what="a killed actor's processes")
+    exits.exit_now.remote()
+    wait_for(lambda: not any(alive(pid) for pid in started[exits]), timeout=30, what="an exited actor's processes")
+    assert all(alive(pid) for pid in started[stays])
+    actorlib.shutdown()
+    wait_for(lambda: not any(alive(pid) for pid in started[stays]), timeout=30, what="processes at shutdown")
+
+
 def test_double_init_is_a_clear_error(fresh):
     fresh.init(num_cpus=1)
     with pytest.raises(fresh.ActorLibError, match="already"):
