@@ -65,7 +65,13 @@ class ActorSpec:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], owner: str) -> ActorSpec:
+        """The spec a peer sent; ``TypeError`` or ``ValueError`` naming the first field that is not what it
+        must be (the head acts on every field later, from tasks a bad value must not bring down)."""
+        if not isinstance(d, dict):
+            raise TypeError("an actor spec is a map")
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "owner"}
+        for name, value in fields.items():
+            _check_field(name, value)
         return cls(owner=owner, **fields)
 
     def public(self) -> dict[str, Any]:
@@ -78,6 +84,39 @@ class ActorSpec:
             "namespace": self.namespace,
             "max_task_retries": self.max_task_retries,
         }
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+# field -> (what it must be, the check)
+_FIELD_CHECKS: dict[str, tuple[str, Any]] = {
+    "actor_id": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "class_name": ("a string", lambda v: isinstance(v, str)),
+    "methods": ("a map of names to ints", lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(n) for k, n in v.items())),
+    "payload": ("bytes", lambda v: isinstance(v, bytes)),
+    "demand": (
+        "a map of resource names to amounts >= 0",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and type(n) in (int, float) and n >= 0 for k, n in v.items()),
+    ),
+    "name": ("a string or None", lambda v: v is None or isinstance(v, str)),
+    "namespace": ("a string", lambda v: isinstance(v, str)),
+    "lifetime": ('None or "detached"', lambda v: v in (None, "detached")),
+    "max_concurrency": ("an int >= 1", lambda v: _is_int(v) and v >= 1),
+    "env_vars": ("a map of strings to strings", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())),
+    "sys_path": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "placement_group": ("a string or None", lambda v: v is None or isinstance(v, str)),
+    "bundle_index": ("an int", _is_int),
+    "max_restarts": ("an int >= -1", lambda v: _is_int(v) and v >= -1),
+    "max_task_retries": ("an int >= -1", lambda v: _is_int(v) and v >= -1),
+}
+
+
+def _check_field(name: str, value: Any) -> None:
+    what, ok = _FIELD_CHECKS[name]
+    if not ok(value):
+        raise ValueError(f"{name} must be {what}, not {value!r:.80}")
 
 
 @dataclass

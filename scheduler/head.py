@@ -241,17 +241,22 @@ class Head:
         silent = f"stopped answering (no heartbeat for {self.node_timeout:g} s)"
         while True:
             await asyncio.sleep(self.node_timeout / 4)
-            now = loop.time()
-            for node in list(self.nodes.values()):
-                if node.alive and now - node.last_seen > self.node_timeout:
-                    self._node_gone(node, silent)
-            for record in list(self.actors.values()):
-                if record.state == ActorState.ALIVE and now - record.last_seen > self.worker_timeout:
-                    self._hung(record)
-            for driver in list(self.drivers.values()):
-                if now - driver.last_seen > self.node_timeout:
-                    log.warning("driver %s %s", driver.job_id, silent)
-                    self._driver_gone(driver, f"its driver {silent}")
+            try:
+                self._look_for_the_silent(loop.time(), silent)
+            except Exception:  # a bug of ours with one of them: the watch goes on for all the others
+                log.exception("while looking for silent nodes, workers and drivers")
+
+    def _look_for_the_silent(self, now: float, silent: str) -> None:
+        for node in list(self.nodes.values()):
+            if node.alive and now - node.last_seen > self.node_timeout:
+                self._node_gone(node, silent)
+        for record in list(self.actors.values()):
+            if record.state == ActorState.ALIVE and now - record.last_seen > self.worker_timeout:
+                self._hung(record)
+        for driver in list(self.drivers.values()):
+            if now - driver.last_seen > self.node_timeout:
+                log.warning("driver %s %s", driver.job_id, silent)
+                self._driver_gone(driver, f"its driver {silent}")
 
     async def wait_for_node(self, node_id: str) -> None:
         """Return once ``node_id`` has registered (callers bound this with a timeout)."""
@@ -293,11 +298,7 @@ class Head:
         owner = driver.job_id if driver else spec.get("owner", "")
         try:
             s = ActorSpec.from_wire(spec, owner=owner)
-            if not isinstance(s.demand, dict) or not all(
-                isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in s.demand.items()
-            ):
-                raise TypeError(f"bad demand {s.demand!r}")
-        except (TypeError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError) as exc:
             raise ControlError("ValueError", f"malformed actor spec: {exc}") from None
         if s.actor_id in self.actors:
             raise ControlError("ValueError", f"actor id {s.actor_id} already exists")
@@ -527,6 +528,8 @@ class Head:
             )
             pid = int(reply["pid"])
         except Exception as exc:  # refused, timed out, node gone, malformed answer
+            if record.restarts != incarnation or record.state != ActorState.STARTING:
+                return  # restarted elsewhere (its node was lost meanwhile), or killed: this start is moot
             self._mark_dead(
                 record, {"reason": f"the worker could not be started on node {node.node_id[:8]}: {type(exc).__name__}: {exc}"}
             )

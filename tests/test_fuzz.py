@@ -128,6 +128,35 @@ def test_malformed_calls_are_answered_and_the_worker_keeps_serving(live, frames)
     assert cluster.get(target.ping.remote(), timeout=30) == "pong"
 
 
+def test_malformed_actor_specs_are_refused_field_by_field(live):
+    """The head checks every field of a spec a peer sends: a wrong type would otherwise surface later, in a
+    task the head cannot lose (its health checks) or half way through starting the actor."""
+    cluster, _, _ = live
+    rt = cluster.api.runtime.current()
+    good = {"actor_id": "f" * 32, "class_name": "X", "methods": {}, "payload": b"", "demand": {"CPU": 0.1}}
+    for field, bad in [
+        ("max_restarts", "1"),
+        ("env_vars", ["A=1"]),
+        ("env_vars", {"A": 1}),
+        ("sys_path", "/tmp"),
+        ("max_concurrency", 0),
+        ("demand", {"CPU": -1}),
+        ("lifetime", "forever"),
+        ("methods", {"f": "sync"}),
+        ("bundle_index", True),
+    ]:
+        with pytest.raises(ValueError, match=f"malformed actor spec: {field} must be"):
+            rt.run(rt.control("create_actor", spec={**good, field: bad}))
+    assert not [a for a in rt.run(rt.control("list_actors")) if a["actor_id"] == good["actor_id"]]  # none was made
+
+    @cluster.remote
+    class After:
+        def ping(self):
+            return "pong"
+
+    assert cluster.get(After.remote().ping.remote(), timeout=60) == "pong"
+
+
 def test_oversized_messages_are_refused_by_the_socket(tmp_path):
     import asyncio
 
