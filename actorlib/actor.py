@@ -155,6 +155,7 @@ class ActorClass(Generic[T]):
             "bundle_index": o["bundle_index"],
             "max_restarts": o["max_restarts"] or 0,
             "max_task_retries": o["max_task_retries"] or 0,
+            "creator": rt.actor_id,  # made by an actor: it goes with that actor's driver (see the head)
         }
         rt.create_actor(spec, payload)
         return ActorHandle(actor_id, class_name, self._methods, o["name"], namespace)

@@ -107,7 +107,14 @@ def placement_group(
     pg = PlacementGroup(uuid.uuid4().hex, checked, strategy, name)
     pg._created = concurrent.futures.Future()
     rt.post_control(
-        "create_placement_group", pg._created, pg_id=pg.id, bundles=checked, strategy=strategy, name=name, lifetime=lifetime
+        "create_placement_group",
+        pg._created,
+        pg_id=pg.id,
+        bundles=checked,
+        strategy=strategy,
+        name=name,
+        lifetime=lifetime,
+        creator=rt.actor_id,  # made by an actor: it goes with that actor's driver (see the head)
     )
     pg._created.add_done_callback(_warn_if_infeasible)
     return pg

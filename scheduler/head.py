@@ -294,8 +294,8 @@ class Head:
     # -- actors ----------------------------------------------------------
 
     async def op_create_actor(self, peer: bytes, spec: dict[str, Any]) -> dict[str, Any]:
-        driver = self.drivers.get(peer)
-        owner = driver.job_id if driver else spec.get("owner", "")
+        driver = self.drivers.get(peer) or self._creators_driver(spec.get("creator") if isinstance(spec, dict) else None)
+        owner = driver.job_id if driver else ""
         try:
             s = ActorSpec.from_wire(spec, owner=owner)
         except (TypeError, ValueError, KeyError) as exc:
@@ -318,6 +318,14 @@ class Head:
         self._pending.append(s.actor_id)
         self._schedule()
         return {"actor_id": s.actor_id, "state": record.state.value}
+
+    def _creators_driver(self, creator: Any) -> DriverRecord | None:
+        """The driver that an actor's own actors and placement groups go with: its creator's (the actor
+        ``creator``), unless that one is detached; None then, as for a peer that is no actor."""
+        record = self.actors.get(creator) if isinstance(creator, str) else None
+        if record is None or record.spec.lifetime == "detached":
+            return None
+        return next((d for d in self.drivers.values() if d.job_id == record.spec.owner), None)
 
     def _check_placeable(self, s: ActorSpec) -> None:
         """Refuse at once an actor that could never be placed; never a silent hang."""
@@ -420,6 +428,7 @@ class Head:
         strategy: str,
         name: str | None = None,
         lifetime: str | None = None,
+        creator: str | None = None,
     ) -> dict[str, Any]:
         try:
             bundles = validate_bundles(bundles, strategy)
@@ -429,7 +438,7 @@ class Head:
             raise ControlError("ValueError", f"placement group id {pg_id} already exists")
         if name is not None and any(p.name == name and p.state != PlacementGroupState.REMOVED for p in self.pgs.values()):
             raise ControlError("ValueError", f"a placement group named {name!r} already exists")
-        driver = self.drivers.get(peer)
+        driver = self.drivers.get(peer) or self._creators_driver(creator)
         pg = PlacementGroupRecord(pg_id, name, strategy, bundles, owner=driver.job_id if driver else "", lifetime=lifetime)
         self.pgs[pg_id] = pg
         if not self._place_group(pg):

@@ -37,6 +37,9 @@ class Counter:
         return self.n
     def node(self):
         return actorlib.get_runtime_context().get_node_id()
+    def spawn(self, name):
+        self.child = Counter.options(name=name).remote()
+        return actorlib.get(self.child.incr.remote())
 """
 
 
@@ -147,7 +150,7 @@ except ConnectionError as exc:
     assert "does this process hold its cluster key" in refused.stdout
 
 
-def test_a_killed_driver_takes_its_actors_detached_ones_stay(machine):
+def test_a_killed_driver_takes_its_actors_and_theirs_detached_ones_stay(machine):
     machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--resources", '{"other": 4}')
     driver = machine.spawn_python(
         COUNTER
@@ -156,7 +159,7 @@ import sys
 actorlib.init(address="auto")
 keep = Counter.options(name="keeper", lifetime="detached").remote()
 mine = Counter.remote()
-actorlib.get([keep.incr.remote(), mine.incr.remote()])
+actorlib.get([keep.incr.remote(), mine.incr.remote(), keep.spawn.remote("keep-child"), mine.spawn.remote("mine-child")])
 print("ready", flush=True)
 import time; time.sleep(600)
 """
@@ -167,15 +170,17 @@ import time; time.sleep(600)
         other = machine.python('import actorlib\nactorlib.init(address="auto")\nprint(actorlib.get(actorlib.get_actor("keeper").incr.remote()))\n')
         assert other.stdout.strip() == "2"
         actors = {a["name"]: a for a in machine.status()["actors"]}
-        owned_pid = actors[None]["pid"]
+        owned_pids = [actors[None]["pid"], actors["mine-child"]["pid"]]
         driver.kill()  # no goodbye: the head notices its silence
         driver.wait(10)
+        # the actor its own actor made goes with the driver; the one a detached actor made stays
         wait_for(
-            lambda: {a["name"]: a["state"] for a in machine.status()["actors"]} == {"keeper": "ALIVE", None: "DEAD"},
+            lambda: {a["name"]: a["state"] for a in machine.status()["actors"]}
+            == {"keeper": "ALIVE", "keep-child": "ALIVE", None: "DEAD", "mine-child": "DEAD"},
             timeout=30,
-            what="the killed driver's actor to be reaped",
+            what="the killed driver's actors to be reaped",
         )
-        wait_for(lambda: not alive(owned_pid), timeout=10, what="its worker process to exit")
+        wait_for(lambda: not any(alive(pid) for pid in owned_pids), timeout=10, what="their worker processes to exit")
     finally:
         if driver.poll() is None:
             driver.kill()
