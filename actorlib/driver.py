@@ -138,12 +138,27 @@ class Driver:
 
     async def _beat(self, every: float) -> None:
         """Tell the head this driver is alive: if it stops (SIGKILL too), its actors are reaped."""
-        while self.rt.head is not None and not self.rt.head.closed:
+        rt = self.rt
+        while rt.head is not None and not rt.head.closed:
             try:
-                await self.rt.control("heartbeat", timeout=every * 4)
+                reply = await rt.control("heartbeat", timeout=every * 4)
+                if isinstance(reply, dict) and reply.get("revived"):
+                    log.warning("the head had declared this driver dead (it sent nothing for a while): its actors were stopped")
+                elif isinstance(reply, dict) and reply.get("rejoin"):
+                    await self._rejoin(every)
             except (ActorLibError, asyncio.TimeoutError) as exc:
                 log.debug("driver heartbeat: %s", exc)
             await asyncio.sleep(every)
+
+    async def _rejoin(self, every: float) -> None:
+        """The head does not know this driver (it was restarted, say): join again under the same job id, so
+        what this driver makes from now on goes with it."""
+        rt = self.rt
+        log.warning("the head no longer knew this driver: registering again")
+        reply = await rt.control(
+            "register_driver", timeout=every * 4, namespace=rt.namespace, log_to_driver=rt.log_to_driver, job_id=rt.job_id
+        )
+        rt.job_id = reply["job_id"]
 
     def add_node(self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float] | None) -> str:
         """Start another node agent, as a process of its own, and wait until it has joined."""

@@ -78,6 +78,8 @@ class Head:
         self.actors: dict[str, ActorRecord] = {}
         self.named: dict[tuple[str, str], str] = {}
         self.drivers: dict[bytes, DriverRecord] = {}
+        # drivers declared dead because they went silent: one that speaks again is its job again (see _driver)
+        self._silent_drivers: dict[bytes, DriverRecord] = {}
         self._watchers: dict[str, set[bytes]] = {}
         self._pending: list[str] = []  # actor ids waiting for resources, in arrival order
         self.pgs: dict[str, PlacementGroupRecord] = {}
@@ -225,10 +227,11 @@ class Head:
         """A node agent or a driver is alive. A node the head no longer knows is told to register again."""
         now = asyncio.get_running_loop().time()
         if node_id is None:
-            driver = self.drivers.get(peer)
+            revived = peer in self._silent_drivers
+            driver = self._driver(peer)
             if driver is not None:
                 driver.last_seen = now
-            return {"rejoin": driver is None}
+            return {"rejoin": driver is None, "revived": revived}
         node = self.nodes.get(node_id)
         if node is None or not node.alive or node.peer != peer:
             return {"rejoin": True}
@@ -257,14 +260,21 @@ class Head:
             if now - driver.last_seen > self.node_timeout:
                 log.warning("driver %s %s", driver.job_id, silent)
                 self._driver_gone(driver, f"its driver {silent}")
+                self._silent_drivers[driver.peer] = driver
+                while len(self._silent_drivers) > 1000:  # killed ones never speak again
+                    del self._silent_drivers[next(iter(self._silent_drivers))]
 
     async def wait_for_node(self, node_id: str) -> None:
         """Return once ``node_id`` has registered (callers bound this with a timeout)."""
         while node_id not in self.nodes:
             await self._node_joined.wait()
 
-    async def op_register_driver(self, peer: bytes, namespace: str, log_to_driver: bool = True) -> dict[str, Any]:
-        job_id = uuid.uuid4().hex[:8]
+    async def op_register_driver(
+        self, peer: bytes, namespace: str, log_to_driver: bool = True, job_id: str | None = None
+    ) -> dict[str, Any]:
+        """A driver joins; ``job_id``: one declared dead (silent too long) joins again under its old job id."""
+        if not isinstance(job_id, str) or not job_id or any(d.job_id == job_id for d in self.drivers.values()):
+            job_id = uuid.uuid4().hex[:8]
         self.drivers[peer] = DriverRecord(job_id, peer, namespace, log_to_driver, last_seen=asyncio.get_running_loop().time())
         return {"job_id": job_id, "session_dir": self.session_dir, "heartbeat_s": self.node_timeout / 5}
 
@@ -276,6 +286,19 @@ class Head:
         doomed = self._driver_gone(driver, "its driver exited")
         await self._wait_dead(doomed, timeout)
         return len(doomed)
+
+    def _driver(self, peer: bytes) -> DriverRecord | None:
+        """The driver at ``peer``. One declared dead for its silence that speaks again (it was stopped, or
+        suspended) is alive again, with its job id: what it makes from now on goes with it."""
+        driver = self.drivers.get(peer)
+        if driver is None:
+            driver = self._silent_drivers.pop(peer, None)
+            if driver is not None:
+                log.warning("driver %s speaks again after it was declared dead; the actors it had stay stopped", driver.job_id)
+                driver.actors = set()
+                driver.last_seen = asyncio.get_running_loop().time()
+                self.drivers[peer] = driver
+        return driver
 
     def _driver_gone(self, driver: DriverRecord, reason: str) -> list[ActorRecord]:
         del self.drivers[driver.peer]
@@ -294,7 +317,7 @@ class Head:
     # -- actors ----------------------------------------------------------
 
     async def op_create_actor(self, peer: bytes, spec: dict[str, Any]) -> dict[str, Any]:
-        driver = self.drivers.get(peer) or self._creators_driver(spec.get("creator") if isinstance(spec, dict) else None)
+        driver = self._driver(peer) or self._creators_driver(spec.get("creator") if isinstance(spec, dict) else None)
         owner = driver.job_id if driver else ""
         try:
             s = ActorSpec.from_wire(spec, owner=owner)
@@ -438,7 +461,7 @@ class Head:
             raise ControlError("ValueError", f"placement group id {pg_id} already exists")
         if name is not None and any(p.name == name and p.state != PlacementGroupState.REMOVED for p in self.pgs.values()):
             raise ControlError("ValueError", f"a placement group named {name!r} already exists")
-        driver = self.drivers.get(peer) or self._creators_driver(creator)
+        driver = self._driver(peer) or self._creators_driver(creator)
         pg = PlacementGroupRecord(pg_id, name, strategy, bundles, owner=driver.job_id if driver else "", lifetime=lifetime)
         self.pgs[pg_id] = pg
         if not self._place_group(pg):

@@ -189,6 +189,56 @@ import time; time.sleep(600)
         driver.stderr.close()
 
 
+def test_a_driver_declared_dead_that_speaks_again_owns_what_it_makes_next(machine):
+    """A driver stopped (SIGSTOP, a suspended laptop) past the timeout loses its actors; once it runs again,
+    the actors it makes are its own again: reaped when it goes, never left running ownerless."""
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--resources", '{"other": 4}')
+    driver = machine.spawn_python(
+        COUNTER
+        + """
+import time
+actorlib.init(address="auto")
+first = Counter.options(name="first").remote()
+actorlib.get(first.incr.remote())
+print("ready", flush=True)
+while True:  # until the head, having declared this driver dead, has stopped its actor
+    try:
+        actorlib.get(first.incr.remote(), timeout=30)
+    except actorlib.ActorDiedError:
+        break
+    time.sleep(0.05)
+after = Counter.options(name="after").remote()
+actorlib.get(after.incr.remote())
+print("ready again", flush=True)
+time.sleep(600)
+"""
+    )
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        driver.send_signal(signal.SIGSTOP)
+        wait_for(
+            lambda: {a["name"]: a["state"] for a in machine.status()["actors"]} == {"first": "DEAD"},
+            timeout=30,
+            what="the stopped driver's actor to be reaped",
+        )
+        driver.send_signal(signal.SIGCONT)
+        assert driver.stdout.readline().strip() == "ready again"
+        assert [d["actors"] for d in machine.status()["drivers"]] == [1]  # its job again, with its new actor
+        driver.kill()
+        driver.wait(10)
+        wait_for(
+            lambda: {a["name"]: a["state"] for a in machine.status()["actors"]} == {"first": "DEAD", "after": "DEAD"},
+            timeout=30,
+            what="the actor made after it spoke again to be reaped with it",
+        )
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        driver.stdout.close()
+        driver.stderr.close()
+
+
 def test_node_death_and_rejoin(machine):
     machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--num-cpus", "1")
     machine.cli("start", "--address", "auto", "--num-cpus", "1", "--resources", '{"other": 1}')
