@@ -363,6 +363,12 @@ class Head:
             raise ControlError(
                 "ValueError", f"bundle_index {s.bundle_index} is out of range for a group of {len(pg.bundles)} bundles"
             )
+        if pg.pending_reason.startswith("infeasible"):  # as an actor that fits no node: refused, not left waiting
+            raise ControlError(
+                "ResourceError",
+                f"actor {s.class_name} can never be placed: its placement group {pg.pg_id[:8]} cannot be placed "
+                f"on this cluster ({pg.pending_reason.removeprefix('infeasible: ')})",
+            )
         candidates = range(len(pg.bundles)) if s.bundle_index == -1 else [s.bundle_index]
         if not any(all(pg.bundles[i].get(k, 0) >= v for k, v in s.demand.items()) for i in candidates):
             where = "any bundle" if s.bundle_index == -1 else f"bundle {s.bundle_index}"

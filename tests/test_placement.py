@@ -160,6 +160,8 @@ def test_infeasible_demands_are_reported_at_once(al, Probe):
         pg = al.placement_group([{"GPU": 1}] * 2, strategy="STRICT_SPREAD")
         assert pg.wait(0.1) is False
     assert al.placement_group_table(pg)["pending_reason"] == "infeasible: STRICT_SPREAD needs 2 nodes, the cluster has 1"
+    with pytest.raises(InfeasibleError, match="its placement group .* cannot be placed .*STRICT_SPREAD needs 2 nodes"):
+        Probe.options(placement_group=pg, num_gpus=1).remote()  # it would wait for that group for ever
     al.remove_placement_group(pg)
 
 
