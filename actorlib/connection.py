@@ -125,7 +125,8 @@ class ActorConnection:
         self.lock = threading.Lock()
         self.posted: deque[None] = deque()  # one per call handed to the loop from another thread, not yet submitted
         self.max_task_retries = 0  # the actor's, learnt when resolving it
-        rt.loop.create_task(self._resolve())
+        self._resolving = 0  # bumped by each restart: only the latest resolve connects
+        rt.loop.create_task(self._resolve(0))
 
     # -- on the loop thread ------------------------------------------------
 
@@ -225,14 +226,17 @@ class ActorConnection:
 
         return sink
 
-    async def _resolve(self) -> None:
+    async def _resolve(self, generation: int) -> None:
         try:
             if self.created is not None:
                 await self.created
             info = await self.rt.control("resolve_actor", actor_id=self.actor_id)
         except Exception as exc:  # creation refused, head gone ...
-            self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": str(exc)})
+            if generation == self._resolving:
+                self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": str(exc)})
             return
+        if generation != self._resolving:
+            return  # the actor restarted again meanwhile: a later resolve connects (to the new worker)
         if info["state"] == "DEAD":
             self.mark_dead(info.get("death") or {"actor_id": self.actor_id, "class_name": self.class_name})
             return
@@ -330,7 +334,8 @@ class ActorConnection:
         for call in list(inflight.values()):  # a thread reading its answer may pop from it meanwhile
             if call.req_id != 0:
                 call.fail(err)
-        self.rt.loop.create_task(self._resolve())
+        self._resolving += 1
+        self.rt.loop.create_task(self._resolve(self._resolving))
 
     def mark_dead(self, death: dict[str, Any]) -> None:
         with self.lock:
