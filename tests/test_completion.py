@@ -30,9 +30,9 @@ def test_a_completion_finishing_during_registration_wakes_the_waiter():
     assert not waiter.is_alive(), "wait_for missed completions that finished while it registered its callbacks"
 
 
-def test_wait_for_counts_and_stops_on_exception():
+def test_wait_for_counts_and_stops_where_told():
     a, b, c = Completion(), Completion(), Completion()
     a.set_result(1)
     threading.Timer(0.01, b.set_exception, (ValueError("x"),)).start()
-    wait_for([a, b, c], 3, 10, stop_on_exception=True)  # returns at b's failure, c never finishes
-    assert b.done() and not c.done()
+    wait_for([a, b, c], 3, 10, stop=lambda done: done._exception is not None)  # returns at b's failure
+    assert b.done() and not c.done()  # (c never finishes)
