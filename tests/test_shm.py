@@ -115,3 +115,57 @@ def test_a_received_mapping_is_unmapped_off_the_callers_thread_once_nothing_view
     del tensor
     wait_for(lambda: mapping.closed, timeout=10, what="the reaper to unmap it")
     wait_for(lambda: reaper._thread is None, timeout=10, what="the reaper's thread to end")
+
+
+def test_a_message_that_is_not_sent_or_not_taken_leaves_no_file(tmp_path):
+    """Files are written before the send: one that fails (peer gone, socket busy) unlinks them. A refused
+    message's files, and those after a bad entry, are unlinked by the receiver."""
+    import asyncio
+
+    from transport import ConnectionClosedError, Endpoint
+
+    async def main():
+        server = Endpoint.bind(f"ipc://{tmp_path}/s.sock", on_message=lambda msg: None, name="server")
+        try:
+            with pytest.raises(ConnectionClosedError):
+                server.send(Kind.RESULT, 1, b"\xc0", [np.ones(2 << 20, dtype=np.uint8)], b"nobody")
+        finally:
+            server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert ours() == []
+    # a bad first entry: the good file after it goes too
+    ((_, good, size),) = shm.export([np.ones(2 << 20, dtype=np.uint8)])[1]
+    with pytest.raises(OSError):
+        shm.claim(((0, f"actorlib-{os.getpid()}-{'0' * 16}", 10), (1, good, size)), [b"", b""])
+    assert ours() == []
+    # refused before its header was read (a version nobody speaks): the files it names go
+    ((_, named, size),) = shm.export([np.ones(2 << 20, dtype=np.uint8)])[1]
+    shm.discard_announced(msgpack.packb((VERSION + 100, int(Kind.CALL), 7, b"\xc0", ((0, named, size),))))
+    assert ours() == []
+
+
+def test_a_fifo_named_as_a_buffer_is_refused_without_blocking():
+    """Opening a FIFO waits for a writer: the receiver must not open one it is sent the name of."""
+    import threading
+
+    name = f"actorlib-{os.getpid()}-{'f' * 16}"
+    os.mkfifo(f"/dev/shm/{name}", 0o600)
+    outcome = []
+    try:
+        claimer = threading.Thread(target=lambda: outcome.append(_claim_error(((0, name, 10),))), daemon=True)
+        claimer.start()
+        claimer.join(10)
+        assert outcome and "not the 10-byte file" in outcome[0]
+    finally:
+        if os.path.exists(f"/dev/shm/{name}"):
+            os.unlink(f"/dev/shm/{name}")
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def _claim_error(moved) -> str:
+    try:
+        shm.claim(moved, [b""])
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return "claimed"

@@ -215,7 +215,11 @@ class Endpoint:
         if buffers and self._shm:
             frames, moved = shm.export(buffers)
             if moved:  # copied out already: the caller may change its arrays, nothing to track
-                return self.send_frames([encode_header(kind, req_id, body, moved), *frames], peer, block=block)
+                try:
+                    return self.send_frames([encode_header(kind, req_id, body, moved), *frames], peer, block=block)
+                except BaseException:  # not sent (busy, closed ...): nobody will claim those files
+                    shm.discard(moved)
+                    raise
         return self.send_frames([encode_header(kind, req_id, body), *buffers], peer, track=track, block=block)
 
     def send_value(self, kind: Kind, req_id: int, value: Any, peer: bytes | None = None) -> None:
@@ -604,6 +608,8 @@ class Endpoint:
             if msg.shm:
                 shm.claim(msg.shm, msg.buffers)
         except ProtocolError as exc:
+            if frames:
+                shm.discard_announced(frames[0])  # files a refused message names would stay until their sender exits
             self._refuse(frames, peer, exc)
             return
         except (OSError, ValueError) as exc:

@@ -33,6 +33,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import msgpack
+
 __all__ = ["ENABLED", "MIN_BYTES", "claim", "export", "local_address", "sweep"]
 
 SHM_DIR = "/dev/shm"
@@ -86,27 +88,40 @@ def claim(moved: Any, buffers: list[Any]) -> None:
     """
     if not isinstance(moved, tuple):
         raise ValueError("the shared-memory list is not an array")
-    for item in moved:
-        if not (isinstance(item, tuple) and len(item) == 3):
-            raise ValueError("a shared-memory entry is not [index, name, size]")
-        index, name, size = item
-        if type(index) is not int or not 0 <= index < len(buffers) or type(size) is not int or size < 0:
-            raise ValueError(f"bad shared-memory entry {item!r}")
-        if type(name) is not str or not _NAME.fullmatch(name):
-            raise ValueError(f"bad shared-memory file name {name!r}")
-        path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    for n, item in enumerate(moved):
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size:
-                raise OSError(f"{path} is not the {size}-byte file of ours that was announced")
-            mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
-        finally:
-            os.close(fd)
-            _unlink(path)
-        buffers[index] = memoryview(mapped)  # (viewed before the reaper sees it: it closes what nothing views)
-        if isinstance(mapped, mmap.mmap):
-            _reaper.adopt(mapped)
+            _claim_one(item, buffers)
+        except BaseException:
+            discard(moved[n + 1 :])  # refused as a whole: nobody will claim the rest either
+            raise
+
+
+def _claim_one(item: Any, buffers: list[Any]) -> None:
+    """Map one ``[index, name, size]`` entry into ``buffers`` and unlink its file (a FIFO, a link, another
+    size or owner: refused)."""
+    if not (isinstance(item, tuple) and len(item) == 3):
+        raise ValueError("a shared-memory entry is not [index, name, size]")
+    index, name, size = item
+    if type(name) is str and _NAME.fullmatch(name):
+        path = os.path.join(SHM_DIR, name)
+    else:
+        raise ValueError(f"bad shared-memory file name {name!r}")
+    if type(index) is not int or not 0 <= index < len(buffers) or type(size) is not int or size < 0:
+        _unlink(path)
+        raise ValueError(f"bad shared-memory entry {item!r}")
+    # O_NONBLOCK: a FIFO put there would otherwise block this open until a writer came
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size:
+            raise OSError(f"{path} is not the {size}-byte file of ours that was announced")
+        mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
+    finally:
+        os.close(fd)
+        _unlink(path)
+    buffers[index] = memoryview(mapped)  # (viewed before the reaper sees it: it closes what nothing views)
+    if isinstance(mapped, mmap.mmap):
+        _reaper.adopt(mapped)
 
 
 class _Reaper:
@@ -165,6 +180,24 @@ class _Reaper:
 
 
 _reaper = _Reaper()
+
+
+def discard(moved: Any) -> None:
+    """Unlink the files a message named that will not be claimed (its send failed, or it was refused)."""
+    for item in moved if isinstance(moved, list | tuple) else ():
+        name = item[1] if isinstance(item, list | tuple) and len(item) == 3 else None
+        if type(name) is str and _NAME.fullmatch(name):
+            _unlink(os.path.join(SHM_DIR, name))
+
+
+def discard_announced(header: Any) -> None:
+    """Best effort, for a message refused before its header was read: unlink the files it names, if any."""
+    try:
+        envelope = msgpack.unpackb(bytes(header), raw=False)
+    except Exception:
+        return
+    if isinstance(envelope, list) and len(envelope) == 5:
+        discard(envelope[4])
 
 
 def sweep(pid: int) -> int:
