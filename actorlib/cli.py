@@ -38,7 +38,16 @@ from scheduler.session import (
     read_started,
     record_started,
 )
-from transport import Endpoint, RemoteFailure, control_call, generate_key, read_key_file, set_cluster_key, write_key_file
+from transport import (
+    ClusterKey,
+    Endpoint,
+    RemoteFailure,
+    control_call,
+    generate_key,
+    read_key_file,
+    set_cluster_key,
+    write_key_file,
+)
 
 from .progress import gather_with_progress
 
@@ -118,13 +127,14 @@ def _start(args: argparse.Namespace) -> int:
             _print_head(head)
         return 0
     head_address, key_file = _locate(args.address)
+    secret = read_key(key_file)  # before the session directory: a bad key leaves nothing behind
     host = args.host or default_host(towards=head_address)
     session_dir = new_session_dir()
     cmd = [sys.executable, "-m", "scheduler", "node", "--head", head_address, "--host", host, "--key-stdin"]
     cmd += ["--session-dir", session_dir, *options]
     if args.block:
-        return _foreground(cmd, read_key_file(key_file))
-    info = _daemon(cmd, "node", read_key_file(key_file), session_dir)
+        return _foreground(cmd, secret)
+    info = _daemon(cmd, "node", secret, session_dir)
     record_started(info["pid"], {"role": "node", "address": head_address, "key_file": key_file, **info})
     print(f"node {info['node_id'][:8]} (pid {info['pid']}) joined the head at {head_address}")
     return 0
@@ -275,9 +285,9 @@ def _terminate(procs: list[tuple[int, str | None, str]], timeout: float) -> set[
 # -- status ---------------------------------------------------------------------
 
 
-def _locate(address: str) -> tuple[str, str]:
+def _locate(address: str, key_file: str | None = None) -> tuple[str, str]:
     try:
-        head_address, key_file = locate_head(address)
+        head_address, key_file = locate_head(address, key_file)
     except (LookupError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     if key_file is None:
@@ -290,10 +300,24 @@ def ask_head(address: str, op: str, timeout: float = 15.0, **kwargs: Any) -> Any
     return with_head(address, lambda ep: control_call(ep, op, timeout=timeout, **kwargs), timeout)
 
 
-def with_head(address: str, use: Callable[[Endpoint], Awaitable[Any]], timeout: float) -> Any:
-    """Run ``use(endpoint)`` on a connection to the head at ``address``; its failures become :class:`CLIError`."""
-    head_address, key_file = _locate(address)
-    set_cluster_key(read_key_file(key_file))
+def read_key(key_file: str) -> str:
+    """The cluster secret in ``key_file``, checked; a missing, unreadable, too open or malformed file is a :class:`CLIError`."""
+    named = f"cluster key file {key_file}" + (" ($ACTORLIB_KEY_FILE)" if os.environ.get("ACTORLIB_KEY_FILE") == key_file else "")
+    try:
+        secret = read_key_file(key_file)
+        ClusterKey(secret)
+    except OSError as exc:  # missing, unreadable, or (PermissionError, naming the file) not mode 0600
+        raise CLIError(f"{named}: {exc.strerror}" if exc.strerror else str(exc)) from None
+    except ValueError as exc:  # not 40 characters of Z85, or not text
+        raise CLIError(f"{named}: {exc}") from None
+    return secret
+
+
+def with_head(address: str, use: Callable[[Endpoint], Awaitable[Any]], timeout: float, key_file: str | None = None) -> Any:
+    """Run ``use(endpoint)`` on a connection to the head at ``address`` (with ``key_file``, else the one
+    :func:`locate_head` finds); its failures become :class:`CLIError`."""
+    head_address, key_file = _locate(address, key_file)
+    set_cluster_key(read_key(key_file))
 
     async def run() -> Any:
         ep = Endpoint.connect(head_address, on_message=None, name="actorlib cli")
@@ -384,7 +408,8 @@ def _up(path: str, timeout: float) -> int:
 
         return await gather_with_progress(plan.node_dicts(), launch, "nodes joining over SSH")
 
-    results = with_head("auto", launch_all, timeout + 10)
+    # This head, with its own key: neither $ACTORLIB_ADDRESS nor $ACTORLIB_KEY_FILE names another one.
+    results = with_head(head["address"], launch_all, timeout + 10, key_file=head["key_file"])
     for r in results:
         print(f"  {r['host']}: " + (f"joined as node {r['node_id'][:8]}" if r["ok"] else f"FAILED\n    {r['error']}"))
     failed = sum(1 for r in results if not r["ok"])

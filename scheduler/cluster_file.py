@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .session import DEFAULT_PORT
-from .ssh import SSHNode, parse_nodes
+from .ssh import SSHNode, check_number, parse_nodes
 
 __all__ = ["ClusterFile"]
 
@@ -64,22 +64,20 @@ class ClusterFile:
         unknown = set(data) - {"head", "nodes"}
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: head, nodes)")
-        head = data.get("head") or {}
+        head = data.get("head")
+        if head is None:
+            head = {}
         if not isinstance(head, dict) or set(head) - _HEAD_KEYS:
-            raise ValueError(f"{where}: 'head' must be a mapping with keys among {sorted(_HEAD_KEYS)}")
+            raise ValueError(f"{where}: 'head' must be a mapping with keys among {sorted(_HEAD_KEYS)}, not {head!r}")
         try:
             nodes = parse_nodes(data.get("nodes"))
+            _check_head(head)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        port = head.get("port", DEFAULT_PORT)
-        if not isinstance(port, int) or not 0 <= port < 65536:
-            raise ValueError(f"{where}: head.port must be a port number (0: any free one), not {port!r}")
         resources = head.get("resources") or {}
-        if not isinstance(resources, dict):
-            raise ValueError(f"{where}: head.resources must be a mapping")
         return cls(
-            host=str(head.get("host", "127.0.0.1")),
-            port=port,
+            host=head.get("host", "127.0.0.1"),
+            port=head.get("port", DEFAULT_PORT),
             num_cpus=head.get("num_cpus"),
             num_gpus=head.get("num_gpus"),
             resources=resources,
@@ -95,3 +93,16 @@ class ClusterFile:
                 d["ssh_options"] = list(d["ssh_options"])
             out.append(d)
         return out
+
+
+def _check_head(head: dict[str, Any]) -> None:
+    """Refuse a ``head:`` value of the wrong type, naming its key."""
+    host = head.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"head.host must be a host name or address, not {host!r}")
+    check_number(head.get("port", DEFAULT_PORT), "head.port", "a port number (0: any free one)", whole=True, high=65535)
+    for key, whole in (("num_cpus", False), ("num_gpus", True)):
+        if head.get(key) is not None:
+            check_number(head[key], f"head.{key}", "a whole number >= 0" if whole else "a number >= 0", whole=whole)
+    if not isinstance(head.get("resources") or {}, dict):
+        raise ValueError("head.resources must be a mapping")

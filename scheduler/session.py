@@ -176,12 +176,13 @@ def _unlink(path: str) -> None:
         pass
 
 
-def locate_head(address: str) -> tuple[str, str | None]:
+def locate_head(address: str, key_file: str | None = None) -> tuple[str, str | None]:
     """What a driver or ``actorlib`` was told (``auto``, ``HOST:PORT``) → the head's ``tcp://`` address and key file.
 
     ``auto`` is ``$ACTORLIB_ADDRESS``, else the head running on this machine.
-    The key file is ``$ACTORLIB_KEY_FILE``, else the one a head or node
-    started here for that address recorded; None if neither.
+    The key file is ``key_file`` when given (the environment does not
+    override it), else ``$ACTORLIB_KEY_FILE``, else the one a head or node
+    started here for that address recorded; None if none of these.
     """
     if address == "auto":
         address = os.environ.get("ACTORLIB_ADDRESS", "")
@@ -194,6 +195,8 @@ def locate_head(address: str) -> tuple[str, str | None]:
                 )
             address = head["address"]
     tcp = normalize_address(address)
+    if key_file is not None:
+        return tcp, key_file
     key_file = os.environ.get("ACTORLIB_KEY_FILE") or None
     if key_file is None:
         for info in read_started():

@@ -23,7 +23,7 @@ from typing import Any
 
 from .forkserver import set_parent_death_signal
 
-__all__ = ["SSHNode", "SSHLaunch", "parse_nodes"]
+__all__ = ["SSHNode", "SSHLaunch", "check_number", "parse_nodes"]
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,25 @@ class SSHNode:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        if not isinstance(d.get("host"), str) or not d["host"]:
-            raise ValueError(f"{where}: 'host' must be a host name or address")
         args = dict(d)
-        if not isinstance(args.get("port", 22), int):
-            raise ValueError(f"{where}: 'port' must be a number")
+        for key, what in _STRINGS.items():
+            value = args.get(key)
+            if key != "host" and (key not in args or (value is None and key in _OPTIONAL)):
+                continue  # not set: its default
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{where}.{key} must be {what}, not {value!r}")
+        if "port" in args:
+            check_number(args["port"], f"{where}.port", "an SSH port number (1-65535)", whole=True, low=1, high=65535)
+        for key, whole in (("num_cpus", False), ("num_gpus", True)):
+            if args.get(key) is not None:
+                check_number(args[key], f"{where}.{key}", "a whole number >= 0" if whole else "a number >= 0", whole=whole)
         for key in ("env_vars", "resources"):
             if not isinstance(args.get(key, {}), dict):
-                raise ValueError(f"{where}: {key!r} must be a mapping")
+                raise ValueError(f"{where}.{key} must be a mapping")
         args["env_vars"] = {str(k): str(v) for k, v in args.get("env_vars", {}).items()}
         opts = args.get("ssh_options", [])
         if not isinstance(opts, list | tuple) or not all(isinstance(o, str) for o in opts):
-            raise ValueError(f"{where}: 'ssh_options' must be a list of strings")
+            raise ValueError(f"{where}.ssh_options must be a list of strings")
         args["ssh_options"] = tuple(opts)
         if args.get("identity_file"):
             args["identity_file"] = os.path.expanduser(args["identity_file"])
@@ -99,6 +106,23 @@ class SSHNode:
         if self.identity_file:
             ssh += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
         return [*ssh, *self.ssh_options, self.target, shlex.join(remote)]
+
+
+_STRINGS = {
+    "host": "a host name or address",
+    "user": "a user name",
+    "python": "a Python command or path",
+    "identity_file": "a path to a key file",
+    "node_address": "a host name or address",
+}
+_OPTIONAL = {"user", "identity_file", "node_address"}  # null: not set
+
+
+def check_number(value: Any, name: str, what: str, *, whole: bool, low: float = 0, high: float = float("inf")) -> None:
+    """Refuse ``value`` unless it is an int (or, unless ``whole``, a float) in ``[low, high]``: never a bool or a string."""
+    number = isinstance(value, int) or (not whole and isinstance(value, float))
+    if isinstance(value, bool) or not number or not low <= value <= high:
+        raise ValueError(f"{name} must be {what}, not {value!r}")
 
 
 def parse_nodes(nodes: Any) -> list[SSHNode]:
