@@ -73,7 +73,7 @@ class VirtualCluster:
         bundle: dict[str, float] = {"GPU": 1} if use_gpus else {"CPU": 1}
         if cpus_per_bundle:
             bundle["CPU"] = cpus_per_bundle
-        self._stores: list[ActorHandle] = []
+        self._stores: dict[int, ActorHandle] = {}  # rendezvous stores by port
         self._pgs: list[PlacementGroup] = []
         totals = api.cluster_resources()
         for resource, amount in bundle.items():
@@ -129,9 +129,19 @@ class VirtualCluster:
     def get_master_address_and_port(self) -> tuple[str, int]:
         """A fresh rendezvous store next to bundle 0: ``(address, port)`` for ``MASTER_ADDR``/``MASTER_PORT``."""
         store = _RendezvousStore.options(placement_group=self._pgs[0], bundle_index=0, num_cpus=0).remote()
-        self._stores.append(store)
-        port = api.get(store.port.remote(), timeout=120)
+        try:
+            port = api.get(store.port.remote(), timeout=120)
+        except BaseException:
+            api.kill(store)
+            raise
+        self._stores[port] = store
         return self.bundle_node_addresses()[0][0], port
+
+    def release_master_port(self, port: int) -> None:
+        """Stop the rendezvous store behind ``port`` (from :meth:`get_master_address_and_port`): its group is done."""
+        store = self._stores.pop(port, None)
+        if store is not None:
+            api.kill(store)
 
     def shutdown(self) -> bool:
         """Remove the placement groups (their actors die with them) and the rendezvous stores."""
@@ -142,7 +152,7 @@ class VirtualCluster:
             except Exception:
                 ok = False
         self._pgs = []
-        self._stores = []
+        self._stores = {}
         return ok
 
     def __repr__(self) -> str:

@@ -136,7 +136,7 @@ def gather(refs: list[Any], ranks: list[int], metadata: list[dict[str, Any]], ti
             pending.remove(i)
             try:
                 values[i] = refs[i]._result(0)
-            except (RemoteError, ActorDiedError) as exc:
+            except ActorLibError as exc:  # raised, died, a result that cannot travel, cancelled ...
                 rank = ranks[i]
                 failures.append(WorkerFailure.from_error(rank, metadata[rank], exc, finished_at.get(i, time.time())))
                 if failed_at is None:

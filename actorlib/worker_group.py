@@ -72,31 +72,45 @@ class MultiWorkerFuture:
             values = gather(self.futures, ranks, meta, timeout, self.failure_grace_s, "this dispatch")
             return [values[i] for i in keep]
         # Streams are read all at once (a thread each): one worker's stream may only progress
-        # while another's is read, as in a collective.
+        # while another's is read, as in a collective. One that fails gives the others
+        # failure_grace_s to finish (or fail) too, as for plain methods.
+        ranks = self.called_workers or list(range(len(self.futures)))
         items: list[list[Any]] = [[] for _ in kept]
-        errors: list[BaseException] = []
+        failures: list[WorkerFailure] = []
+        ended = threading.Condition()
+        left = [sum(1 for g in kept if isinstance(g, ObjectRefGenerator))]
+        first_failure: list[float] = []
 
         def drain(i: int, gen: ObjectRefGenerator) -> None:
             try:
                 for ref in gen:
                     items[i].append(api.get(ref))
-            except BaseException as exc:
-                errors.append(exc)
+            except BaseException as exc:  # (not only ActorLibError: nothing a stream raises may go unseen)
+                rank = ranks[keep[i]]
+                meta = self.worker_metadata[rank] if rank < len(self.worker_metadata) else {}
+                failures.append(WorkerFailure.from_error(rank, meta, exc, time.time()))
+                first_failure.append(time.monotonic())
+            finally:
+                with ended:
+                    left[0] -= 1
+                    ended.notify_all()
 
-        threads = [
-            threading.Thread(target=drain, args=(i, g), daemon=True)
-            for i, g in enumerate(kept)
-            if isinstance(g, ObjectRefGenerator)
-        ]
-        for t in threads:
-            t.start()
+        for i, g in enumerate(kept):
+            if isinstance(g, ObjectRefGenerator):
+                threading.Thread(target=drain, args=(i, g), daemon=True, name="actorlib-stream").start()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                raise GetTimeoutError(f"the streams did not finish within {timeout} s")
-        if errors:
-            raise errors[0]
+        with ended:
+            while left[0]:
+                limit = first_failure[0] + self.failure_grace_s if first_failure else deadline
+                remaining = None if limit is None else limit - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                ended.wait(remaining)
+            unfinished = left[0]
+        if failures:
+            raise WorkerGroupError(sorted(failures, key=lambda f: f.time), len(kept), "this dispatch")
+        if unfinished:
+            raise GetTimeoutError(f"{unfinished} of {len(kept)} streams did not finish within {timeout} s")
         out: list[Any] = []
         for i, fut in enumerate(kept):
             out.extend(items[i]) if isinstance(fut, ObjectRefGenerator) else out.append(api.get(fut, timeout=timeout))
@@ -227,6 +241,8 @@ class WorkerGroup:
 
         async def one(handle: ActorHandle) -> dict[str, Any]:
             info = await rt.control("resolve_actor", actor_id=handle._actor_id)
+            if info["state"] == "DEAD":  # at once: not after every other worker has started (or timed out)
+                raise ActorDiedError(info.get("death") or {})
             progress.update()
             return info
 
@@ -240,8 +256,6 @@ class WorkerGroup:
         finally:
             progress.close()
         for meta, info in zip(self._worker_metadata, infos, strict=True):
-            if info["state"] == "DEAD":
-                raise ActorDiedError(info.get("death") or {})
             meta["pid"] = info["pid"]
             meta["node_id"] = info["node_id"]
             meta["gpu_ids"] = info["gpu_ids"]
@@ -285,6 +299,7 @@ class WorkerGroup:
         return runtime.current().submit_many(targets, method_name, tuple(args), kwargs, stream_window=window)
 
     def _selected(self, run_rank_0_only_axes: list[str] | None) -> list[int]:
+        run_rank_0_only_axes = _axes("run_rank_0_only_axes", run_rank_0_only_axes)
         if not run_rank_0_only_axes:
             return list(range(len(self._workers)))
         sharding = self._need_sharding("run_rank_0_only_axes")
@@ -355,9 +370,9 @@ class WorkerGroup:
         """Shard the arguments over named axes; see the module docstring."""
         self._method(method_name)
         sharding = self._need_sharding("run_all_workers_sharded_data")
-        in_sharded_axes = list(in_sharded_axes or [])
-        replicate_on_axes = list(replicate_on_axes or [])
-        output_is_replicated = list(output_is_replicated or [])
+        in_sharded_axes = _axes("in_sharded_axes", in_sharded_axes)
+        replicate_on_axes = _axes("replicate_on_axes", replicate_on_axes)
+        output_is_replicated = _axes("output_is_replicated", output_is_replicated)
         for axis in in_sharded_axes + replicate_on_axes + output_is_replicated:
             sharding.get_axis_index(axis)  # raises on an unknown axis
         both = set(in_sharded_axes) & set(replicate_on_axes)
@@ -431,8 +446,13 @@ class WorkerGroup:
                 return RunResult(values, [], len(history), history)
             except WorkerGroupError as exc:
                 if len(history) == max_restarts:
+                    if not all(r.done() for r in refs):  # ranks still in it (a collective, say) would hold the group
+                        self._restart_all()
                     return RunResult([None] * len(ranks), exc.failures, len(history), history)
                 history.append(exc.failures)
+            except GetTimeoutError:
+                self._restart_all()  # the ranks still running would hold the group: fresh ones take their place
+                raise
             self._restart_all()
 
     def _restart_all(self) -> None:
@@ -441,6 +461,7 @@ class WorkerGroup:
         ids = [w._actor_id for w in self._workers]
         rt.run(rt.control("kill_actors", actor_ids=ids, wait_s=30.0))
         self._workers, self._worker_metadata, self.tied_workers_groups = [], [], []
+        self._release_store()
         self._start()
 
     def get_all_worker_results(
@@ -458,6 +479,7 @@ class WorkerGroup:
         ``force``, skip the cleanup. Either way no worker is left running.
         """
         if not self._workers:
+            self._release_store()
             return True
         ok = True
         if cleanup_method is not None and not force:
@@ -470,10 +492,26 @@ class WorkerGroup:
         ids = [w._actor_id for w in self._workers]
         rt.run(rt.control("kill_actors", actor_ids=ids, wait_s=timeout if timeout is not None else 30.0))
         self._workers = []
+        self._release_store()
         return ok
+
+    def _release_store(self) -> None:
+        """The rendezvous store of this start goes (a restart, or the end, makes or needs none)."""
+        port = getattr(self, "master_port", None)
+        if port is not None:
+            self.cluster.release_master_port(port)
 
     def __repr__(self) -> str:
         return f"WorkerGroup({self._cls.__name__}, {len(self._workers)} workers)"
+
+
+def _axes(what: str, axes: Any) -> list[str]:
+    """A list of axis names (None: none). A bare string is refused: ``list("dp")`` would be ``["d", "p"]``."""
+    if axes is None:
+        return []
+    if isinstance(axes, str) or not isinstance(axes, list | tuple):
+        raise TypeError(f"{what} must be a list of axis names, not {axes!r}")
+    return list(axes)
 
 
 def _actor_class(actor_class: Any) -> ActorClass[Any]:

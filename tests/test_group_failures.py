@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from actorlib import NamedSharding, VirtualCluster, WorkerGroup
+from actorlib.exceptions import GetTimeoutError
 from actorlib.spmd import WorkerGroupError
 
 from .conftest import local_cluster
@@ -125,3 +126,81 @@ def test_run_a_command_line_and_give_up_after_max_restarts(al, tmp_path):
     finally:
         g.shutdown(force=True)
         cluster.shutdown()
+
+
+class Streamer:
+    def stream(self, bad_rank):
+        """Rank ``bad_rank`` raises after its first item; the others stay stuck (as in a collective it never joins)."""
+        import time
+
+        yield int(os.environ["RANK"])
+        if int(os.environ["RANK"]) == bad_rank:
+            raise ValueError(f"rank {bad_rank} gave up")
+        time.sleep(600)
+        yield -1
+
+
+def hang_unless(good_rank):
+    """Rank ``good_rank`` returns; rank 0 (if not good) raises; every other rank hangs."""
+    import time
+
+    rank = int(os.environ["RANK"])
+    if rank == good_rank:
+        return rank
+    if rank == 0:
+        raise RuntimeError("rank 0 failed")
+    time.sleep(600)
+
+
+def rank_of():
+    return int(os.environ["RANK"])
+
+
+def unsendable():
+    import threading
+
+    return threading.Lock()
+
+
+@pytest.fixture
+def pair(al):
+    cluster = VirtualCluster([2], use_gpus=False, name="pair")
+    g = WorkerGroup(cluster, Streamer, sharding_annotations=NamedSharding([0, 1], ["dp"]))
+    yield cluster, g
+    g.shutdown(force=True)
+    cluster.shutdown()
+
+
+def test_a_failed_stream_fails_its_dispatch_without_waiting_for_the_stuck_ones(pair):
+    _, g = pair
+    future = g.run_all_workers_sharded_data("stream", [0, 0], in_sharded_axes=["dp"])
+    future.failure_grace_s = 1.0
+    with pytest.raises(WorkerGroupError) as info:
+        future.get_results(timeout=60)
+    assert info.value.first.rank == 0 and "rank 0 gave up" in info.value.first.exception
+
+
+def test_a_failed_or_timed_out_run_leaves_the_group_usable(pair):
+    """Ranks still running after the last attempt (stuck in a collective, say) would hold every later call."""
+    cluster, g = pair
+    failed = g.run(hang_unless, -1, failure_grace_s=1.0)  # rank 0 raises, rank 1 hangs
+    assert not failed.ok and failed.first_failure.rank == 0
+    assert g.run(rank_of, timeout=60).return_values == [0, 1]
+    with pytest.raises(GetTimeoutError):
+        g.run(hang_unless, 0, timeout=2)  # rank 0 returns, rank 1 hangs
+    assert g.run(rank_of, timeout=60).return_values == [0, 1]
+    assert len(cluster._stores) == 1  # each restart's rendezvous store replaced the last one
+
+
+def test_a_rank_whose_result_cannot_travel_is_a_failure_of_the_run(pair):
+    _, g = pair
+    result = g.run(unsendable, failure_grace_s=1.0)
+    assert not result.ok and {f.rank for f in result.failures} == {0, 1}
+    assert all("SerializationError" in f.exception for f in result.failures)
+
+
+def test_axes_given_as_a_bare_string_are_refused(group):
+    with pytest.raises(TypeError, match="run_rank_0_only_axes must be a list of axis names"):
+        group.run_all_workers_single_data("rank", run_rank_0_only_axes="dp")
+    with pytest.raises(TypeError, match="in_sharded_axes must be a list"):
+        group.run_all_workers_sharded_data("step", [0, 0, 0, 0], in_sharded_axes="dp")
