@@ -165,20 +165,11 @@ class Head:
     def _node_gone(self, node: NodeRecord, how: str) -> None:
         node_id = node.node_id
         node.alive = False
-        for record in list(self.actors.values()):
-            if record.node_id == node_id and record.state in (ActorState.STARTING, ActorState.ALIVE):
-                self._lost(record, {"reason": f"its node {node_id[:8]} {how}", "host": node.address})
-        for pg in list(self.pgs.values()):  # groups that held bundles there are placed again, whole
+        # First the groups that held bundles there: pending again, their other bundles given back, so that
+        # no actor restarted below is placed into a bundle that is about to be placed again elsewhere.
+        moved = []
+        for pg in list(self.pgs.values()):
             if pg.state == PlacementGroupState.CREATED and any(b.node_id == node_id for b in pg.placed):
-                for record in list(self.actors.values()):
-                    if record.spec.placement_group != pg.pg_id or record.state in (ActorState.DEAD, ActorState.RESTARTING):
-                        continue
-                    reason = f"a node of its placement group ({node_id[:8]}) {how}"
-                    if record.may_restart():  # its bundle moves: this incarnation ends, the next starts there
-                        self._end_incarnation(record)
-                        self._lost(record, {"reason": reason})
-                    else:
-                        self._kill(record, reason)
                 for bundle in pg.placed:
                     other = self.nodes.get(bundle.node_id)
                     if other is not None and other.alive:
@@ -187,6 +178,20 @@ class Head:
                 pg.pending_reason = f"waiting for resources: node {node_id[:8]} holding its bundles {how}"
                 pg.set_state(PlacementGroupState.PENDING)
                 self._pending_pgs.append(pg.pg_id)
+                moved.append(pg.pg_id)
+        # Then the actors: those on the node, and those of the moved groups (placed again, whole), once each.
+        for record in list(self.actors.values()):
+            if record.state not in (ActorState.STARTING, ActorState.ALIVE):
+                continue
+            if record.node_id == node_id:
+                self._lost(record, {"reason": f"its node {node_id[:8]} {how}", "host": node.address})
+            elif record.spec.placement_group in moved:
+                reason = f"a node of its placement group ({node_id[:8]}) {how}"
+                if record.may_restart():  # its bundle moves: this incarnation ends, the next starts there
+                    self._end_incarnation(record)
+                    self._lost(record, {"reason": reason})
+                else:
+                    self._kill(record, reason)
         (log.info if how == LEFT else log.warning)("node %s %s", node_id[:8], how)
         self._schedule()
 

@@ -153,6 +153,30 @@ def test_an_actor_whose_node_is_lost_restarts_on_another(al):
     actorlib.testing.remove_node(other)
 
 
+def test_an_actor_of_a_group_moved_off_a_lost_node_restarts_once_with_a_gpu_of_its_own(al):
+    """The group's bundles are given back before its actors restart: none is placed into an old bundle (whose
+    GPU the group, placed again, may hand to another), and its restart is counted once (it was killed,
+    restarts used up, when counted twice)."""
+    nodes = [actorlib.testing.add_node(num_cpus=1, num_gpus=1, resources={"slot": 1}) for _ in range(3)]
+    pg = al.placement_group([{"slot": 1, "GPU": 1}] * 2, strategy="STRICT_SPREAD")
+    try:
+        assert pg.wait(60)
+        a = Keeper.options(placement_group=pg, bundle_index=-1, num_gpus=1, max_restarts=1).remote(0)
+        lost = al.get(a.node.remote(), timeout=60)
+        actorlib.testing.remove_node(lost)
+        nodes.remove(lost)
+        assert al.get(a.node.remote(), timeout=60) in nodes  # restarted, not killed
+        assert _restarts(al, a._actor_id) == 1
+        b = Keeper.options(placement_group=pg, bundle_index=-1, num_gpus=1).remote(1)
+        where = al.get([a.node.remote(), b.node.remote()], timeout=60)
+        gpus = al.get([a.gpus.remote(), b.gpus.remote()], timeout=60)
+        assert where[0] != where[1] and all(len(g) == 1 for g in gpus)  # one bundle, one node, one GPU each
+    finally:
+        al.remove_placement_group(pg)
+        for node in nodes:
+            actorlib.testing.remove_node(node)
+
+
 def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
     """SIGSTOP a worker: alive but silent. The head kills it and restarts it; with no restarts left, calls fail."""
     script = textwrap.dedent(
