@@ -42,6 +42,14 @@ HEARTBEAT_EVERY = NODE_TIMEOUT / 5
 WORKER_TIMEOUT = float(os.environ.get("ACTORLIB_WORKER_TIMEOUT_S", "30"))
 
 
+_PARTIAL_MAX = 64 << 10  # bytes of a worker's line without its newline yet that the agent holds
+
+
+def _shown(line: bytes) -> bytes:
+    """What a terminal shows of a line redrawn with carriage returns (a progress bar): its last drawing."""
+    return line.removesuffix(b"\r").rsplit(b"\r", 1)[-1]
+
+
 @dataclass
 class _Worker:
     actor_id: str
@@ -245,6 +253,8 @@ class NodeAgent:
         except OSError:
             data = b""
         if not data:
+            if w.partial.get(fd):  # a last line without its newline (often the error that ended the worker)
+                self._lines(w, fd, b"", final=True)
             self._close_fd(w, fd)
             return
         self._lines(w, fd, data)
@@ -277,13 +287,15 @@ class NodeAgent:
         (w.err_file if is_err else w.out_file).write(data)
         buf = w.partial.pop(fd, b"") + data
         *lines, rest = buf.split(b"\n")
-        if rest and final:
+        if b"\r" in rest:  # a progress bar redrawing its line: held as a terminal would show it
+            rest = _shown(rest)
+        if rest and (final or len(rest) >= _PARTIAL_MAX):  # (a line that long is shown in pieces)
             lines.append(rest)
         elif rest:
             w.partial[fd] = rest
         if not lines:
             return
-        text = [line.decode("utf-8", "replace") for line in lines]
+        text = [(_shown(line) if b"\r" in line else line).decode("utf-8", "replace") for line in lines]
         if is_err:
             w.tail.extend(text)
         if self._head is not None and not self._head.closed:

@@ -160,6 +160,13 @@ def make_classes(actorlib):
 
             return "torch" in sys.modules
 
+        def exit_after_writing(self, text):
+            import sys
+
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            os._exit(1)
+
         def exit_now(self, code):
             import sys
 
@@ -609,6 +616,20 @@ def test_worker_death_reports_exit_code_and_stderr(cluster, Counter):
     err = info.value
     assert err.pid == pid and err.exit_code == 3 and "about to exit" in "\n".join(err.stderr_tail)
     assert "exit_code=3" in str(err)
+
+
+def test_a_dying_workers_last_words_reach_the_driver_as_a_terminal_shows_them(cluster, Counter):
+    """Its last line without a newline (often the error that ended it); a progress bar redrawn with \r as the
+    line it ends as (its every redraw is not held: 20 000 of them)."""
+    c = Counter.remote()
+    with pytest.raises(ActorDiedError) as info:
+        cluster.get(c.exit_after_writing.remote("started\nRuntimeError: CUDA out of memory"), timeout=30)
+    assert info.value.stderr_tail[-2:] == ["started", "RuntimeError: CUDA out of memory"]
+    c = Counter.remote()
+    bar = "".join(f"\rstep {i}" for i in range(20_000)) + "\ndone\n"
+    with pytest.raises(ActorDiedError) as info:
+        cluster.get(c.exit_after_writing.remote(bar), timeout=30)
+    assert info.value.stderr_tail[-2:] == ["step 19999", "done"]
 
 
 def test_constructor_failure_is_actor_died_with_traceback(cluster):
