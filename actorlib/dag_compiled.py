@@ -34,7 +34,7 @@ import threading
 import uuid
 from typing import Any
 
-from transport import DecodeError, EncodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
+from transport import DecodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
 
 from . import runtime
 from .actor import ActorHandle
@@ -453,7 +453,7 @@ class CompiledDAG:
                     inlined.append([key, small])
                     kwargs[key] = None
             inner, buffers = dumps([args_list, kwargs, inlined])
-        except EncodeError as exc:
+        except Exception as exc:  # (EncodeError, or a tensor torch cannot give the bytes of): the slot goes back
             with self._lock:
                 self._release_locked()
             raise SerializationError(f"could not serialize the arguments of execute(): {exc}") from None
@@ -576,6 +576,12 @@ class _Results:
             value = {"message": str(exc)}
         if msg.kind == Kind.STREAM_ITEM:
             for item in value:
+                if len(item) == 6:  # [seq, index, True, None, None, the value encoded apart]
+                    try:
+                        item = [*item[:3], loads(item[5], msg.buffers)]
+                    except DecodeError as exc:  # that execution fails, and only it
+                        message = f"could not deserialize the graph's output {item[1]}: {exc}"
+                        item = [item[0], item[1], False, {"type": "serialization", "message": message}]
                 self._graph._on_result(*item)
         elif msg.kind == Kind.ERROR:
             self._graph._results_ended(

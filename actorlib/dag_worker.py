@@ -745,16 +745,20 @@ class GraphRuntime:
 
     def _result(self, seq: int, index: int, out: Any, *, on_loop: bool) -> None:
         """One output for the driver, as a stream item of the results call (any thread)."""
+        buffers: list[Any] = []
         if isinstance(out, _Failed):
             item: list[Any] = [seq, index, False, out.record]
         else:  # a list, not a tuple: msgpack packs a list itself, a tuple through the codec's hook
             small = inline(out)
-            item = [seq, index, True, out] if small is None else [seq, index, True, None, small]
-        try:
-            body, buffers = dumps([item])
-        except EncodeError as exc:
-            record = {"type": "serialization", "message": f"could not serialize the graph's output {index}: {exc}"}
-            body, buffers = dumps([[seq, index, False, record]])
+            item = [seq, index, True, None, small]
+            if small is None:
+                try:  # the value encoded apart: a driver that cannot read it still reads which execution it was
+                    encoded, buffers = dumps(out)
+                    item = [seq, index, True, None, None, encoded]
+                except EncodeError as exc:
+                    record = {"type": "serialization", "message": f"could not serialize the graph's output {index}: {exc}"}
+                    item = [seq, index, False, record]
+        body, _ = dumps([item])
         with self._results_lock:
             if self._results is None:
                 self._unsent.append((body, [bytes(b) for b in buffers]))

@@ -134,6 +134,9 @@ class Stage:
             time.sleep(0.01)
         return x
 
+    def unreadable_at_the_driver(self, x):
+        return ArrivesBroken()
+
     def lock_of(self, x):
         return threading.Lock()  # cannot be serialized: its execution fails at the driver
 
@@ -661,6 +664,30 @@ def test_values_that_cannot_travel_fail_their_execution_only(env):
     finally:
         compiled.teardown()
         unserializable.teardown()
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_an_output_the_driver_cannot_read_or_an_argument_torch_cannot_send_fails_only_its_execution(env):
+    """Each fails that execution and gives its slot back: with max_inflight=1, the next one would wait forever."""
+    transport, (a, b, _) = env
+    with InputNode() as inp:
+        unreadable = b.unreadable_at_the_driver.bind(a.add.bind(inp, 0).with_tensor_transport(transport)).compile(
+            max_inflight=1
+        )
+    with InputNode() as inp:
+        plain = b.to_host.bind(a.add.bind(inp, 1).with_tensor_transport(transport)).compile(max_inflight=1)
+    try:
+        with pytest.raises(actorlib.SerializationError, match="could not deserialize the graph's output"):
+            actorlib.get(unreadable.execute(torch.ones(1)), timeout=30)
+        with pytest.raises(actorlib.SerializationError, match="graph's output"):
+            actorlib.get(unreadable.execute(torch.ones(1)), timeout=30)
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+        with pytest.raises(actorlib.SerializationError, match="arguments of execute"):
+            plain.execute(nested)
+        assert actorlib.get(plain.execute(torch.zeros(1)), timeout=30).tolist() == [1.0]
+    finally:
+        unreadable.teardown()
+        plain.teardown()
 
 
 def test_an_output_that_cannot_be_sent_fails_before_it_is_announced(env):
