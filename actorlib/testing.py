@@ -38,6 +38,7 @@ from typing import Any
 from . import api
 
 __all__ = [
+    "DeadlineExceeded",
     "ProcessLeakError",
     "add_node",
     "assert_no_leaks",
@@ -147,19 +148,31 @@ class MultiNode:
     node_ids: list[str] = field(default_factory=list)
 
 
+class DeadlineExceeded(BaseException):
+    """A test ran longer than its ``actorlib_timeout``. Not an ``Exception``: a test's ``except Exception``
+    (or actorlib's own handling of a ``TimeoutError``) must not swallow it."""
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float, what: str) -> Iterator[None]:
-    """Fail the running test with its stack if it takes longer than ``seconds`` (main thread, Unix)."""
+    """Fail the running test with its stack if it takes longer than ``seconds`` (main thread, Unix).
+
+    The alarm fires again every few seconds until the test ends (in case something caught it anyway).
+    """
     if seconds <= 0 or not hasattr(signal, "setitimer"):
         yield
         return
+    message = f"{what} took longer than {seconds:g} s (actorlib_timeout)"
+    fired: list[bool] = []
 
     def expired(signum: int, frame: Any) -> None:
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        raise TimeoutError(f"{what} took longer than {seconds:g} s (actorlib_timeout)")
+        if not fired:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        fired.append(True)
+        raise DeadlineExceeded(message)
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
     try:
         yield
     finally:
