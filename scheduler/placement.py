@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,13 +150,8 @@ def place(
                     break
             ok = len(chosen) == len(bundles)
     elif strategy == "STRICT_SPREAD":
-        taken: set[str] = set()
-        for b in bundles:
-            node = next((n for n in order if n not in taken and trial[n].fits(b)), None)
-            if node is None or not take(node, b):
-                break
-            taken.add(node)
-        ok = len(chosen) == len(bundles)
+        nodes = _distinct_nodes(bundles, order, lambda n, b: trial[n].fits(b))
+        ok = nodes is not None and all(take(n, b) for n, b in zip(nodes, bundles, strict=True))
     else:  # SPREAD
         for b in bundles:
             counts = {n: sum(1 for c, _ in chosen if c == n) for n in order}
@@ -169,6 +164,33 @@ def place(
     for node_id, alloc in chosen:
         pools[node_id].take(alloc)
     return chosen, ""
+
+
+def _distinct_nodes(
+    bundles: Sequence[Mapping[str, float]], order: list[str], fits: Callable[[str, Mapping[str, float]], bool]
+) -> list[str] | None:
+    """A node per bundle, no two the same, each fitting its bundle; None if there is no such choice.
+
+    A bipartite matching (augmenting paths): taking, bundle by bundle, the first node that fits can
+    miss one that exists (a GPU node taken by a CPU bundle that any node could have held).
+    Preferring ``order``.
+    """
+    holder: dict[str, int] = {}  # node -> the bundle it holds
+
+    def assign(i: int, seen: set[str]) -> bool:
+        for n in order:
+            if n in seen or not fits(n, bundles[i]):
+                continue
+            seen.add(n)
+            if n not in holder or assign(holder[n], seen):
+                holder[n] = i
+                return True
+        return False
+
+    if not all(assign(i, set()) for i in range(len(bundles))):
+        return None
+    node_of = {i: n for n, i in holder.items()}
+    return [node_of[i] for i in range(len(bundles))]
 
 
 def _why(strategy: str, bundles: Sequence[Mapping[str, float]], pools: Mapping[str, NodePool], label: str = "is free") -> str:

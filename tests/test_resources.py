@@ -120,6 +120,20 @@ def test_strict_spread_needs_a_node_per_bundle(n_nodes):
         assert sorted(nodes_of(placed)) == ["n0", "n1", "n2"]
 
 
+def test_strict_spread_finds_a_node_per_bundle_whenever_there_is_a_choice():
+    """Taking the first node that fits, bundle by bundle, gives the GPU node to the CPU bundle, and then the
+    GPU bundle has nowhere to go: the group was called infeasible, for good, though it fits."""
+    bundles = [{"CPU": 1}, {"GPU": 1}]
+    assert infeasibility("STRICT_SPREAD", bundles, pools({"CPU": 2, "GPU": 1}, {"CPU": 2})) is None
+    p = pools({"CPU": 2, "GPU": 1}, {"CPU": 2})
+    placed, why = place("STRICT_SPREAD", bundles, p)
+    assert nodes_of(placed) == ["n1", "n0"] and placed[1][1].gpu_ids == ["0"], why
+    assert p["n0"].free["GPU"] == 0 and p["n1"].free["CPU"] == 10000
+    p = pools({"CPU": 1}, {"CPU": 1, "tpu": 1}, {"tpu": 1})  # three bundles, each fitting two of three nodes
+    placed, _ = place("STRICT_SPREAD", [{"tpu": 1}, {"CPU": 1}, {"CPU": 1}], p)
+    assert sorted(nodes_of(placed)) == ["n0", "n1", "n2"] and nodes_of(placed)[0] in ("n1", "n2")
+
+
 def test_infeasible_versus_waiting():
     p = pools({"GPU": 2}, {"GPU": 2})
     assert place("STRICT_PACK", [{"GPU": 1}] * 2, p)[0] is not None
