@@ -67,10 +67,21 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 class ForkServer:
     """The node agent's handle on its fork server process (asyncio)."""
 
-    def __init__(self, *, preload: list[str], entry: str, on_exit: Callable[[int, int], None]) -> None:
+    def __init__(
+        self,
+        *,
+        preload: list[str],
+        entry: str,
+        on_exit: Callable[[int, int], None],
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_exit(pid, status)`` for each worker that ends; ``on_lost()`` if the server itself dies (not
+        stopped): its workers died with it, and no ``on_exit`` comes for them."""
         self._preload = preload
         self._entry = entry
         self._on_exit = on_exit
+        self._on_lost = on_lost
+        self._stopping = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -150,6 +161,10 @@ class ForkServer:
                 fut.set_exception(err)
         self._spawns.clear()
         self._close_socket()
+        if self._proc is not None:
+            self._proc.poll()  # (reaped, if it is gone already)
+        if self._on_lost is not None and not self._stopping:
+            self._on_lost()
 
     def _close_socket(self) -> None:
         if self._sock is not None:
@@ -162,6 +177,7 @@ class ForkServer:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Close the socket: the server kills its workers and exits. Bounded by ``timeout``."""
+        self._stopping = True
         self._close_socket()
         proc = self._proc
         if proc is None:

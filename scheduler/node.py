@@ -88,7 +88,9 @@ class NodeAgent:
         self._workers: dict[int, _Worker] = {}
         self._unswept: set[int] = set()  # exited workers whose unclaimed shared-memory files are not removed yet
         self._early_exits: dict[int, int] = {}  # exits read before their spawn answer was handled
-        self._forkserver = ForkServer(preload=worker_preload, entry=worker_entry, on_exit=self._on_exit)
+        self._forkserver = ForkServer(
+            preload=worker_preload, entry=worker_entry, on_exit=self._on_exit, on_lost=self._forkserver_lost
+        )
         self._control = ControlServer(self, on_event=self._on_event)
         self._head: Endpoint | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -331,6 +333,18 @@ class NodeAgent:
             if w.partial.get(fd):
                 self._lines(w, fd, b"", final=True)
             self._close_fd(w, fd)
+
+    def _forkserver_lost(self) -> None:
+        """The fork server died (killed, out of memory ...), and its workers with it: report them at once (the
+        head would otherwise learn of it only from their silence), and start another server."""
+        log.error("node %s: its fork server (pid %d) died; starting another", self.node_id[:8], self._forkserver.pid)
+        for pid in list(self._workers):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # what each had started, too (its process group)
+            except OSError:
+                pass
+            self._finish(pid, -signal.SIGKILL, reason="its node's fork server died")
+        self._forkserver.start()
 
     def _on_exit(self, pid: int, status: int) -> None:
         if pid not in self._workers:

@@ -177,6 +177,21 @@ def test_an_actor_of_a_group_moved_off_a_lost_node_restarts_once_with_a_gpu_of_i
             actorlib.testing.remove_node(node)
 
 
+def test_a_dead_fork_server_is_replaced_and_its_workers_reported_at_once(al):
+    """Its workers die with it (parent-death signal): the agent says so at once, not the heartbeat timeout
+    later, and a new server takes over the node's spawns."""
+    node = driver().node
+    k = Keeper.remote(5)
+    worker = al.get(k.pid.remote(), timeout=60)
+    old = node._forkserver.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not alive(old) and not alive(worker), timeout=10, what="the fork server and its worker to die")
+    with pytest.raises(actorlib.ActorDiedError, match="fork server died"):
+        al.get(k.add.remote(1), timeout=20)
+    assert node._forkserver.pid != old
+    assert al.get(Keeper.remote(1).add.remote(1), timeout=60) == 2
+
+
 def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
     """SIGSTOP a worker: alive but silent. The head kills it and restarts it; with no restarts left, calls fail."""
     script = textwrap.dedent(
