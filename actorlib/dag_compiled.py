@@ -298,13 +298,18 @@ class CompiledDAG:
     # -- results (on the I/O loop) --------------------------------------------------
 
     def _results_ended(self, aid: str, error: BaseException | None) -> None:
-        if self._state is GraphState.TORN_DOWN:
-            return
         if isinstance(error, ActorDiedError):
-            self._fail(error)
+            err: BaseException = error
         else:
             reason = f": {error}" if error is not None else ""
-            self._fail(ActorLibError(f"{self._actors[aid]} ({aid[:8]}) left the compiled graph{reason}"))
+            err = ActorLibError(f"{self._actors[aid]} ({aid[:8]}) left the compiled graph{reason}")
+        if self._state is not GraphState.TORN_DOWN:
+            self._fail(err)
+        elif isinstance(error, ActorDiedError):  # it died while teardown() waits for the executions on their way:
+            with self._lock:  # they fail now, and with that (not at the end of teardown's timeout)
+                pending, self._pending = self._pending, {}
+            for p in pending.values():
+                _settle(p.ref, error=err)
 
     def _on_result(self, seq: int, index: int, ok: bool, value: Any, small: Any = None) -> None:
         if small is not None:

@@ -619,6 +619,26 @@ def test_an_actor_killed_mid_graph_fails_the_graph(al, transport, tmp_path):
         actorlib.kill(s)
 
 
+def test_an_actor_killed_while_teardown_waits_fails_its_executions_at_once(al, tmp_path):
+    a, b = (StageActor.remote(name, "cpu") for name in "uv")
+    gate = str(tmp_path / "gate")
+    with InputNode() as inp:
+        compiled = b.to_host.bind(a.gate.bind(inp, gate).with_tensor_transport("gloo")).compile()
+    try:
+        ref = compiled.execute(torch.zeros(1))
+        wait_for(lambda: os.path.exists(gate + ".in"), timeout=30, what="the first stage to start")
+        pid = actorlib.get(b.pid.remote(), timeout=30)
+        threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+        compiled.teardown(timeout=60)  # returns once the execution failed, not after 60 s
+        with pytest.raises(actorlib.ActorDiedError):
+            actorlib.get(ref, timeout=1)
+    finally:
+        open(gate, "w").close()
+        compiled.teardown()
+        for s in (a, b):
+            actorlib.kill(s)
+
+
 def test_an_actor_killed_while_idle_fails_the_next_execution(al):
     a, b = (StageActor.remote(name, "cpu") for name in "pq")
     with InputNode() as inp:
