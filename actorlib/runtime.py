@@ -145,7 +145,12 @@ class Runtime:
                 "this blocking actorlib call would deadlock the actor's event loop "
                 "(it was made from an async actor method); use its async form instead"
             )
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except BaseException:
+            fut.cancel()  # a timeout or Ctrl-C here: the coroutine stops too, never goes on unwatched
+            raise
 
     def check_can_block(self) -> None:
         """Called before every blocking wait for results: raises where it would deadlock; ends a burst of calls."""

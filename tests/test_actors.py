@@ -790,3 +790,22 @@ def test_streamed_arrays_are_snapshots(cluster):
     arrays, plain = items[0::2], items[1::2]
     assert [int(a[0]) for a in arrays] == list(range(20)) and all(a.min() == a.max() for a in arrays)
     assert plain == [{"i": i, "tag": "plain"} for i in range(20)]
+
+
+def test_a_runtime_wait_that_gives_up_stops_what_it_waited_for(cluster):
+    """``Runtime.run`` timing out (or interrupted) cancels the coroutine on the loop: a compile() given up
+    on must not go on setting its graph up unwatched."""
+    from actorlib import runtime
+
+    rt = runtime.current()
+    ended = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.append(True)
+
+    with pytest.raises(TimeoutError):
+        rt.run(slow(), timeout=0.2)
+    wait_for(lambda: ended, timeout=10, what="the coroutine to be cancelled")
