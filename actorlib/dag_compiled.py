@@ -524,6 +524,11 @@ class CompiledDAG:
 
         Executions still running after that fail. Safe to call more than once, and after a failure.
         """
+        if self._rt.in_loop():  # it waits for results that this very loop delivers
+            raise ActorLibError(
+                "teardown() would block the event loop here (an async actor method): "
+                "call it from a thread, e.g. `await loop.run_in_executor(None, compiled.teardown)`"
+            )
         with self._lock:
             if self._state is GraphState.TORN_DOWN:
                 return

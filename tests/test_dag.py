@@ -532,6 +532,13 @@ def test_teardown_then_recompile(env):
         dag = b.to_host.bind(a.add.bind(inp, 1).with_tensor_transport(transport))
     first = dag.compile()
     assert actorlib.get(first.execute(torch.zeros(1)), timeout=30).item() == 1.0
+    rt = actorlib.api.runtime.current()
+
+    async def on_the_loop():  # as from an async actor method: it would wait for what this loop delivers
+        first.teardown()
+
+    with pytest.raises(actorlib.ActorLibError, match="would block the event loop"):
+        rt.run(on_the_loop())
     first.teardown()
     first.teardown()  # twice is fine
     assert first.graph_id not in actorlib.get(a.stats.remote(), timeout=30)  # gone from the actors
