@@ -179,8 +179,9 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     deadline = None if timeout is None else time.monotonic() + timeout  # for the whole call
     pending_refs = [r for r in refs if not r.done()]
     pending = [r._fut for r in pending_refs]
-    if pending and not any(failed(r._fut) for r in refs):
+    if pending:
         rt.check_can_block()
+    if pending and not any(failed(r._fut) for r in refs):
         left = wait_reading(pending_refs, timeout)  # this thread reads the answers itself where it can
         wait_for(pending, len(pending), left, stop=failed)  # one wake-up for the whole list; a failure ends it
         if timeout is not None and not all(f.done() for f in pending) and not any(failed(f) for f in pending):

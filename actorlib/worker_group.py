@@ -497,8 +497,9 @@ class WorkerGroup:
 
     def _release_store(self) -> None:
         """The rendezvous store of this start goes (a restart, or the end, makes or needs none)."""
-        port = getattr(self, "master_port", None)
-        if port is not None:
+        port = getattr(self, "master_port", 0)
+        if port:
+            self.master_port = 0  # once: the port may be another group's store's later
             self.cluster.release_master_port(port)
 
     def __repr__(self) -> str:

@@ -82,6 +82,7 @@ class ForkServer:
         self._on_exit = on_exit
         self._on_lost = on_lost
         self._stopping = False
+        self.was_ready = False  # the last server started got as far as loading the runtime
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -97,6 +98,7 @@ class ForkServer:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAX_PACKET)
         code = "import sys; from scheduler.forkserver import serve; serve(int(sys.argv[1]), sys.argv[2].split(','), sys.argv[3])"
         cmd = [python, "-c", code, str(theirs.fileno()), ",".join(self._preload), self._entry]
+        self.was_ready = False
         self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
         theirs.close()
         self.pid = self._proc.pid
@@ -135,6 +137,7 @@ class ForkServer:
             msg = msgpack.unpackb(data)
             op = msg.get("op")
             if op == "ready":
+                self.was_ready = True
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(None)
             elif op == "spawned":

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class NodeAgent:
         self._forkserver = ForkServer(
             preload=worker_preload, entry=worker_entry, on_exit=self._on_exit, on_lost=self._forkserver_lost
         )
+        self._forkserver_losses: list[float] = []  # when it died lately (monotonic): see _forkserver_lost
         self._control = ControlServer(self, on_event=self._on_event)
         self._head: Endpoint | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -289,8 +291,8 @@ class NodeAgent:
         (w.err_file if is_err else w.out_file).write(data)
         buf = w.partial.pop(fd, b"") + data
         *lines, rest = buf.split(b"\n")
-        if b"\r" in rest:  # a progress bar redrawing its line: held as a terminal would show it
-            rest = _shown(rest)
+        if b"\r" in rest:  # a progress bar redrawing its line: only its last drawing is held (and its \r, if it
+            rest = rest[rest.rstrip(b"\r").rfind(b"\r") + 1 :]  # ends with one: the next drawing replaces it)
         if rest and (final or len(rest) >= _PARTIAL_MAX):  # (a line that long is shown in pieces)
             lines.append(rest)
         elif rest:
@@ -336,14 +338,20 @@ class NodeAgent:
 
     def _forkserver_lost(self) -> None:
         """The fork server died (killed, out of memory ...), and its workers with it: report them at once (the
-        head would otherwise learn of it only from their silence), and start another server."""
-        log.error("node %s: its fork server (pid %d) died; starting another", self.node_id[:8], self._forkserver.pid)
+        head would otherwise learn of it only from their silence), and start another server; unless it never
+        started, or keeps dying: then this node stops (and the head places nothing more here)."""
         for pid in list(self._workers):
             try:
                 os.killpg(pid, signal.SIGKILL)  # what each had started, too (its process group)
             except OSError:
                 pass
             self._finish(pid, -signal.SIGKILL, reason="its node's fork server died")
+        now = time.monotonic()
+        self._forkserver_losses = [t for t in self._forkserver_losses if now - t < 60.0] + [now]
+        if not self._forkserver.was_ready or len(self._forkserver_losses) > 3:
+            self._finish_agent(f"its fork server (pid {self._forkserver.pid}) could not start or keeps dying")
+            return
+        log.error("node %s: its fork server (pid %d) died; starting another", self.node_id[:8], self._forkserver.pid)
         self._forkserver.start()
 
     def _on_exit(self, pid: int, status: int) -> None:

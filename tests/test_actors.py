@@ -146,6 +146,20 @@ def make_classes(actorlib):
         async def call_other_async(self, handle, x):
             return await handle.incr.remote(x)
 
+        async def blocking_get_of_a_list_with_a_failure_in_async(self, handle):
+            import actorlib as al
+
+            failed = handle.fail.remote(1)
+            try:
+                await failed
+            except Boom:
+                pass
+            try:
+                al.get([handle.incr.remote(1), failed])
+            except ActorLibError as exc:
+                return str(exc)
+            return "no error"
+
         async def blocking_get_in_async(self, handle):
             import actorlib as al
 
@@ -159,6 +173,15 @@ def make_classes(actorlib):
             import sys
 
             return "torch" in sys.modules
+
+        def exit_after_writing_pieces(self, pieces):
+            import sys
+
+            for piece in pieces:  # apart: the node agent reads them one by one
+                sys.stderr.write(piece)
+                sys.stderr.flush()
+                time.sleep(0.05)
+            os._exit(1)
 
         def exit_after_writing(self, text):
             import sys
@@ -375,6 +398,8 @@ def test_handles_pass_to_other_actors(cluster, Counter):
     assert cluster.get(b.call_other.remote(a, 5), timeout=30) == 5
     assert cluster.get(b.call_other_async.remote(a, 5), timeout=30) == 10
     assert "await" in cluster.get(b.blocking_get_in_async.remote(a), timeout=30)
+    # a list holding a failed ref still has a pending one before it: the same refusal, not a hang
+    assert "await" in cluster.get(b.blocking_get_of_a_list_with_a_failure_in_async.remote(a), timeout=30)
 
 
 def test_generators_stream_in_order_sync_and_async(cluster, Counter):
@@ -630,6 +655,10 @@ def test_a_dying_workers_last_words_reach_the_driver_as_a_terminal_shows_them(cl
     with pytest.raises(ActorDiedError) as info:
         cluster.get(c.exit_after_writing.remote(bar), timeout=30)
     assert info.value.stderr_tail[-2:] == ["step 19999", "done"]
+    c = Counter.remote()  # redrawn by ending each drawing with \r (not starting it with one)
+    with pytest.raises(ActorDiedError) as info:
+        cluster.get(c.exit_after_writing_pieces.remote(["0%\r", "50%\r", "100%\r", "done\n"]), timeout=30)
+    assert info.value.stderr_tail[-1] == "done"
 
 
 def test_constructor_failure_is_actor_died_with_traceback(cluster):

@@ -109,8 +109,11 @@ def _claim_one(item: Any, buffers: list[Any]) -> None:
     if type(index) is not int or not 0 <= index < len(buffers) or type(size) is not int or size < 0:
         _unlink(path)
         raise ValueError(f"bad shared-memory entry {item!r}")
-    # O_NONBLOCK: a FIFO put there would otherwise block this open until a writer came
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:  # O_NONBLOCK: a FIFO put there would otherwise block this open until a writer came
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        _unlink(path)  # (a link, or no file descriptor left: it is refused, and goes)
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size:
