@@ -657,6 +657,9 @@ class Head:
             s = record.spec
             if s.placement_group is not None:
                 why = f"waiting for a bundle of placement group {s.placement_group[:8]} to have room"
+            elif not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
+                # (the node that could hold it left: it waits for one to join)
+                why = "infeasible now: " + self._infeasible_text(s).split(": ", 1)[1]
             else:
                 why = "waiting for resources: no node has that much free now"
             pending.append({"actor_id": actor_id, "class_name": s.class_name, "name": s.name, "demand": s.demand, "reason": why})

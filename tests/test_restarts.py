@@ -192,6 +192,22 @@ def test_a_dead_fork_server_is_replaced_and_its_workers_reported_at_once(al):
     assert al.get(Keeper.remote(1).add.remote(1), timeout=60) == 2
 
 
+def test_an_actor_waiting_for_a_node_that_left_says_so_in_status(al):
+    node = actorlib.testing.add_node(num_cpus=1, resources={"rare": 1})
+    k = Keeper.options(resources={"rare": 1}, max_restarts=1).remote(0)
+    assert al.get(k.node.remote(), timeout=60) == node
+    actorlib.testing.remove_node(node)
+    rt = driver().rt
+
+    def reason():
+        waiting = [p for p in rt.run(rt.control("status"))["pending"] if p["actor_id"] == k._actor_id]
+        return waiting[0]["reason"] if waiting else ""
+
+    wait_for(lambda: reason().startswith("infeasible now"), timeout=30, what="the actor to wait, saying why")
+    assert "it needs {'rare': 1" in reason() and "no node has that much" in reason()
+    al.kill(k)
+
+
 def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
     """SIGSTOP a worker: alive but silent. The head kills it and restarts it; with no restarts left, calls fail."""
     script = textwrap.dedent(
