@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -86,4 +87,20 @@ class Machine:
     def processes(self) -> set[int]:
         return tagged_processes(self.tmp)
 
+    def stop_all(self) -> None:
+        """End of a test: ``actorlib stop``, then kill what is left, and fail the test if anything was."""
+        self.cli("stop", check=False)
+        left = self.processes()
+        for pid in left:  # never leave them to the next test, but fail this one
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left running: {sorted(left)}"
 
+
+def end_process(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs, reap it, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from .conftest import alive, wait_for
-from .machine import Machine
+from .machine import Machine, end_process
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.slow
 def machine(tmp_path):
     m = Machine(str(tmp_path), ACTORLIB_NODE_TIMEOUT_S="2")
     yield m
-    m.cli("stop", check=False)
-    left = m.processes()
-    for pid in left:  # never leave them to the next test, but fail this one
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running: {sorted(left)}"
+    m.stop_all()
 
 
 COUNTER = """
@@ -182,11 +178,7 @@ import time; time.sleep(600)
         )
         wait_for(lambda: not any(alive(pid) for pid in owned_pids), timeout=10, what="their worker processes to exit")
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        driver.stdout.close()
-        driver.stderr.close()
+        end_process(driver)
 
 
 def test_a_driver_declared_dead_that_speaks_again_owns_what_it_makes_next(machine):
@@ -232,11 +224,7 @@ time.sleep(600)
             what="the actor made after it spoke again to be reaped with it",
         )
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        driver.stdout.close()
-        driver.stderr.close()
+        end_process(driver)
 
 
 def test_node_death_and_rejoin(machine):

@@ -7,7 +7,6 @@ CLI in a process of its own, on a private session root (``Machine``).
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import yaml
@@ -22,11 +21,7 @@ from .machine import Machine
 def machine(tmp_path):
     m = Machine(str(tmp_path), ACTORLIB_NODE_TIMEOUT_S="2")
     yield m
-    m.cli("stop", check=False)
-    left = m.processes()
-    for pid in left:  # never leave them to the next test, but fail this one
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running: {sorted(left)}"
+    m.stop_all()
 
 
 def _sessions(machine: Machine) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 
@@ -47,11 +46,7 @@ print(json.dumps({"driver": me, "done": done, "bad": bad}))
 def machine(tmp_path):
     m = Machine(str(tmp_path))
     yield m
-    m.cli("stop", check=False)
-    left = m.processes()
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running: {sorted(left)}"
+    m.stop_all()
 
 
 @pytest.mark.timeout(900)  # about 25 s on 2 cores; bounded generously for a loaded machine

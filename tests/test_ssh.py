@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -116,11 +115,7 @@ def sshd(keys):
 def machine(tmp_path, sshd):
     m = Machine(str(tmp_path), ACTORLIB_NODE_TIMEOUT_S="3")
     yield m
-    m.cli("stop", check=False)
-    left = m.processes()
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running: {sorted(left)}"
+    m.stop_all()
     # What sshd started for this test (sessions, node agents, workers) is gone too.
     wait_for(lambda: not descendants(sshd.proc.pid), timeout=20, what="sshd's sessions to end")
 
