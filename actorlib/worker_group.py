@@ -65,16 +65,15 @@ class MultiWorkerFuture:
         if return_generators_as_proxies:
             return [self.futures[i] for i in keep]
         kept = [self.futures[i] for i in keep]
+        ranks = self.called_workers or list(range(len(self.futures)))
         if not any(isinstance(f, ObjectRefGenerator) for f in kept):
             # Every called worker is watched, not only the returned ones: one failure fails the whole dispatch.
-            ranks = self.called_workers or list(range(len(self.futures)))
             meta = self.worker_metadata or [{} for _ in range(max(ranks, default=-1) + 1)]
             values = gather(self.futures, ranks, meta, timeout, self.failure_grace_s, "this dispatch")
             return [values[i] for i in keep]
         # Streams are read all at once (a thread each): one worker's stream may only progress
         # while another's is read, as in a collective. One that fails gives the others
         # failure_grace_s to finish (or fail) too, as for plain methods.
-        ranks = self.called_workers or list(range(len(self.futures)))
         items: list[list[Any]] = [[] for _ in kept]
         failures: list[WorkerFailure] = []
         ended = threading.Condition()

@@ -44,7 +44,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["ForkServer", "set_parent_death_signal"]
+__all__ = ["ForkServer", "kill_group", "set_parent_death_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def serve(fd: int, preload: list[str], entry: str) -> None:
             if pid == 0:
                 return
             children.discard(pid)
-            _kill_group(pid)  # what the worker started goes with it
+            kill_group(pid)  # what the worker started goes with it
             code = os.waitstatus_to_exitcode(status)
             send({"op": "exited", "pid": pid, "status": code})
 
@@ -296,7 +296,7 @@ def serve(fd: int, preload: list[str], entry: str) -> None:
             reap()
     finally:
         for pid in list(children):
-            _kill_group(pid)
+            kill_group(pid)
             try:
                 os.kill(pid, signal.SIGKILL)  # (not reaped yet: the pid is still this child's)
             except ProcessLookupError:
@@ -315,7 +315,7 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
         set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != server_pid:
             os._exit(1)
-        os.setpgid(0, 0)  # a group of its own: what it starts is killed with it (see _kill_group)
+        os.setpgid(0, 0)  # a group of its own: what it starts is killed with it (see kill_group)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -348,7 +348,7 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
             os._exit(code)
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
     """SIGKILL worker ``pid``'s process group: the worker, if still there, and what it started."""
     try:
         os.killpg(pid, signal.SIGKILL)

@@ -358,8 +358,8 @@ class Head:
     def _check_placeable(self, s: ActorSpec) -> None:
         """Refuse at once an actor that could never be placed; never a silent hang."""
         if s.placement_group is None:
-            if not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
-                raise ControlError("ResourceError", self._infeasible_text(s))
+            if not self._fits_a_node(s):
+                raise ControlError("ResourceError", f"actor {s.class_name} can never be placed: {self._too_big(s)}")
             return
         pg = self.pgs.get(s.placement_group)
         if pg is None or pg.state == PlacementGroupState.REMOVED:
@@ -383,17 +383,18 @@ class Head:
                 f"placement group {pg.pg_id[:8]} holds (bundles: {pg.bundles})",
             )
 
-    def _infeasible_text(self, s: ActorSpec) -> str:
+    def _fits_a_node(self, s: ActorSpec) -> bool:
+        """Some live node could hold the actor, were it empty."""
+        return any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values())
+
+    def _too_big(self, s: ActorSpec) -> str:
         totals: dict[str, float] = {}
         for n in self.nodes.values():
             if n.alive:
                 for k, v in to_float(n.pool.total).items():
                     totals[k] = totals.get(k, 0) + v
         largest = [to_float(n.pool.total) for n in self.nodes.values() if n.alive]
-        return (
-            f"actor {s.class_name} can never be placed: it needs {s.demand or '{}'}, "
-            f"but no node has that much (nodes: {largest}; cluster totals: {totals})"
-        )
+        return f"it needs {s.demand or '{}'}, but no node has that much (nodes: {largest}; cluster totals: {totals})"
 
     def _schedule(self) -> None:
         """Place what waits: placement groups first, then actors, each in arrival order."""
@@ -657,9 +658,8 @@ class Head:
             s = record.spec
             if s.placement_group is not None:
                 why = f"waiting for a bundle of placement group {s.placement_group[:8]} to have room"
-            elif not any(n.alive and n.pool.fits(s.demand, of_total=True) for n in self.nodes.values()):
-                # (the node that could hold it left: it waits for one to join)
-                why = "infeasible now: " + self._infeasible_text(s).split(": ", 1)[1]
+            elif not self._fits_a_node(s):  # (the node that could hold it left: it waits for one to join)
+                why = f"infeasible now: {self._too_big(s)}"
             else:
                 why = "waiting for resources: no node has that much free now"
             pending.append({"actor_id": actor_id, "class_name": s.class_name, "name": s.name, "demand": s.demand, "reason": why})

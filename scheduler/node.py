@@ -27,7 +27,7 @@ from typing import Any
 from transport import ControlServer, Endpoint, control_call, send_event, shm
 from transport.security import cluster_key
 
-from .forkserver import ForkServer
+from .forkserver import ForkServer, kill_group
 
 __all__ = ["NodeAgent"]
 
@@ -341,10 +341,7 @@ class NodeAgent:
         head would otherwise learn of it only from their silence), and start another server; unless it never
         started, or keeps dying: then this node stops (and the head places nothing more here)."""
         for pid in list(self._workers):
-            try:
-                os.killpg(pid, signal.SIGKILL)  # what each had started, too (its process group)
-            except OSError:
-                pass
+            kill_group(pid)  # what each had started, too
             self._finish(pid, -signal.SIGKILL, reason="its node's fork server died")
         now = time.monotonic()
         self._forkserver_losses = [t for t in self._forkserver_losses if now - t < 60.0] + [now]
