@@ -53,6 +53,7 @@ class Driver:
         self.node: NodeAgent | None = None
         self.extra_nodes: dict[str, subprocess.Popen[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -139,9 +140,11 @@ class Driver:
     async def _beat(self, every: float) -> None:
         """Tell the head this driver is alive: if it stops (SIGKILL too), its actors are reaped."""
         rt = self.rt
-        while rt.head is not None and not rt.head.closed:
+        while rt.head is not None and not rt.head.closed and not self._stopping:
             try:
                 reply = await rt.control("heartbeat", timeout=every * 4)
+                if self._stopping:
+                    return
                 if isinstance(reply, dict) and reply.get("revived"):
                     log.warning("the head had declared this driver dead (it sent nothing for a while): its actors were stopped")
                 elif isinstance(reply, dict) and reply.get("rejoin"):
@@ -214,6 +217,10 @@ class Driver:
 
     async def _stop(self) -> None:
         rt = self.rt
+        self._stopping = True  # first: a beat answered after driver_exit would make this driver join again
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()  # (Python 3.11's wait_for can swallow a cancel: _beat checks the flag too)
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         if rt.head is not None and not rt.head.closed:
             try:
                 await rt.control("driver_exit", timeout=_STOP_TIMEOUT / 3)

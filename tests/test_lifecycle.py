@@ -204,3 +204,30 @@ def test_classes_and_functions_from_main_work(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "RESULT 42" in out.stdout
+
+
+def test_shutdown_says_nothing_of_its_own_heartbeats(tmp_path):
+    # Heartbeats every 0.2 s: one answered after driver_exit made a stopping driver print that it was
+    # joining again (most times, with workers to stop).
+    script = """
+        import actorlib, time
+
+        @actorlib.remote
+        class A:
+            def f(self):
+                return 1
+
+        for _ in range(5):
+            actorlib.init(num_cpus=2)
+            actorlib.get([a.f.remote() for a in [A.remote(), A.remote()]], timeout=30)
+            time.sleep(0.3)
+            actorlib.shutdown()
+        print("done")
+    """
+    script_path = tmp_path / "driver.py"
+    script_path.write_text(textwrap.dedent(script))
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACTORLIB_TMPDIR": str(tmp_path / "sessions"), "ACTORLIB_NODE_TIMEOUT_S": "1"}
+    out = subprocess.run([sys.executable, str(script_path)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr
+    for said in ("registering again", "declared", "did not finish cleanly"):
+        assert said not in out.stderr, out.stderr
