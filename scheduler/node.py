@@ -96,6 +96,7 @@ class NodeAgent:
         self._control = ControlServer(self, on_event=self._on_event)
         self._head: Endpoint | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False  # stop() has begun
         self.finished = asyncio.Event()  # the agent has stopped, or should: the head left or is gone
         self.why_finished = ""
         # In a driver's own process (an embedded head): shows a worker's output lines there and says whether it
@@ -142,7 +143,7 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         last_answer = loop.time()
         missed = 0  # heartbeats in a row the head left unanswered
-        while self._head is not None and not self._head.closed:
+        while self._head is not None and not self._head.closed and not self._stopping:
             try:
                 reply = await control_call(self._head, "heartbeat", node_id=self.node_id, timeout=HEARTBEAT_EVERY)
             except asyncio.TimeoutError:
@@ -158,7 +159,7 @@ class NodeAgent:
             else:
                 last_answer = loop.time()
                 missed = 0
-                if isinstance(reply, dict) and reply.get("rejoin"):
+                if isinstance(reply, dict) and reply.get("rejoin") and not self._stopping:
                     log.warning("node %s: the head had declared it dead; killing its workers and joining again", self.node_id[:8])
                     for pid in list(self._workers):
                         self._kill_quietly(pid)
@@ -192,6 +193,7 @@ class NodeAgent:
         Leaving first means the head places nothing more here, and restarts
         this node's actors elsewhere, before their workers are gone.
         """
+        self._stopping = True  # (Python 3.11's wait_for can swallow the cancel below: _beat checks this too)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         if self._head is not None and not self._head.closed:
