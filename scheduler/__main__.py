@@ -25,7 +25,7 @@ from .forkserver import set_parent_death_signal
 from .head import Head
 from .node import NodeAgent
 from .resources import node_resources
-from .session import forget_started, new_session_dir, process_start_time, record_started, remove_sockets, socket_dir
+from .session import forget_started, hold_session, new_session_dir, process_start_time, record_started, remove_sockets, socket_dir
 
 _JOIN_TIMEOUT = 60.0
 
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.key_file:
         args.key_file = os.path.abspath(args.key_file)
+    if args.session_dir:
+        hold_session(args.session_dir)  # in use while this process runs: never pruned meanwhile
 
     if getattr(args, "die_with_parent", False):
         parent = os.getppid()

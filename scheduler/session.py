@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -14,11 +16,13 @@ __all__ = [
     "DEFAULT_PORT",
     "find_head",
     "forget_started",
+    "hold_session",
     "locate_head",
     "new_session_dir",
     "normalize_address",
     "process_alive",
     "process_start_time",
+    "prune_sessions",
     "read_started",
     "record_started",
     "remove_sockets",
@@ -33,26 +37,129 @@ def session_root() -> str:
 
 
 def new_session_dir() -> str:
-    """Make ``<root>/session_<time>_<pid>_<random>/{logs,sockets}`` (mode 0700) and return its path."""
+    """Make ``<root>/session_<time>_<pid>_<random>/{logs,sockets}`` (mode 0700), held by this process (see
+    :func:`hold_session`), and return its path. Ended sessions beyond the newest :data:`KEEP_SESSIONS` go."""
     root = session_root()
     os.makedirs(root, exist_ok=True)
     name = f"session_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}_{secrets.token_hex(4)}"
     path = os.path.join(root, name)
     os.mkdir(path, mode=0o700)  # fails if it exists: a session directory is never shared
+    hold_session(path)
     os.mkdir(os.path.join(path, "logs"))
     inside = os.path.join(path, "sockets")
     if len(inside) + _LONGEST_SOCKET_NAME <= _IPC_PATH_MAX:
         os.mkdir(inside, mode=0o700)
     else:  # too long for a Unix socket path: a fresh private directory under /tmp, recorded in the session
-        elsewhere = tempfile.mkdtemp(prefix="actorlib-", dir="/tmp")
+        elsewhere = tempfile.mkdtemp(prefix=_ELSEWHERE_PREFIX, dir=_ELSEWHERE_ROOT)
         with open(os.path.join(path, _SOCKETS_LINK), "w") as f:
             f.write(elsewhere)
+        with open(os.path.join(elsewhere, _SESSION_LINK), "w") as f:  # the way back: gone with its session
+            f.write(path)
+    # off the caller's path (init() waits for nothing of it); one cut short by the process ending is harmless
+    threading.Thread(target=prune_sessions, args=(root, KEEP_SESSIONS), name="actorlib-prune", daemon=True).start()
     return path
+
+
+# -- which sessions have ended ------------------------------------------------
+#
+# Every process that uses a session directory (the driver or ``actorlib start``
+# that made it, a standalone head, node agents given it) holds a shared flock
+# on its ``owner.lock`` for as long as it runs; the kernel lets go when the
+# process ends, however it ends. A session nobody holds has ended: its logs
+# stay for reading until it is one of more than ``KEEP_SESSIONS`` ended ones.
+
+KEEP_SESSIONS = int(os.environ.get("ACTORLIB_KEEP_SESSIONS", "100"))
+_PRUNE_AT_ONCE = 200  # a bounded cost for one process: a long backlog goes over several
+_OWNER_LOCK = "owner.lock"
+_held: dict[str, int] = {}  # session directory -> the fd whose flock this process holds
+
+
+def hold_session(session_dir: str) -> None:
+    """Mark ``session_dir`` as in use by this process until it exits (best effort: never raises)."""
+    if session_dir in _held:
+        return
+    try:
+        fd = os.open(os.path.join(session_dir, _OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return
+    _held[session_dir] = fd
+
+
+def prune_sessions(root: str, keep: int) -> list[str]:
+    """Remove the oldest ended session directories under ``root`` (and the socket directories they recorded
+    elsewhere) beyond the newest ``keep``, at most a few dozen per call; returns what was removed."""
+    try:
+        names = sorted((n for n in os.listdir(root) if n.startswith("session_")), reverse=True)  # newest first
+    except OSError:
+        return []
+    removed: list[str] = []
+    ended = 0
+    for name in names:
+        path = os.path.join(root, name)
+        if path in _held or not _ended(path):
+            continue
+        ended += 1
+        if ended <= keep:
+            continue
+        elsewhere = socket_dir(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if _is_elsewhere(elsewhere):
+            shutil.rmtree(elsewhere, ignore_errors=True)
+        removed.append(path)
+        if len(removed) >= _PRUNE_AT_ONCE:
+            break
+    _prune_elsewhere()
+    return removed
+
+
+def _is_elsewhere(path: str) -> bool:
+    return os.path.dirname(path) == _ELSEWHERE_ROOT and os.path.basename(path).startswith(_ELSEWHERE_PREFIX)
+
+
+def _prune_elsewhere() -> None:
+    """Remove socket directories kept outside sessions that are gone (removed by hand, or with a test's tmp)."""
+    try:
+        names = [n for n in os.listdir(_ELSEWHERE_ROOT) if n.startswith(_ELSEWHERE_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(_ELSEWHERE_ROOT, name)
+        try:
+            with open(os.path.join(path, _SESSION_LINK)) as f:
+                session = f.read().strip()
+        except OSError:
+            continue  # not one of ours, or not finished being made
+        if session and not os.path.exists(session):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _ended(session_dir: str) -> bool:
+    """No process holds the session (one made before sessions were held counts as ended)."""
+    try:
+        fd = os.open(os.path.join(session_dir, _OWNER_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.path.isdir(session_dir)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken
+    return True
 
 
 _IPC_PATH_MAX = 107
 _LONGEST_SOCKET_NAME = len("/0123456789abcdef.sock")
 _SOCKETS_LINK = "sockets_dir"
+_SESSION_LINK = "session_dir"
+_ELSEWHERE_ROOT, _ELSEWHERE_PREFIX = "/tmp", "actorlib-"
 
 
 def socket_dir(session_dir: str) -> str:

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -231,3 +232,35 @@ def test_shutdown_says_nothing_of_its_own_heartbeats(tmp_path):
     assert out.returncode == 0 and "done" in out.stdout, out.stderr
     for said in ("registering again", "declared", "did not finish cleanly"):
         assert said not in out.stderr, out.stderr
+
+
+def test_ended_sessions_beyond_the_newest_kept_are_removed(tmp_path):
+    from scheduler.session import prune_sessions
+
+    root = tmp_path / "sessions"
+    root.mkdir()
+    legacy = root / "session_20200101-000000_1_aaaa"  # made before sessions were held: ended
+    (legacy / "logs").mkdir(parents=True)
+    elsewhere = tempfile.mkdtemp(prefix="actorlib-", dir="/tmp")  # its sockets, recorded as kept outside
+    (legacy / "sockets_dir").write_text(elsewhere)
+    orphan = tempfile.mkdtemp(prefix="actorlib-", dir="/tmp")  # the socket directory of a session removed by hand
+    with open(os.path.join(orphan, "session_dir"), "w") as f:
+        f.write(str(root / "session_20200101-000000_2_bbbb"))
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACTORLIB_TMPDIR": str(root), "ACTORLIB_KEEP_SESSIONS": "1000"}
+    make = "from scheduler.session import new_session_dir; print(new_session_dir(), flush=True); input()"
+    holders = [subprocess.Popen([sys.executable, "-c", make], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    try:
+        made = [h.stdout.readline().strip() for h in holders]
+        assert all(os.path.isdir(m) for m in made)
+        assert prune_sessions(str(root), keep=0) == [str(legacy)]  # the three are in use
+        assert not os.path.exists(elsewhere) and not os.path.exists(orphan)
+        for h in holders[:2]:
+            h.communicate("\n", timeout=30)
+        # two have ended: the newer of them is kept, the older goes; the one still held stays
+        assert prune_sessions(str(root), keep=1) == [min(made[:2])]
+        assert os.path.isdir(made[2])
+    finally:
+        for h in holders:
+            if h.poll() is None:
+                h.kill()
+            h.communicate(timeout=30)
