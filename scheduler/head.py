@@ -322,7 +322,8 @@ class Head:
     # -- actors ----------------------------------------------------------
 
     async def op_create_actor(self, peer: bytes, spec: dict[str, Any]) -> dict[str, Any]:
-        driver = self._driver(peer) or self._creators_driver(spec.get("creator") if isinstance(spec, dict) else None)
+        creator = spec.get("creator") if isinstance(spec, dict) else None
+        driver = self._driver(peer) or self._creators_driver(creator)
         owner = driver.job_id if driver else ""
         try:
             s = ActorSpec.from_wire(spec, owner=owner)
@@ -330,6 +331,7 @@ class Head:
             raise ControlError("ValueError", f"malformed actor spec: {exc}") from None
         if s.actor_id in self.actors:
             raise ControlError("ValueError", f"actor id {s.actor_id} already exists")
+        parent = self._living_creator(creator)
         if s.name is not None:
             key = (s.namespace, s.name)
             other = self.named.get(key)
@@ -342,10 +344,19 @@ class Head:
             self.named[(s.namespace, s.name)] = s.actor_id
         if driver is not None:
             driver.actors.add(s.actor_id)
+        if parent is not None and s.lifetime != "detached":
+            parent.children.add(s.actor_id)
         self._watchers.setdefault(s.actor_id, set()).add(peer)
         self._pending.append(s.actor_id)
         self._schedule()
         return {"actor_id": s.actor_id, "state": record.state.value}
+
+    def _living_creator(self, creator: Any) -> ActorRecord | None:
+        """The actor making an actor or placement group (None for a driver); refused if it has died meanwhile."""
+        record = self.actors.get(creator) if isinstance(creator, str) else None
+        if record is not None and record.state == ActorState.DEAD:
+            raise ControlError("ValueError", f"the actor creating it ({record.spec.class_name} {creator[:8]}) has died")
+        return record
 
     def _creators_driver(self, creator: Any) -> DriverRecord | None:
         """The driver that an actor's own actors and placement groups go with: its creator's (the actor
@@ -474,8 +485,11 @@ class Head:
         if name is not None and any(p.name == name and p.state != PlacementGroupState.REMOVED for p in self.pgs.values()):
             raise ControlError("ValueError", f"a placement group named {name!r} already exists")
         driver = self._driver(peer) or self._creators_driver(creator)
+        parent = self._living_creator(creator)
         pg = PlacementGroupRecord(pg_id, name, strategy, bundles, owner=driver.job_id if driver else "", lifetime=lifetime)
         self.pgs[pg_id] = pg
+        if parent is not None and lifetime != "detached":
+            parent.child_groups.add(pg_id)
         if not self._place_group(pg):
             self._pending_pgs.append(pg_id)
         return pg.view()
@@ -731,6 +745,7 @@ class Head:
             self._mark_dead(record, death)
             return
         self._end_incarnation(record, kill=False)  # its process is gone, or its node is
+        self._end_children(record)
         record.restarts += 1
         limit = "unlimited" if record.spec.max_restarts == -1 else str(record.spec.max_restarts)
         log.warning("actor %s restarting (%d of %s): %s", record.spec.actor_id[:8], record.restarts, limit, death.get("reason"))
@@ -796,6 +811,7 @@ class Head:
         record.allocation = None
         record.pool = None
         record.set_state(ActorState.DEAD)
+        self._end_children(record)
         _retire(self.actors, self._dead_actors, record.spec.actor_id)
         if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
             del self.named[(record.spec.namespace, record.spec.name)]
@@ -804,6 +820,21 @@ class Head:
         for peer in self._watchers.pop(record.spec.actor_id, set()):
             self._notify(peer, "actor_died", {"actor_id": record.spec.actor_id, "death": record.death})
         self._schedule()
+
+    def _end_children(self, record: ActorRecord) -> None:
+        """What an actor made goes with the worker that made it (as an owner's objects do in Ray), unless
+        detached: its actors are killed, its placement groups removed. A restarted actor starts without them."""
+        children, record.children = record.children, set()
+        groups, record.child_groups = record.child_groups, set()
+        reason = f"the actor that created it ({record.spec.class_name} {record.spec.actor_id[:8]}) died"
+        for actor_id in children:
+            child = self.actors.get(actor_id)
+            if child is not None and child.state != ActorState.DEAD:
+                self._kill(child, reason)
+        for pg_id in groups:
+            pg = self.pgs.get(pg_id)
+            if pg is not None and pg.state != PlacementGroupState.REMOVED:
+                self._remove_group(pg)
 
     def _notify(self, peer: bytes, topic: str, payload: dict[str, Any]) -> None:
         """One-way event to a peer; a peer that is gone is skipped."""

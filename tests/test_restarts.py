@@ -267,3 +267,44 @@ def test_a_hung_worker_is_found_by_missed_heartbeats(tmp_path):
     assert "RESTARTED True" in out.stdout, out.stdout + out.stderr
     assert "DIED True True" in out.stdout
     assert "GONE True True" in out.stdout
+
+
+@actorlib.remote
+class Maker:
+    """Makes an actor, a detached actor and a placement group of its own (Ray's ownership: they are its)."""
+
+    def make(self, detached_name):
+        self.child = Keeper.remote(0)
+        self.keep = Keeper.options(name=detached_name, lifetime="detached").remote(0)
+        self.pg = actorlib.placement_group([{"CPU": 0.5}])
+        assert self.pg.wait(30)
+        return actorlib.get([self.child.pid.remote(), self.keep.pid.remote()]), self.pg
+
+    def pid(self):
+        return os.getpid()
+
+
+def test_what_an_actor_made_goes_when_its_worker_goes_detached_ones_stay(al):
+    free = actorlib.available_resources()["CPU"]
+    maker = Maker.remote()
+    (child_pid, keep_pid), pg = actorlib.get(maker.make.remote("keep-made"), timeout=60)
+    actorlib.kill(maker)
+    wait_for(lambda: not alive(child_pid), timeout=30, what="the actor it made to be killed")
+    wait_for(lambda: actorlib.placement_group_table(pg)["state"] == "REMOVED", timeout=30, what="its group to be removed")
+    keep = actorlib.get_actor("keep-made")
+    assert actorlib.get(keep.pid.remote(), timeout=30) == keep_pid  # detached: not its
+    actorlib.kill(keep)
+    wait_for(lambda: not alive(keep_pid), timeout=30, what="the detached actor to be killed")
+    wait_for(lambda: actorlib.available_resources()["CPU"] == free, timeout=30, what="every CPU to be free again")
+
+
+def test_a_restarted_actor_starts_without_what_its_last_worker_made(al):
+    maker = Maker.options(max_restarts=1).remote()
+    (child_pid, keep_pid), _ = actorlib.get(maker.make.remote("keep-made-2"), timeout=60)
+    os.kill(actorlib.get(maker.pid.remote(), timeout=30), signal.SIGKILL)
+    wait_for(lambda: not alive(child_pid), timeout=30, what="the actor its first worker made to be killed")
+    assert actorlib.get(maker.pid.remote(), timeout=60) != child_pid  # it came back
+    keep = actorlib.get_actor("keep-made-2")
+    actorlib.kill(maker)
+    actorlib.kill(keep)
+    wait_for(lambda: not alive(keep_pid), timeout=30, what="the detached actor to be killed")
