@@ -147,7 +147,7 @@ class ActorClass(Generic[T]):
             "demand": demand,
             "name": o["name"],
             "namespace": namespace,
-            "lifetime": o["lifetime"],
+            "lifetime": "detached" if o["lifetime"] == "detached" else None,  # "non_detached" is the default
             "max_concurrency": o["max_concurrency"] or 1000,
             "env_vars": o["env_vars"] or {},
             "sys_path": [p for p in sys.path if isinstance(p, str)],

@@ -215,6 +215,12 @@ def test_sync_and_async_calls(cluster, Counter):
     assert asyncio.run(main()) == ("ok", 17)
 
 
+def test_lifetime_non_detached_is_the_default_spelled_out(cluster, Counter):
+    actor = Counter.options(lifetime="non_detached").remote()
+    assert cluster.get(actor.incr.remote(), timeout=30) == 1
+    cluster.kill(actor)
+
+
 def test_sync_methods_run_in_call_order(cluster, Counter):
     c = Counter.remote()
     refs = [c.slow_incr.remote(0.01 if i % 3 == 0 else 0, i) for i in range(30)]
