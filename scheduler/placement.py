@@ -7,10 +7,11 @@ custom resources) that actors scheduled into the group draw from.
 Strategies, as Ray has them:
 
 - ``STRICT_PACK``: every bundle on one node.
-- ``PACK``: on one node if any can hold them all, else as few nodes as the
-  greedy fill in bundle order needs.
+- ``PACK``: on one node if any can hold them all, else filling the nodes
+  already used first (in bundle order; if that misses, a bounded search).
 - ``STRICT_SPREAD``: every bundle on a different node.
-- ``SPREAD``: on different nodes where possible, doubling up only when not.
+- ``SPREAD``: on different nodes where possible, doubling up only when not
+  (the same bounded search if the fill in bundle order misses).
 
 Bundles are placed in order and take GPU ids lowest-first, so on a fresh node
 bundle *i* of a group of one-GPU bundles gets GPU *i*.
@@ -159,11 +160,63 @@ def place(
             if not any(take(n, b) for n in preferred):
                 break
         ok = len(chosen) == len(bundles)
+    if not ok and strategy in ("PACK", "SPREAD"):  # the greedy fill in bundle order can miss a fit that exists
+        nodes = _search(bundles, pools, order, most_used_first=strategy == "PACK")
+        if nodes is not None:
+            trial = {node_id: pool.copy() for node_id, pool in pools.items()}
+            chosen.clear()
+            ok = all(take(n, b) for n, b in zip(nodes, bundles, strict=True))  # in bundle order: GPU ids lowest-first
     if not ok:
         return None, _why(strategy, bundles, pools)
     for node_id, alloc in chosen:
         pools[node_id].take(alloc)
     return chosen, ""
+
+
+_SEARCH_STEPS = 20_000  # bounds the backtracking of _search: a group too hard to fit stays pending instead
+
+
+def _search(
+    bundles: Sequence[Mapping[str, float]], pools: Mapping[str, NodePool], order: list[str], *, most_used_first: bool
+) -> list[str] | None:
+    """A node per bundle such that every node holds its bundles; None if none was found within the bound.
+
+    Depth first, biggest bundles first (GPUs, then custom resources, then CPUs), backtracking where a
+    choice leaves a later bundle nowhere to go. Nodes are tried by how many bundles they hold already
+    (PACK: most first; SPREAD: fewest first), then in ``order``.
+    """
+    trial = {node_id: pool.copy() for node_id, pool in pools.items()}
+    biggest_first = sorted(range(len(bundles)), key=lambda i: _size(bundles[i]), reverse=True)
+    node_of: list[str | None] = [None] * len(bundles)
+    held = dict.fromkeys(order, 0)
+    steps = 0
+
+    def go(k: int) -> bool:
+        nonlocal steps
+        if k == len(biggest_first):
+            return True
+        i = biggest_first[k]
+        for n in sorted(order, key=lambda n: -held[n] if most_used_first else held[n]):
+            steps += 1
+            if steps > _SEARCH_STEPS:
+                return False
+            alloc = trial[n].reserve(bundles[i])
+            if alloc is None:
+                continue
+            node_of[i], held[n] = n, held[n] + 1
+            if go(k + 1):
+                return True
+            trial[n].release(alloc)
+            node_of[i], held[n] = None, held[n] - 1
+        return False
+
+    if not go(0):
+        return None
+    return [n for n in node_of if n is not None]
+
+
+def _size(bundle: Mapping[str, float]) -> tuple[float, float, float]:
+    return (bundle.get("GPU", 0), sum(v for k, v in bundle.items() if k not in ("CPU", "GPU")), bundle.get("CPU", 0))
 
 
 def _distinct_nodes(

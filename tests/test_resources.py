@@ -134,6 +134,23 @@ def test_strict_spread_finds_a_node_per_bundle_whenever_there_is_a_choice():
     assert sorted(nodes_of(placed)) == ["n0", "n1", "n2"] and nodes_of(placed)[0] in ("n1", "n2")
 
 
+@pytest.mark.parametrize("strategy", ["PACK", "SPREAD"])
+def test_pack_and_spread_find_a_fit_the_fill_in_bundle_order_misses(strategy):
+    """Nodes of 3 and 2 CPUs, bundles of 2 then 3: filling in bundle order puts the 2 on the 3-CPU node, and
+    then the 3 fits nowhere; the group was called infeasible, for good, though it fits."""
+    bundles = [{"CPU": 2}, {"CPU": 3}]
+    assert infeasibility(strategy, bundles, pools({"CPU": 3}, {"CPU": 2})) is None
+    p = pools({"CPU": 3}, {"CPU": 2})
+    placed, why = place(strategy, bundles, p)
+    assert nodes_of(placed) == ["n1", "n0"], why
+    assert p["n0"].free["CPU"] == 0 and p["n1"].free["CPU"] == 0
+    p = pools({"GPU": 2}, {"GPU": 1})  # bundle order kept for GPU ids: bundle 0 and 1 share node 0 lowest-first
+    placed, _ = place(strategy, [{"GPU": 1}, {"GPU": 1}, {"GPU": 1}], p)
+    assert sorted(nodes_of(placed)) == ["n0", "n0", "n1"]
+    placed, why = place(strategy, [{"CPU": 4}], pools({"CPU": 3}, {"CPU": 2}))
+    assert placed is None and "do not fit" in why
+
+
 def test_infeasible_versus_waiting():
     p = pools({"GPU": 2}, {"GPU": 2})
     assert place("STRICT_PACK", [{"GPU": 1}] * 2, p)[0] is not None
