@@ -180,9 +180,16 @@ class Head:
                 self._pending_pgs.append(pg.pg_id)
                 moved.append(pg.pg_id)
         # Then the actors: those on the node, and those of the moved groups (placed again, whole), once each.
-        for record in list(self.actors.values()):
+        # Chosen first: restarting one places the moved groups again, and starts actors that were only
+        # waiting for room in them, which have nothing to lose here.
+        victims = [
+            r
+            for r in self.actors.values()
+            if r.state in (ActorState.STARTING, ActorState.ALIVE) and (r.node_id == node_id or r.spec.placement_group in moved)
+        ]
+        for record in victims:
             if record.state not in (ActorState.STARTING, ActorState.ALIVE):
-                continue
+                continue  # ended meanwhile (a child of one handled before it)
             if record.node_id == node_id:
                 self._lost(record, {"reason": f"its node {node_id[:8]} {how}", "host": node.address})
             elif record.spec.placement_group in moved:
@@ -501,6 +508,8 @@ class Head:
             while pg.state == PlacementGroupState.PENDING:
                 await pg.changed.wait()
 
+        if pg.state != PlacementGroupState.PENDING:  # (wait_for with 0 would time out before looking)
+            return pg.state == PlacementGroupState.CREATED
         try:
             await asyncio.wait_for(created(), timeout_s)
         except asyncio.TimeoutError:
@@ -532,11 +541,18 @@ class Head:
         for record in doomed:
             self._kill(record, "its placement group was removed")
         _retire(self.pgs, self._removed_pgs, pg.pg_id)
-        self._spawn_task(self._release_bundles(placed, doomed))
+        doomed = [r for r in doomed if r.state != ActorState.DEAD]  # (those only waiting to be placed are dead now)
+        if doomed:
+            self._spawn_task(self._release_bundles(placed, doomed))
+        else:  # no process to wait for: free now, so the remover's next request sees it
+            self._release_now(placed)
 
     async def _release_bundles(self, placed: list[Bundle], doomed: list[ActorRecord]) -> None:
         """Give a removed group's resources back once its actors' processes are gone (GPU memory too)."""
         await self._wait_dead(doomed, 30.0)
+        self._release_now(placed)
+
+    def _release_now(self, placed: list[Bundle]) -> None:
         for bundle in placed:
             node = self.nodes.get(bundle.node_id)
             if node is not None:

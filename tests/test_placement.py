@@ -172,3 +172,13 @@ def test_bad_placement_group_arguments(al):
         al.placement_group([{"CPU": 1}, {"CPU": -2}])
     with pytest.raises(TypeError):
         al.remove_placement_group("not a group")
+
+
+def test_wait_zero_answers_for_a_placed_group_and_an_empty_group_frees_at_once(al):
+    totals = al.cluster_resources()
+    pg = al.placement_group([{"GPU": 1, "CPU": 1}] * 2)
+    assert pg.wait(30)
+    assert pg.wait(0)  # placed: True, not a timeout before looking
+    al.remove_placement_group(pg)
+    assert al.available_resources() == totals  # no actor to wait for: served after the removal
+    assert not pg.wait(0)

@@ -177,6 +177,26 @@ def test_an_actor_of_a_group_moved_off_a_lost_node_restarts_once_with_a_gpu_of_i
             actorlib.testing.remove_node(node)
 
 
+def test_an_actor_only_waiting_for_room_in_a_moved_group_is_not_charged_for_the_move(al):
+    """Restarting the group's running actor placed the group again and started the waiting one, which the
+    same pass then killed (no restarts left) as if it had run in the old placement."""
+    nodes = [actorlib.testing.add_node(num_cpus=2, resources={"room": 1}) for _ in range(2)]
+    pg = al.placement_group([{"CPU": 1, "room": 1}])
+    try:
+        assert pg.wait(60)
+        running = Keeper.options(placement_group=pg, num_cpus=1, max_restarts=1).remote(0)
+        lost = al.get(running.node.remote(), timeout=60)
+        waiting = Keeper.options(placement_group=pg, num_cpus=1).remote(1)  # no room in the bundle: pending
+        actorlib.testing.remove_node(lost)
+        nodes.remove(lost)
+        assert al.get(waiting.add.remote(1), timeout=60) == 2  # placed with the group, not killed
+        assert _restarts(al, waiting._actor_id) == 0
+    finally:
+        al.remove_placement_group(pg)
+        for node in nodes:
+            actorlib.testing.remove_node(node)
+
+
 def test_a_dead_fork_server_is_replaced_and_its_workers_reported_at_once(al):
     """Its workers die with it (parent-death signal): the agent says so at once, not the heartbeat timeout
     later, and a new server takes over the node's spawns."""
