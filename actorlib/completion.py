@@ -118,3 +118,6 @@ def wait_for(
     for c in completions:
         c.add_done_callback(one)
     event.wait(timeout)
+    for c in completions:  # those still pending must not keep a callback for each wait that gave up or had enough
+        if not c.done():
+            c.discard_callback(one)

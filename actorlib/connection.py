@@ -126,6 +126,7 @@ class ActorConnection:
         self.posted: deque[None] = deque()  # one per call handed to the loop from another thread, not yet submitted
         self.max_task_retries = 0  # the actor's, learnt when resolving it
         self._resolving = 0  # bumped by each restart: only the latest resolve connects
+        self._awaiting_args: tuple[Call, asyncio.Task[None]] | None = None  # the call _flush waits on the arguments of
         rt.loop.create_task(self._resolve(0))
 
     # -- on the loop thread ------------------------------------------------
@@ -272,13 +273,18 @@ class ActorConnection:
                         if not call.cancelled:
                             self._send(call)
                         continue
+                resolving = self.rt.loop.create_task(self._resolve_args(call))
+                self._awaiting_args = (call, resolving)  # cancel() of the call stops the wait: later calls go on
                 try:
-                    await self._resolve_args(call)
+                    await resolving
                 except BaseException as exc:
+                    resolving.cancel()
                     with self.lock:
                         if self._queue and self._queue[0] is call:  # mark_dead may have emptied it meanwhile
                             self._queue.popleft()
                     call.fail(exc)
+                finally:
+                    self._awaiting_args = None
         finally:
             with self.lock:
                 self._flushing = False
@@ -296,6 +302,8 @@ class ActorConnection:
         if call.req_id == 0:  # not sent yet
             call.cancelled = True
             call.fail(TaskCancelledError(f"{self.class_name}.{call.method}() was cancelled before it was sent"))
+            if self._awaiting_args is not None and self._awaiting_args[0] is call:
+                self._awaiting_args[1].cancel()  # it waits for its ObjectRef arguments no more
         elif self.endpoint is not None and not self.endpoint.closed and call.req_id in self._inflight:
             self.endpoint.send(Kind.CANCEL, call.req_id, b"\xc0")
 

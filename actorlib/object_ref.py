@@ -112,7 +112,12 @@ class ObjectRef:
 
     async def _aresult(self) -> Any:
         if not self._fut.done():
-            await _loop_future(self._fut)
+            afut, wake = _loop_future(self._fut)
+            try:
+                await afut
+            finally:
+                if not self._fut.done():  # given up (asyncio.wait_for's timeout ...): the ref must not keep its callback
+                    self._fut.discard_callback(wake)
         return self._result(0)
 
     def __reduce__(self) -> Any:
@@ -224,7 +229,12 @@ class StreamState:
                 return ref
             if waiter is None:
                 raise StopAsyncIteration
-            await _loop_future(waiter)
+            afut, wake = _loop_future(waiter)
+            try:
+                await afut
+            finally:
+                if not waiter.done():
+                    waiter.discard_callback(wake)
 
     def close(self) -> None:
         with self._lock:
@@ -409,16 +419,21 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _loop_future(cf: Completion) -> asyncio.Future[None]:
-    """An asyncio future on the running loop that completes when ``cf`` does.
+def _loop_future(cf: Completion) -> tuple[asyncio.Future[None], Callable[[Completion], None]]:
+    """An asyncio future on the running loop that completes when ``cf`` does, and the callback that completes
+    it (for ``cf.discard_callback`` if the waiter gives up first).
 
     Unlike ``asyncio.wrap_future``, completions that happen in a burst on
     another loop's thread reach this loop in one wake-up (see :class:`_Waker`).
     """
     loop = asyncio.get_running_loop()
     afut: asyncio.Future[None] = loop.create_future()
-    cf.add_done_callback(lambda _: _waker.wake(loop, afut))
-    return afut
+
+    def wake(_: Completion) -> None:
+        _waker.wake(loop, afut)
+
+    cf.add_done_callback(wake)
+    return afut, wake
 
 
 def _set_done(afuts: list[asyncio.Future[None]]) -> None:

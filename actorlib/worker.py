@@ -66,6 +66,7 @@ __all__ = ["main"]
 SYNC, ASYNC, GENERATOR, ASYNC_GENERATOR = 0, 1, 2, 3
 RESERVED_PREFIX = "__actorlib_"  # methods of the runtime itself (compiled graphs), not of the actor's class
 _FLUSH_AT = 256
+_PROBE_EVERY_S = 1.0  # a producer waiting this long for credit checks that its consumer is still there
 
 
 def method_kind(fn: Any) -> int:
@@ -174,7 +175,8 @@ class _Producer:
     def wait_credit_sync(self) -> bool:
         with self.cond:
             while self.sent - self.acked >= self.window and not self.closed:
-                self.cond.wait()
+                if not self.cond.wait(_PROBE_EVERY_S):
+                    self.host.loop.call_soon_threadsafe(self.probe)
             return not self.closed
 
     async def wait_credit(self) -> bool:
@@ -182,8 +184,28 @@ class _Producer:
             self.credit_event.clear()
             if len(self.batch) >= 1:
                 self.flush()
-            await self.credit_event.wait()
+            timer = self.host.loop.call_later(_PROBE_EVERY_S, self.credit_event.set)  # (not wait_for: 3.11's
+            try:  # can swallow a cancel of this call)
+                await self.credit_event.wait()
+            finally:
+                timer.cancel()
+            if self.sent - self.acked >= self.window and not self.closed:  # woken by the timer
+                self.probe()
         return not self.closed
+
+    def probe(self) -> None:
+        """End the stream if its consumer has gone (loop thread): no credit or close would ever come, and the
+        generator would wait for ever. ZeroMQ forgets a peer whose connection ended, and a send to it fails
+        (``ROUTER_MANDATORY``); the send is an empty batch of items, which a live consumer passes over."""
+        ep = self.host.endpoint
+        if self.closed or ep is None or ep.closed:
+            return
+        try:
+            ep.send(Kind.STREAM_ITEM, self.req_id, _array_header(0), (), self.peer)
+        except TransportError:
+            if self.host._producers.get((self.peer, self.req_id)) is self:
+                del self.host._producers[(self.peer, self.req_id)]
+            self.on_close()
 
 
 def _NO_JOB() -> None:
@@ -508,6 +530,11 @@ class ActorHost:
             producer = self._producers.pop(key, None)
             if producer is not None:
                 producer.on_close()
+            self._unqueue(key)  # not started yet: never starts (the consumer expects nothing more)
+            waiting = next((item for item in self._waiting if item[0] == key), None)
+            if waiting is not None:
+                self._waiting.remove(waiting)
+                waiting[1].close()
         elif msg.kind == Kind.CANCEL:
             self._on_cancel(key)
         elif msg.kind == Kind.EVENT:  # one-way messages of compiled graphs: an execution's input, a stage's output
@@ -592,7 +619,9 @@ class ActorHost:
         task = self._tasks.get(key)
         waiting = next((item for item in self._waiting if item[0] == key), None)
         if task is not None:
-            task.cancel()
+            # After the task's first step (queued before this, run first): cancelled before it, the coroutine
+            # would never run its handlers, and the caller would wait forever for an answer.
+            self.loop.call_soon(task.cancel)
         elif waiting is not None:
             self._waiting.remove(waiting)
             waiting[1].close()
