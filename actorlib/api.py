@@ -190,7 +190,7 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     out = []  # in order: a failed ref's error once the refs before it are done (within what is left of timeout)
     for r in refs:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        out.append(r._result(left))
+        out.append(r._result(left, timeout))
     return out
 
 

@@ -81,7 +81,8 @@ class ObjectRef:
     def done(self) -> bool:
         return self._fut.done()
 
-    def _result(self, timeout: float | None) -> Any:
+    def _result(self, timeout: float | None, asked: float | None = None) -> Any:
+        """The value, waiting at most ``timeout`` s (what is left of the caller's ``asked``, which errors name)."""
         if self._value is not _UNSET:
             return self._value
         left = timeout
@@ -90,7 +91,8 @@ class ObjectRef:
         try:
             msg = self._fut.result(left)
         except TimeoutError:
-            raise GetTimeoutError(f"{_describe(self._what)} did not finish within {timeout} s") from None
+            asked = timeout if asked is None else asked
+            raise GetTimeoutError(f"{_describe(self._what)} did not finish within {asked:g} s") from None
         return self._decode(msg)
 
     def _decode(self, msg: Message | None) -> Any:

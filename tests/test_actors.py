@@ -370,6 +370,9 @@ def test_wait_and_get_timeout(cluster, Counter):
     assert ready == [fast] and pending == [slow]
     with pytest.raises(GetTimeoutError, match="within 0.2 s"):
         cluster.get(slow, timeout=0.2)
+    failing = c.fail.remote(1)  # done, but after a ref that is not: that one's timeout, named as asked
+    with pytest.raises(GetTimeoutError, match=r"wait_then\(\) did not finish within 0.2 s"):
+        cluster.get([slow, failing], timeout=0.2)
     # other traffic on the same connection (a stream's items) does not keep a timed-out get waiting
     items = []
     consumer = threading.Thread(target=lambda: items.extend(cluster.get(r, timeout=30) for r in c.agen.remote(300, 0.01)))
