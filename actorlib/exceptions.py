@@ -73,8 +73,10 @@ def make_remote_error(
 ) -> RemoteError:
     """A :class:`RemoteError` that is also an instance of ``type(cause)`` when Python allows it."""
     cls: type[RemoteError] = RemoteError
-    if cause is not None and not isinstance(cause, RemoteError):
-        base = type(cause)
+    if isinstance(cause, RemoteError):  # raised in an actor that called another: the innermost class still
+        cls = type(cause)
+    elif isinstance(cause, Exception):  # (not SystemExit, KeyboardInterrupt, CancelledError: the caller would
+        base = type(cause)  # take them for its own: they stay a plain RemoteError)
         cls = _derived.get(base) or RemoteError
         if base not in _derived:
             try:
@@ -90,7 +92,24 @@ def make_remote_error(
     if cause is not None and cls is not RemoteError:
         ours = {"class_name", "message", "traceback_text", "actor", "cause"}
         err.__dict__.update({k: v for k, v in getattr(cause, "__dict__", {}).items() if k not in ours})
+        err.args = cause.args  # (str() is the remote traceback either way)
+        for base, fields in _SLOT_FIELDS.items():
+            if isinstance(cause, base):
+                for field in fields:
+                    try:
+                        setattr(err, field, getattr(cause, field))
+                    except (AttributeError, TypeError):
+                        pass
     return err
+
+
+# What built-in exceptions keep outside their __dict__, copied too
+_SLOT_FIELDS: dict[type, tuple[str, ...]] = {
+    OSError: ("errno", "strerror", "filename", "filename2"),
+    StopIteration: ("value",),
+    SyntaxError: ("filename", "lineno", "offset", "text", "msg"),
+    UnicodeError: ("encoding", "object", "start", "end", "reason"),
+}
 
 
 class ActorDiedError(ActorLibError):

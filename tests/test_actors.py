@@ -77,7 +77,18 @@ def make_classes(actorlib):
         def fail_with(self, kind):
             if kind == "memory":
                 raise MemoryError("simulated")
+            if kind == "exit":
+                raise SystemExit(3)
+            if kind == "key":
+                raise KeyError("k")
+            if kind == "os":
+                open("/nonexistent/actorlib-test")
             raise NeedsArguments("several", 2)
+
+        def relay_failure(self, other, kind):
+            import actorlib
+
+            return actorlib.get(other.fail_with.remote(kind), timeout=30)
 
         def echo(self, *args, **kwargs):
             return args, kwargs
@@ -285,6 +296,23 @@ def test_builtin_errors_that_resist_subclassing_still_reach_the_caller(cluster, 
         cluster.get(c.fail_with.remote("other"), timeout=30)
     assert isinstance(other.value, RemoteError) and "raise NeedsArguments" in other.value.traceback_text
     assert "queue.Empty" not in other.value.traceback_text  # nothing of the runtime's own in the user's traceback
+
+
+def test_remote_errors_keep_args_and_fields_and_their_class_through_actors(cluster, Counter):
+    c, d = Counter.remote(), Counter.remote()
+    with pytest.raises(KeyError) as key:
+        cluster.get(c.fail_with.remote("key"), timeout=30)
+    assert key.value.args == ("k",)
+    with pytest.raises(FileNotFoundError) as missing:
+        cluster.get(c.fail_with.remote("os"), timeout=30)
+    assert missing.value.errno == 2 and missing.value.filename == "/nonexistent/actorlib-test"
+    with pytest.raises(KeyError) as relayed:  # raised in d, uncaught in c: still a KeyError at the driver
+        cluster.get(c.relay_failure.remote(d, "key"), timeout=30)
+    assert "raise KeyError" in relayed.value.traceback_text
+    # the caller must not take a remote SystemExit for its own (it would exit quietly, status 0)
+    with pytest.raises(RemoteError) as exited:
+        cluster.get(c.fail_with.remote("exit"), timeout=30)
+    assert not isinstance(exited.value, SystemExit) and isinstance(exited.value.cause, SystemExit)
 
 
 def test_a_stream_item_that_cannot_be_read_ends_the_stream_and_frees_the_actor(cluster, Counter):
