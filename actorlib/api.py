@@ -68,9 +68,12 @@ def init(
     """
     global _driver
     with _lock:
-        if _driver is not None:
+        current = runtime.current_or_none()
+        if _driver is not None or (current is not None and current.mode == "worker"):
             if ignore_reinit_error:
                 return _summary()
+            if _driver is None:  # inside an actor: a second cluster would take over the actor's runtime
+                raise ActorLibError("actorlib.init() inside an actor: it is part of its cluster already")
             raise ActorLibError("actorlib.init() was already called; call actorlib.shutdown() first")
         if address is not None:
             if num_cpus is not None or num_gpus is not None or resources or cluster is not None:
@@ -166,6 +169,7 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     """The value of a ref (or a list of values), waiting at most ``timeout`` seconds in all."""
     rt = runtime.current()
     if isinstance(refs, ObjectRef):
+        _check_timeout("get", timeout)
         if not refs.done():
             rt.check_can_block()
         return refs._result(timeout)
@@ -176,6 +180,7 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"get() takes ObjectRefs, not {type(r).__name__}")
+    _check_timeout("get", timeout)
     deadline = None if timeout is None else time.monotonic() + timeout  # for the whole call
     pending_refs = [r for r in refs if not r.done()]
     pending = [r._fut for r in pending_refs]
@@ -194,18 +199,26 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     return out
 
 
+def _check_timeout(what: str, timeout: Any) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0):
+        raise ValueError(f"{what}() timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+
+
 def wait(
     refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None
 ) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Wait until ``num_returns`` refs are done or ``timeout`` passes: ``(ready, not_ready)`` in order."""
+    if not isinstance(refs, list | tuple):
+        raise TypeError(f"wait() takes a list of ObjectRefs, not {type(refs).__name__}")
     refs = list(refs)
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"wait() takes ObjectRefs, not {type(r).__name__}")
     if len({id(r) for r in refs}) != len(refs):
         raise ValueError("wait() got the same ObjectRef twice")
-    if not 0 <= num_returns <= len(refs):
-        raise ValueError(f"num_returns={num_returns} must be between 0 and {len(refs)}")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 0 <= num_returns <= len(refs):
+        raise ValueError(f"num_returns must be a whole number between 0 and {len(refs)}, not {num_returns!r}")
+    _check_timeout("wait", timeout)
     pending = [r._fut for r in refs if not r.done()]
     needed = num_returns - (len(refs) - len(pending))
     if needed > 0:
@@ -244,6 +257,8 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor called ``name`` (in this driver's namespace by default)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"actor name must be a non-empty string, not {name!r}")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ValueError(f"namespace must be a non-empty string or None, not {namespace!r}")
     rt = runtime.current()
     info = rt.run(rt.control("get_actor", name=name, namespace=namespace or rt.namespace))
     return ActorHandle(info["actor_id"], info["class_name"], info["methods"], info["name"], info["namespace"])

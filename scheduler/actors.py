@@ -133,6 +133,7 @@ class ActorRecord:
     restarts: int = 0
     last_seen: float = 0.0  # the loop time of its worker's last heartbeat
     retired_pids: set[int] = field(default_factory=set)  # earlier incarnations' processes
+    job_namespace: str = ""  # its job's (driver's) namespace, which code in the actor runs in: not its name's
     children: set[str] = field(default_factory=set)  # actors this one made (not detached): they go when its worker goes
     child_groups: set[str] = field(default_factory=set)  # placement groups it made, likewise
     changed: asyncio.Event = field(default_factory=asyncio.Event)

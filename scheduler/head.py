@@ -85,6 +85,7 @@ class Head:
         self.pgs: dict[str, PlacementGroupRecord] = {}
         self._pending_pgs: list[str] = []  # placement groups waiting for resources, in arrival order
         self._node_joined = asyncio.Event()
+        self._actor_added = asyncio.Event()  # set (and replaced) each time an actor is created
         # Finished records stay readable for a while, then go: a long-lived head must not grow.
         self._dead_actors: collections.deque[str] = collections.deque()
         self._removed_pgs: collections.deque[str] = collections.deque()
@@ -346,9 +347,12 @@ class Head:
                 raise ControlError("ValueError", f"the name {s.name!r} is already taken in namespace {s.namespace!r}")
         self._check_placeable(s)
         record = ActorRecord(s)
+        record.job_namespace = driver.namespace if driver else parent.job_namespace if parent else s.namespace
         self.actors[s.actor_id] = record
         if s.name is not None:
             self.named[(s.namespace, s.name)] = s.actor_id
+        self._actor_added.set()
+        self._actor_added = asyncio.Event()
         if driver is not None:
             driver.actors.add(s.actor_id)
         if parent is not None and s.lifetime != "detached":
@@ -578,7 +582,7 @@ class Head:
             "actor_id": s.actor_id,
             "node_id": node.node_id,
             "job_id": s.owner,
-            "namespace": s.namespace,
+            "namespace": record.job_namespace or s.namespace,
             "name": s.name,
             "class_name": s.class_name,
             "session_dir": self.session_dir,
@@ -645,13 +649,26 @@ class Head:
         self._mark_dead(record, {"reason": "the actor's constructor raised", "init_error": error})
 
     async def op_resolve_actor(self, peer: bytes, actor_id: str) -> dict[str, Any]:
-        """Answer once the actor is ALIVE or DEAD; the asker then hears of its death."""
+        """Answer once the actor is ALIVE or DEAD; the asker then hears of its death.
+
+        An id the head does not know yet is waited for a while: an async actor method's ``remote()`` returns
+        before the head is asked, and the handle may reach another process first.
+        """
+        if actor_id not in self.actors:
+            try:
+                await asyncio.wait_for(self._until_known(actor_id), UNKNOWN_ACTOR_WAIT)
+            except asyncio.TimeoutError:
+                pass
         record = self._record(actor_id)
         if record.state != ActorState.DEAD:
             self._watchers.setdefault(actor_id, set()).add(peer)
         while record.state in (ActorState.PENDING, ActorState.STARTING, ActorState.RESTARTING):
             await record.changed.wait()
         return record.view()
+
+    async def _until_known(self, actor_id: str) -> None:
+        while actor_id not in self.actors:
+            await self._actor_added.wait()
 
     async def op_get_actor(self, peer: bytes, name: str, namespace: str) -> dict[str, Any]:
         actor_id = self.named.get((namespace, name))
@@ -900,6 +917,7 @@ class Head:
 SPAWN_TIMEOUT = 60.0  # for a node to fork a worker
 LEFT = "left the cluster"  # how a node that unregistered went: no cause for alarm
 KEEP_FINISHED = 1000  # dead actors and removed placement groups kept for reading
+UNKNOWN_ACTOR_WAIT = 10.0  # how long resolving an actor id not created yet waits for its creation
 
 
 def _retire(table: dict[str, Any], finished: collections.deque[str], key: str) -> None:

@@ -416,6 +416,24 @@ def test_wait_and_get_timeout(cluster, Counter):
     cluster.cancel(slow)
 
 
+def test_get_wait_and_get_actor_refuse_bad_arguments_at_once(cluster, Counter):
+    ref = Counter.remote().incr.remote()
+    for bad in ("1", -1, True, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a number"):
+            cluster.get(ref, timeout=bad)
+        with pytest.raises(ValueError, match="timeout must be a number"):
+            cluster.wait([ref], timeout=bad)
+    for bad in (1.5, True):
+        with pytest.raises(ValueError, match="num_returns must be a whole number"):
+            cluster.wait([ref], num_returns=bad)
+    with pytest.raises(TypeError, match="takes a list of ObjectRefs"):
+        cluster.wait(ref)
+    for bad in ("", 5):
+        with pytest.raises(ValueError, match="namespace must be"):
+            cluster.get_actor("someone", namespace=bad)
+    assert cluster.get(ref, timeout=30) == 1
+
+
 def test_object_ref_arguments_are_resolved_first(cluster, Counter):
     a, b = Counter.remote(), Counter.remote(100)
     slow = a.wait_then.remote(0.3, 5)

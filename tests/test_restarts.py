@@ -328,3 +328,52 @@ def test_a_restarted_actor_starts_without_what_its_last_worker_made(al):
     actorlib.kill(maker)
     actorlib.kill(keep)
     wait_for(lambda: not alive(keep_pid), timeout=30, what="the detached actor to be killed")
+
+
+@actorlib.remote
+class Inside:
+    """Code running in an actor, using the API as library code would."""
+
+    def init_again(self):
+        summary = actorlib.init(ignore_reinit_error=True)  # a no-op here, as in Ray
+        try:
+            actorlib.init()
+        except actorlib.ActorLibError as exc:
+            refused = str(exc)
+        return summary["namespace"], refused, actorlib.get_runtime_context().get_actor_id()
+
+    def namespace_and_find(self, name):
+        return actorlib.get_runtime_context().namespace, actorlib.get(actorlib.get_actor(name).add.remote(0), timeout=30)
+
+    async def share_at_once(self, user, other):
+        child = Keeper.remote(other.later.remote(41, 0.5))  # the head hears of it only once that is done
+        return await user.add_from.remote(child)
+
+    async def later(self, value, delay):
+        import asyncio
+
+        await asyncio.sleep(delay)
+        return value
+
+
+@actorlib.remote
+class User:
+    def add_from(self, keeper):
+        return actorlib.get(keeper.add.remote(1), timeout=30)
+
+
+def test_code_in_an_actor_runs_in_its_jobs_namespace_and_cannot_start_a_cluster(al):
+    keeper = Keeper.options(name="found-from-inside").remote(5)
+    inside = Inside.options(name="named-elsewhere", namespace="elsewhere").remote()
+    namespace, refused, actor_id = al.get(inside.init_again.remote(), timeout=30)
+    assert namespace == "default" and "inside an actor" in refused and actor_id == inside._actor_id
+    assert al.get(inside.namespace_and_find.remote("found-from-inside"), timeout=30) == ("default", 5)
+    al.kill(inside)
+    al.kill(keeper)
+
+
+def test_a_handle_made_in_an_async_method_works_at_once_in_another_actor(al):
+    maker, user, slow = Inside.remote(), User.remote(), Inside.remote()
+    assert al.get(maker.share_at_once.remote(user, slow), timeout=60) == 42
+    for a in (maker, user, slow):
+        al.kill(a)
