@@ -126,7 +126,8 @@ class ActorClass(Generic[T]):
         class_name = self._cls.__name__
         demand = normalize_demand(o["num_cpus"], o["num_gpus"], o["resources"])
         cls = self._cls
-        if any(type(a) is ObjectRef for a in (*args, *kwargs.values())):
+        waits_for_refs = any(type(a) is ObjectRef for a in (*args, *kwargs.values()))
+        if waits_for_refs:
 
             async def payload() -> bytes:
                 a = [await x if type(x) is ObjectRef else x for x in args]
@@ -157,7 +158,7 @@ class ActorClass(Generic[T]):
             "max_task_retries": o["max_task_retries"] or 0,
             "creator": rt.actor_id,  # made by an actor: it goes with that actor's driver (see the head)
         }
-        rt.create_actor(spec, payload)
+        rt.create_actor(spec, payload, waits_for_refs=waits_for_refs)
         return ActorHandle(actor_id, class_name, self._methods, o["name"], namespace)
 
     def __repr__(self) -> str:

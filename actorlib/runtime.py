@@ -244,12 +244,13 @@ class Runtime:
             conn = self._conns[actor_id] = ActorConnection(self, actor_id, class_name)
         return conn
 
-    def create_actor(self, spec: dict[str, Any], payload: Callable[[], Any]) -> None:
+    def create_actor(self, spec: dict[str, Any], payload: Callable[[], Any], *, waits_for_refs: bool = False) -> None:
         """Ask the head for an actor; ``payload()`` is awaited for the pickled class and arguments.
 
         Blocks for the head's answer (so a taken name or an impossible demand
-        raises here), unless called on the loop thread, where it cannot block:
-        then a refusal fails the actor's calls instead.
+        raises here), unless called on the loop thread, where it cannot block,
+        or from a running event loop while ``payload()`` waits for ObjectRefs
+        (for as long as they take): then a refusal fails the actor's calls instead.
         """
 
         self.owned.add(spec["actor_id"])
@@ -258,11 +259,16 @@ class Runtime:
             spec["payload"] = await payload()
             await self.control("create_actor", spec=spec)
 
-        if self.in_loop():
+        def start() -> None:  # loop thread
             conn = self.connection(spec["actor_id"], spec["class_name"])
             conn.created = self.loop.create_task(create())
-            return
-        self.run(create())
+
+        if self.in_loop():
+            start()
+        elif waits_for_refs and asyncio._get_running_loop() is not None:
+            self.call_soon(start)  # before any call to the actor made after this returns (one queue, in order)
+        else:
+            self.run(create())
 
     def submit(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -377,3 +378,28 @@ def test_a_handle_made_in_an_async_method_works_at_once_in_another_actor(al):
     assert al.get(maker.share_at_once.remote(user, slow), timeout=60) == 42
     for a in (maker, user, slow):
         al.kill(a)
+
+
+def test_an_actor_made_from_async_code_with_a_pending_argument_does_not_block_the_loop(al, tmp_path):
+    path = str(tmp_path / "go")
+    source = Keeper.remote(0)
+    pending = source.wait_then_pid.remote(path)  # done only once `path` exists
+    def release():
+        with open(path, "w"):
+            pass
+
+    unblock = threading.Timer(20, release)  # in case remote() blocks after all
+    unblock.start()
+
+    async def main():
+        keeper = Keeper.remote(pending)  # returns at once: the loop goes on
+        returned_before_the_value = not unblock.finished.is_set()
+        release()
+        return returned_before_the_value, await keeper.add.remote(0)
+
+    try:
+        returned_first, value = asyncio.run(main())
+    finally:
+        unblock.cancel()
+    assert returned_first and value == al.get(source.pid.remote(), timeout=30)
+    al.kill(source)
