@@ -205,7 +205,10 @@ class ForkServer:
 
 def serve(fd: int, preload: list[str], entry: str) -> None:
     parent = os.getppid()
-    set_parent_death_signal(signal.SIGKILL)
+    # A signal it handles, not SIGKILL: its parent (the node agent, or the driver) may die any way at all,
+    # even by SIGKILL, and the ``finally`` below must still kill every worker's group (what they started).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(1)
     os.setpgrp()  # a terminal's Ctrl-C is for the driver, not for its workers
@@ -318,6 +321,7 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
         os.setpgid(0, 0)  # a group of its own: what it starts is killed with it (see kill_group)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sock, sel, *fds = close
         sel.close()
@@ -346,6 +350,10 @@ def _child(server_pid: int, close: tuple[Any, ...], out_w: int, err_w: int, req:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def kill_group(pid: int) -> None:

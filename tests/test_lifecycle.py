@@ -104,20 +104,25 @@ def test_driver_sigkill_takes_every_worker_within_5_seconds(tmp_path):
             class A:
                 def pid(self):
                     return os.getpid()
+                def start(self):  # a process of its own, which starts another: they go too
+                    self.child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+                    return [self.child.pid, int(self.child.stdout.readline())]
             actors = [A.remote() for _ in range(3)]
-            print(" ".join(str(p) for p in actorlib.get([a.pid.remote() for a in actors], timeout=60)), flush=True)
+            started = actorlib.get(actors[0].start.remote(), timeout=60)
+            pids = actorlib.get([a.pid.remote() for a in actors], timeout=60)
+            print(" ".join(str(p) for p in pids + started), flush=True)
             time.sleep(600)
             """
-        )
+        ).replace("import os, sys, time, actorlib", f"import os, subprocess, sys, time, actorlib\nCHILD = {_CHILD!r}")
     )
     env = {**os.environ, "PYTHONPATH": ROOT, "ACTORLIB_TMPDIR": str(tmp_path / "sessions")}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         worker_pids = [int(p) for p in line.split()]
-        assert len(worker_pids) == 3
+        assert len(worker_pids) == 5
         everything = descendants(proc.pid)
-        assert set(worker_pids) <= everything
+        assert set(worker_pids) <= everything  # the actor's child and grandchild too
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         t0 = time.monotonic()
