@@ -369,5 +369,5 @@ class ActorConnection:
                 call = self._queue.popleft()
             call.fail(err)
 
-    def close(self) -> None:
-        self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": "actorlib was shut down"})
+    def close(self, reason: str = "actorlib was shut down") -> None:
+        self.mark_dead({"actor_id": self.actor_id, "class_name": self.class_name, "reason": reason})

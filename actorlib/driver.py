@@ -54,6 +54,7 @@ class Driver:
         self.extra_nodes: dict[str, subprocess.Popen[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
+        self.head_address = ""
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -123,6 +124,7 @@ class Driver:
 
     async def _register(self, address: str, namespace: str, log_to_driver: bool, timeout: float | None) -> None:
         rt = self.rt
+        self.head_address = address
         rt.connect_head(address)
         try:
             reply = await rt.control("register_driver", timeout=timeout, namespace=namespace, log_to_driver=log_to_driver)
@@ -138,11 +140,20 @@ class Driver:
         self._heartbeat = self.loop.create_task(self._beat(float(reply.get("heartbeat_s", 1.0))))
 
     async def _beat(self, every: float) -> None:
-        """Tell the head this driver is alive: if it stops (SIGKILL too), its actors are reaped."""
+        """Tell the head this driver is alive: if it stops (SIGKILL too), its actors are reaped.
+
+        A standalone head that answers none of them for as long as it waits for its nodes' heartbeats
+        (``5 * every``) is gone, and its nodes stop their workers: every call fails then, naming it, instead
+        of waiting for ever. (Counted in missed beats as well as in time: a pause of this process is no
+        silence of the head's.)
+        """
         rt = self.rt
+        loop = asyncio.get_running_loop()
+        last_answer, missed = loop.time(), 0
         while rt.head is not None and not rt.head.closed and not self._stopping:
             try:
-                reply = await rt.control("heartbeat", timeout=every * 4)
+                reply = await rt.control("heartbeat", timeout=every)
+                last_answer, missed = loop.time(), 0
                 if self._stopping:
                     return
                 if isinstance(reply, dict) and reply.get("revived"):
@@ -151,6 +162,13 @@ class Driver:
                     await self._rejoin(every)
             except (ActorLibError, asyncio.TimeoutError) as exc:
                 log.debug("driver heartbeat: %s", exc)
+                missed += 1
+                silent = loop.time() - last_answer
+                if self.head is None and missed >= 2 and silent > every * 5 and not self._stopping:
+                    reason = f"lost the head at {self.head_address}: it has not answered for {silent:.0f} s (stopped or cut off)"
+                    log.error("%s; its nodes stop their workers without it, so every call fails now", reason)
+                    rt.head_lost(reason)
+                    return
             await asyncio.sleep(every)
 
     async def _rejoin(self, every: float) -> None:

@@ -81,6 +81,7 @@ class Runtime:
         self.loop_thread = loop_thread
         self.mode = mode  # "driver" | "worker"
         self.head: Endpoint | None = None
+        self.lost_head: str | None = None  # why the head is gone, once it is (see head_lost)
         self.job_id = ""
         self.namespace = "default"
         self.session_dir = ""
@@ -166,7 +167,7 @@ class Runtime:
     async def control(self, op: str, timeout: float | None = None, **kwargs: Any) -> Any:
         """A control request to the head, with its errors turned into actorlib's."""
         if self.head is None or self.head.closed:
-            raise ActorLibError("not connected to the head")
+            raise ActorLibError(self.lost_head or "not connected to the head")
         try:
             return await control_call(self.head, op, timeout=timeout, **kwargs)
         except RemoteFailure as exc:
@@ -366,10 +367,25 @@ class Runtime:
         else:
             conn.send_close(call.req_id)
 
-    def close_connections(self) -> None:
+    def close_connections(self, reason: str = "actorlib was shut down") -> None:
         for conn in self._conns.values():
-            conn.close()
+            conn.close(reason)
         self._conns.clear()
+
+    def head_lost(self, reason: str) -> None:
+        """The head is gone (loop thread): its nodes stop their workers, so every call fails now with ``reason``,
+        and later ones too (no actor can be found without the head)."""
+        self.lost_head = reason
+        if self.head is not None:
+            waiting, self.head.pending = self.head.pending, {}
+            body, _ = dumps({"type": "head_lost", "message": reason}, allow_pickle=False)
+            for req_id, sink in waiting.items():  # requests to it fail now, with that reason
+                try:
+                    sink(Message(Kind.ERROR, req_id, body, [], None))
+                except Exception:
+                    log.exception("while failing a request to the lost head")
+            self.head.close()
+        self.close_connections(reason)
 
 
 def _own_buffers(call: Call) -> None:
@@ -394,6 +410,8 @@ def control_error(op: str, record: dict[str, Any]) -> Exception:
         return ValueError(message)
     if kind == "ResourceError":
         return InfeasibleError(message)
+    if kind == "head_lost":
+        return ActorLibError(message)
     return ActorLibError(f"the head refused {op}: {message}")
 
 

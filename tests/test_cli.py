@@ -315,3 +315,50 @@ def test_start_block_stays_in_the_foreground_until_signalled(machine):
             cli.wait()
         cli.stdout.close()
     wait_for(lambda: not machine.processes(), timeout=20, what="the head to stop")
+
+
+def test_a_driver_whose_head_dies_fails_its_calls_naming_it_and_shuts_down_at_once(machine):
+    """Its nodes stop their workers without it: calls waited for ever, and shutdown() for 7 s."""
+    machine.cli("start", "--head", "--host", "127.0.0.1", "--port", "0", "--resources", '{"other": 2}')
+    head = json.load(open(os.path.join(machine.tmp, "head.json")))
+    driver = machine.spawn_python(
+        COUNTER
+        + f"""
+import threading, time, warnings
+warnings.simplefilter("ignore")
+actorlib.init(address="auto")
+c = Counter.remote()
+actorlib.get(c.incr.remote(), timeout=60)
+waited = []
+pg = actorlib.placement_group([{{"other": 100}}])  # never placed: its wait() waits on the head for ever
+def wait_for_group():
+    try:
+        waited.append(pg.wait(None))
+    except actorlib.ActorLibError as exc:
+        waited.append(str(exc))
+waiter = threading.Thread(target=wait_for_group)
+waiter.start()
+print("ready", flush=True)
+while os.path.exists("/proc/{head['pid']}"):  # the test kills the head
+    time.sleep(0.01)
+try:
+    actorlib.get(c.incr.remote(), timeout=60)
+except actorlib.ActorDiedError as exc:
+    print(str(exc).splitlines()[0], flush=True)
+waiter.join(60)
+print(waited[0], flush=True)
+t0 = time.monotonic()
+actorlib.shutdown()
+print(round(time.monotonic() - t0, 1), flush=True)
+"""
+    )
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        os.kill(head["pid"], signal.SIGKILL)
+        assert driver.wait(timeout=60) == 0, driver.stderr.read()
+        failure, group, took = driver.stdout.read().splitlines()
+        assert f"lost the head at {head['address']}" in failure and group.startswith(f"lost the head at {head['address']}")
+        assert float(took) < 5  # was 7 s: it waited for a head that would never answer
+    finally:
+        end_process(driver)
+    wait_for(lambda: not machine.processes(), 30, what="the head's node and workers to stop without it")
