@@ -123,8 +123,9 @@ def _start(args: argparse.Namespace) -> int:
     options = _node_options(args.num_cpus, args.num_gpus, resources)
     if args.head:
         head = _start_head(args.host or "127.0.0.1", args.port, options, block=args.block)
-        if head is not None:
-            _print_head(head)
+        if isinstance(head, int):  # --block: the head's own exit status
+            return head
+        _print_head(head)
         return 0
     head_address, key_file = _locate(args.address)
     secret = read_key(key_file)  # before the session directory: a bad key leaves nothing behind
@@ -133,7 +134,7 @@ def _start(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "scheduler", "node", "--head", head_address, "--host", host, "--key-stdin"]
     cmd += ["--session-dir", session_dir, *options]
     if args.block:
-        return _foreground(cmd, secret)
+        return _foreground(cmd + ["--die-with-parent", str(os.getpid())], secret)
     info = _daemon(cmd, "node", secret, session_dir)
     record_started(info["pid"], {"role": "node", "address": head_address, "key_file": key_file, **info})
     print(f"node {info['node_id'][:8]} (pid {info['pid']}) joined the head at {head_address}")
@@ -149,7 +150,8 @@ def _node_options(num_cpus: float | None, num_gpus: int | None, resources: dict[
     return opts
 
 
-def _start_head(host: str, port: int, options: list[str], *, block: bool, **record: Any) -> dict[str, Any] | None:
+def _start_head(host: str, port: int, options: list[str], *, block: bool, **record: Any) -> dict[str, Any] | int:
+    """Start a head; its ready file's contents, or with ``block`` its exit status once it has stopped."""
     running = find_head()
     if running is not None:
         raise CLIError(f"a head is already running on this machine at {running['address']} (pid {running['pid']}); run `actorlib stop` first")
@@ -159,8 +161,7 @@ def _start_head(host: str, port: int, options: list[str], *, block: bool, **reco
     cmd = [sys.executable, "-m", "scheduler", "head", "--host", host, "--port", str(port), "--session-dir", session_dir]
     cmd += ["--key-file", key_file, *options]
     if block:
-        _foreground(cmd, None)
-        return None
+        return _foreground(cmd + ["--die-with-parent", str(os.getpid())], None)  # gone with this process, however it ends
     info = _daemon(cmd, "head", None, session_dir)
     if record:
         record_started(info["pid"], {**info, **record})
@@ -395,7 +396,7 @@ def _up(path: str, timeout: float) -> int:
         raise CLIError(str(exc)) from None
     options = _node_options(plan.num_cpus, plan.num_gpus, plan.resources)
     head = _start_head(plan.host, plan.port, options, block=False, role="head", cluster_file=os.path.abspath(path))
-    assert head is not None
+    assert isinstance(head, dict)
     _print_head(head)
     if not plan.nodes:
         return 0

@@ -191,7 +191,7 @@ class Driver:
         assert self.head is not None
         node_id = uuid.uuid4().hex
         cmd = [sys.executable, "-m", "scheduler", "node", "--head", self.head.address, "--session-dir", self.head.session_dir]
-        cmd += ["--node-id", node_id, "--resources", json.dumps(resources), "--die-with-parent", "--key-stdin"]
+        cmd += ["--node-id", node_id, "--resources", json.dumps(resources), "--die-with-parent", str(os.getpid()), "--key-stdin"]
         if num_cpus is not None:
             cmd += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:

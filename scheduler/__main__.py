@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     head.add_argument("--host", required=True, help="the address to bind and advertise, e.g. 10.0.0.1")
     head.add_argument("--port", type=int, required=True)
     head.add_argument("--session-dir", required=True)
+    _die_with_parent(head)
     _node_options(head)
 
     node = sub.add_parser("node", help="run a node agent that joins a head")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--session-dir", default=None, help="default: a new session directory on this machine")
     node.add_argument("--node-id", default=None)
     node.add_argument("--host", default="127.0.0.1", help="the address this node's workers bind to")
-    node.add_argument("--die-with-parent", action="store_true", help="exit when the process that started this one exits")
+    _die_with_parent(node)
     node.add_argument("--exit-with-stdin", action="store_true", help="exit when standard input closes (an SSH lifeline)")
     _node_options(node)
     args = parser.parse_args(argv)
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.session_dir:
         hold_session(args.session_dir)  # in use while this process runs: never pruned meanwhile
 
-    if getattr(args, "die_with_parent", False):
-        parent = os.getppid()
+    if args.die_with_parent is not None:
+        parent = args.die_with_parent or os.getppid()  # the pid given: the parent may have died while this one started
         set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != parent:
             return 1
@@ -90,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
             os.rmdir(socket_dir(agent.session_dir))
         except OSError:
             pass
+
+
+def _die_with_parent(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--die-with-parent",
+        nargs="?",
+        const=0,
+        type=int,
+        default=None,
+        metavar="PID",
+        help="exit when the process that started this one (pid PID, if given) exits",
+    )
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:

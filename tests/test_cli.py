@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -362,3 +364,25 @@ print(round(time.monotonic() - t0, 1), flush=True)
     finally:
         end_process(driver)
     wait_for(lambda: not machine.processes(), 30, what="the head's node and workers to stop without it")
+
+
+def test_a_foreground_head_says_it_failed_and_goes_with_its_command(machine):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken:  # a port in use: the head cannot start, and the command's status says so (it was 0)
+        out = machine.cli("start", "--head", "--block", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1]), check=False)
+    assert out.returncode != 0 and "could not start" in out.stderr
+    command = subprocess.Popen(
+        [sys.executable, "-m", "actorlib.cli", "start", "--head", "--block", "--host", "127.0.0.1", "--port", "0"],
+        env=machine.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "head serving at" in command.stdout.readline()
+        command.kill()  # no chance to stop its head: the head goes by itself (it stayed)
+        command.wait(timeout=30)
+        wait_for(lambda: not machine.processes(), 30, what="the head and its node to go with the command")
+    finally:
+        end_process(command)
