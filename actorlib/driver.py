@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -197,9 +198,29 @@ class Driver:
         if num_gpus is not None:
             cmd += ["--num-gpus", str(num_gpus)]
         key = cluster_key()
-        self.extra_nodes[node_id] = _spawn(cmd, key.secret.decode() if key is not None else "")
-        await asyncio.wait_for(self.head.wait_for_node(node_id), _START_TIMEOUT)
-        return node_id
+        log_path = os.path.join(self.head.session_dir, "logs", f"node-{node_id[:8]}.log")
+        proc = self.extra_nodes[node_id] = _spawn(cmd, key.secret.decode() if key is not None else "", log_path)
+        exited = _watch(proc, self.loop, lambda: self._node_exited(node_id, proc))
+        joined = asyncio.ensure_future(self.head.wait_for_node(node_id))
+        await asyncio.wait({joined, exited}, timeout=_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if joined.done():
+            return node_id
+        joined.cancel()
+        self.extra_nodes.pop(node_id, None)
+        if exited.done():
+            why = f"exited ({_exit_status(proc.returncode)}) before it joined"
+        else:
+            _terminate(proc, 1.0)
+            why = f"did not join within {_START_TIMEOUT:g} s"
+        raise ActorLibError(f"the node agent (pid {proc.pid}) {why}; its output, in {log_path}:\n{_tail(log_path)}")
+
+    def _node_exited(self, node_id: str, proc: subprocess.Popen[bytes]) -> None:
+        """A node agent this driver started has exited (loop thread): unless stopped on purpose, its node is
+        gone now, with the reason, not a heartbeat timeout later."""
+        if self.extra_nodes.get(node_id) is not proc:
+            return  # removed (remove_node, shutdown): it unregistered itself
+        if self.head is not None:
+            self.head.node_lost(node_id, f"lost its agent (pid {proc.pid}, {_exit_status(proc.returncode)})")
 
     def launch_nodes(self, nodes: list[dict[str, Any]], timeout: float = 120.0) -> list[str]:
         """Start a node agent on each host over SSH (see :mod:`scheduler.ssh`); raise naming every one that failed."""
@@ -246,11 +267,8 @@ class Driver:
                 log.debug("driver_exit: %s", exc)
         rt.close_connections()
         procs, self.extra_nodes = list(self.extra_nodes.values()), {}
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:  # node agents exit in milliseconds; this blocks only a stopping loop
-            _terminate(proc, _STOP_TIMEOUT / 3)
+        # waited for off the loop: each unregisters with the head, which this loop runs
+        await asyncio.gather(*(_in_thread(self.loop, _terminate, proc, _STOP_TIMEOUT / 3) for proc in procs))
         if self.node is not None:
             await self.node.stop()
         if rt.head is not None and not rt.head.closed:
@@ -280,10 +298,73 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
-def _spawn(cmd: list[str], secret: str) -> subprocess.Popen[bytes]:
-    """Start a node agent process (a fork+exec: quick enough to do on the loop); the secret goes on its stdin."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+def _spawn(cmd: list[str], secret: str, log_path: str) -> subprocess.Popen[bytes]:
+    """Start a node agent process (a fork+exec: quick enough to do on the loop), its output to ``log_path``;
+    the secret goes on its stdin."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
     assert proc.stdin is not None
     with proc.stdin:  # one short line: the pipe buffer takes it without blocking
         proc.stdin.write((secret + "\n").encode())
     return proc
+
+
+def _watch(proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop, on_exit: Any) -> asyncio.Future[None]:
+    """A future done once ``proc`` has exited (and is reaped), after ``on_exit()`` ran on the loop."""
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        try:
+            on_exit()
+        finally:
+            if not exited.done():
+                exited.set_result(None)
+
+    def wait() -> None:
+        proc.wait()
+        try:
+            loop.call_soon_threadsafe(done)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting
+
+    threading.Thread(target=wait, name=f"actorlib-node-{proc.pid}", daemon=True).start()
+    return exited
+
+
+async def _in_thread(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """``fn(*args)`` on a thread of its own (not an executor: those refuse work while Python exits, when
+    shutdown() may run from atexit)."""
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def run() -> None:
+        try:
+            fn(*args)
+        finally:
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:
+                pass
+
+    threading.Thread(target=run, name="actorlib-stop", daemon=True).start()
+    await finished
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip() or "(nothing)"
+    except OSError as exc:
+        return f"(unreadable: {exc})"

@@ -203,6 +203,12 @@ class Head:
         (log.info if how == LEFT else log.warning)("node %s %s", node_id[:8], how)
         self._schedule()
 
+    def node_lost(self, node_id: str, how: str) -> None:
+        """Its agent process is known to be gone (its parent saw it exit): gone now, not a heartbeat timeout later."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.alive:
+            self._node_gone(node, how)
+
     async def op_launch_nodes(self, peer: bytes, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Start a node agent on each host over SSH; answer once each joined or failed (with why)."""
         try:

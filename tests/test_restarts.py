@@ -403,3 +403,20 @@ def test_an_actor_made_from_async_code_with_a_pending_argument_does_not_block_th
         unblock.cancel()
     assert returned_first and value == al.get(source.pid.remote(), timeout=30)
     al.kill(source)
+
+
+def test_a_node_whose_agent_dies_fails_its_actors_at_once_naming_it(al):
+    node = actorlib.testing.add_node(num_cpus=1, resources={"doomed": 1})
+    k = Keeper.options(resources={"doomed": 1}).remote(0)
+    assert al.get(k.node.remote(), timeout=60) == node
+    agent = driver().extra_nodes[node]
+    os.kill(agent.pid, signal.SIGKILL)
+    with pytest.raises(actorlib.ActorDiedError, match=rf"lost its agent \(pid {agent.pid}, killed by SIGKILL\)"):
+        al.get(k.add.remote(1), timeout=30)  # not a heartbeat timeout later
+    wait_for(lambda: agent.poll() is not None, 10, what="the agent to be reaped")  # no zombie left
+    actorlib.testing.remove_node(node)
+
+
+def test_a_node_agent_that_cannot_start_says_why_at_once(al):
+    with pytest.raises(actorlib.ActorLibError, match=r"exited \(exit code 2\) before it joined(.|\n)*num_cpus"):
+        driver().add_node(-1, None, None)
