@@ -11,6 +11,7 @@ server and then every worker with it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -245,14 +247,29 @@ class Driver:
         """Stop everything this driver started, bounded in time; safe to call twice."""
         if not self._thread.is_alive():
             return
-        try:
-            self.rt.run(self._stop(), _STOP_TIMEOUT)
-        except Exception as exc:
-            log.warning("actorlib shutdown did not finish cleanly: %s", exc)
+        stopping = asyncio.run_coroutine_threadsafe(self._stop(), self.loop)
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                stopping.result(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt as exc:  # (Ctrl-C) stop first: cut short, it would leave processes running
+                interrupted = exc
+                if time.monotonic() < deadline:
+                    continue
+                stopping.cancel()
+            except concurrent.futures.TimeoutError:
+                stopping.cancel()
+                log.warning("actorlib shutdown did not finish within %g s", _STOP_TIMEOUT)
+            except Exception as exc:
+                log.warning("actorlib shutdown did not finish cleanly: %s", exc)
+            break
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(_STOP_TIMEOUT)
         if not self._thread.is_alive():
             self.loop.close()
+        if interrupted is not None:
+            raise interrupted
 
     async def _stop(self) -> None:
         rt = self.rt

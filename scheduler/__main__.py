@@ -145,8 +145,18 @@ async def _run_node(agent: NodeAgent, exit_with_stdin: bool, ready_file: str | N
     stop = _stop_signals()
     if exit_with_stdin:  # the SSH channel closed: whoever launched this node is gone
         asyncio.get_running_loop().add_reader(sys.stdin.fileno(), _on_stdin, stop)
+    joining = asyncio.ensure_future(agent.start(timeout=_JOIN_TIMEOUT))
+    stopped = asyncio.ensure_future(stop.wait())  # SIGTERM (its parent's death too) while it joins: now, not then
+    await asyncio.wait({joining, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not joining.done():
+        joining.cancel()
+        await asyncio.gather(joining, return_exceptions=True)
+        await agent.stop()
+        print(f"node {agent.node_id[:8]} was stopped while it joined {agent.head_address}", file=sys.stderr, flush=True)
+        return 1
     try:
-        await agent.start(timeout=_JOIN_TIMEOUT)
+        joining.result()
     except Exception as exc:
         await agent.stop()
         print(f"node {agent.node_id[:8]} could not join {agent.head_address}: {exc}", file=sys.stderr, flush=True)

@@ -196,7 +196,7 @@ class NodeAgent:
         self._stopping = True  # (Python 3.11's wait_for can swallow the cancel below: _beat checks this too)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self._head is not None and not self._head.closed:
+        if self._heartbeat is not None and self._head is not None and not self._head.closed:  # (it had joined)
             try:
                 await control_call(self._head, "unregister_node", node_id=self.node_id, timeout=2)
             except Exception as exc:

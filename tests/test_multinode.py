@@ -9,7 +9,7 @@ import pytest
 
 import actorlib.testing
 
-from .conftest import ROOT_DIR, descendants, local_cluster
+from .conftest import ROOT_DIR, descendants, local_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,28 @@ def test_cuda_visible_devices_set_before_start_limits_the_node(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2.0 [('3', [3]), ('5', [5])]"
+
+
+def test_a_node_agent_stopped_while_it_joins_stops_at_once(tmp_path):
+    """SIGTERM (also its parent-death signal) while no head answers: it waited for the 60 s join timeout."""
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "scheduler", "node", "--head", f"ipc://{tmp_path}/nohead.sock", "--session-dir", str(tmp_path)]
+        + ["--num-cpus", "1", "--key-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT_DIR},
+    )
+    try:
+        agent.stdin.write("\n")
+        agent.stdin.close()
+        wait_for(lambda: descendants(agent.pid), 60, what="its fork server (it is joining now)")
+        agent.terminate()
+        assert agent.wait(timeout=30) == 1
+        assert "was stopped while it joined" in agent.stdout.read()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait(timeout=30)
+        agent.stdout.close()
