@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from transport import shm
+
 __all__ = [
     "DEFAULT_PORT",
     "find_head",
@@ -56,8 +58,14 @@ def new_session_dir() -> str:
         with open(os.path.join(elsewhere, _SESSION_LINK), "w") as f:  # the way back: gone with its session
             f.write(path)
     # off the caller's path (init() waits for nothing of it); one cut short by the process ending is harmless
-    threading.Thread(target=prune_sessions, args=(root, KEEP_SESSIONS), name="actorlib-prune", daemon=True).start()
+    threading.Thread(target=_tidy, args=(root,), name="actorlib-prune", daemon=True).start()
     return path
+
+
+def _tidy(root: str) -> None:
+    """What earlier sessions left: ended ones beyond the newest kept, and shared memory of senders that died."""
+    prune_sessions(root, keep=KEEP_SESSIONS)
+    shm.sweep_orphans()
 
 
 # -- which sessions have ended ------------------------------------------------

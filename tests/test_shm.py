@@ -6,6 +6,7 @@ import gc
 import glob
 import mmap
 import os
+import secrets
 import subprocess
 import sys
 
@@ -169,3 +170,19 @@ def _claim_error(moved) -> str:
     except (OSError, ValueError) as exc:
         return str(exc)
     return "claimed"
+
+
+def test_files_of_senders_that_died_are_swept_when_a_session_starts():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = os.path.join(shm.SHM_DIR, f"actorlib-{int(gone.stdout)}-{secrets.token_hex(8)}")
+    mine = os.path.join(shm.SHM_DIR, f"actorlib-{os.getpid()}-{secrets.token_hex(8)}")
+    for path in (dead, mine):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        assert shm.sweep_orphans() >= 1
+        assert not os.path.exists(dead) and os.path.exists(mine)
+    finally:
+        for path in (dead, mine):
+            if os.path.exists(path):
+                os.unlink(path)

@@ -17,7 +17,8 @@ unmaps it on a thread of its own once nothing uses it any more.
 
 A file never claimed (its receiver died first) is removed by :func:`sweep`
 once its sender has exited: the node agent sweeps its workers, a driver its
-own. Anything that fails on the way (no ``/dev/shm``, no space) falls back
+own; and by :func:`sweep_orphans`, when a session starts, if its sender died
+before it could. Anything that fails on the way (no ``/dev/shm``, no space) falls back
 to the socket. ``ACTORLIB_SHM=0`` turns the path off.
 """
 
@@ -35,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["ENABLED", "MIN_BYTES", "claim", "export", "local_address", "sweep"]
+__all__ = ["ENABLED", "MIN_BYTES", "claim", "export", "local_address", "sweep", "sweep_orphans"]
 
 SHM_DIR = "/dev/shm"
 ENABLED = os.environ.get("ACTORLIB_SHM", "1") not in ("0", "off", "false") and os.path.isdir(SHM_DIR)
@@ -208,6 +209,17 @@ def sweep(pid: int) -> int:
     removed = 0
     for path in glob.glob(os.path.join(SHM_DIR, f"actorlib-{int(pid)}-*")):
         if _unlink(path):
+            removed += 1
+    return removed
+
+
+def sweep_orphans() -> int:
+    """Remove the files of senders that are gone (a driver killed before it could sweep its own); returns how
+    many. A sender's pid reused since keeps its files: never a live process's."""
+    removed = 0
+    for path in glob.glob(os.path.join(SHM_DIR, "actorlib-*-*")):
+        name = os.path.basename(path)
+        if _NAME.fullmatch(name) and not os.path.exists(f"/proc/{name.split('-')[1]}") and _unlink(path):
             removed += 1
     return removed
 
