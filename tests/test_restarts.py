@@ -409,8 +409,10 @@ def test_a_node_whose_agent_dies_fails_its_actors_at_once_naming_it(al):
     node = actorlib.testing.add_node(num_cpus=1, resources={"doomed": 1})
     k = Keeper.options(resources={"doomed": 1}).remote(0)
     assert al.get(k.node.remote(), timeout=60) == node
+    worker = al.get(k.pid.remote(), timeout=60)
     agent = driver().extra_nodes[node]
     os.kill(agent.pid, signal.SIGKILL)
+    wait_for(lambda: not alive(worker), 30, what="its worker to go with it")
     with pytest.raises(actorlib.ActorDiedError, match=rf"lost its agent \(pid {agent.pid}, killed by SIGKILL\)"):
         al.get(k.add.remote(1), timeout=30)  # not a heartbeat timeout later
     wait_for(lambda: agent.poll() is not None, 10, what="the agent to be reaped")  # no zombie left
