@@ -72,7 +72,7 @@ class VirtualCluster:
         self.use_unified_pg = use_unified_pg
         bundle: dict[str, float] = {"GPU": 1} if use_gpus else {"CPU": 1}
         if cpus_per_bundle:
-            bundle["CPU"] = cpus_per_bundle
+            bundle["CPU"] = bundle.get("CPU", 0) + cpus_per_bundle
         self._stores: dict[int, ActorHandle] = {}  # rendezvous stores by port
         self._pgs: list[PlacementGroup] = []
         totals = api.cluster_resources()

@@ -101,9 +101,11 @@ class NamedSharding:
         for name, i in coords.items():
             self._check_axis(name)
             axis = self._names.index(name)
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self._dims[axis]:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # numpy's integers too
+                raise TypeError(f"the index for axis {name!r} must be an int, not {i!r}")
+            if not 0 <= i < self._dims[axis]:
                 raise ValueError(f"index {i!r} is out of range for axis {name!r} of size {self._dims[axis]}")
-            index[axis] = i
+            index[axis] = int(i)
         sub = _select(self._layout, index)
         rest = [n for n in self._names if n not in coords]
         if not rest:

@@ -144,5 +144,14 @@ def gather(refs: list[Any], ranks: list[int], metadata: list[dict[str, Any]], ti
     if failures:
         raise WorkerGroupError(failures, len(refs), what)
     if pending:
-        raise GetTimeoutError(f"{len(pending)} of {len(refs)} workers had not answered {what} within {timeout} s")
+        late = [_who(ranks[i], metadata[ranks[i]]) for i in pending[:8]] + (["..."] if len(pending) > 8 else [])
+        raise GetTimeoutError(f"{len(pending)} of {len(refs)} workers had not answered {what} within {timeout} s: {', '.join(late)}")
     return values
+
+
+def _who(rank: int, meta: dict[str, Any]) -> str:
+    """``rank 3 (pid 1234, node 1a2b3c4d)``, with what is known."""
+    facts = [f"pid {meta['pid']}"] if meta.get("pid") else []
+    if meta.get("node_id"):
+        facts.append(f"node {str(meta['node_id'])[:8]}")
+    return f"rank {rank}" + (f" ({', '.join(facts)})" if facts else "")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -71,21 +72,26 @@ class MultiWorkerFuture:
             meta = self.worker_metadata or [{} for _ in range(max(ranks, default=-1) + 1)]
             values = gather(self.futures, ranks, meta, timeout, self.failure_grace_s, "this dispatch")
             return [values[i] for i in keep]
-        # Streams are read all at once (a thread each): one worker's stream may only progress
-        # while another's is read, as in a collective. One that fails gives the others
+        # Every called worker's stream is read, all at once (a thread each): one worker's stream may only
+        # progress while another's is read, as in a collective; the items of workers not returned are
+        # dropped as they come, and their failures count. One that fails gives the others
         # failure_grace_s to finish (or fail) too, as for plain methods.
-        items: list[list[Any]] = [[] for _ in kept]
+        returned = set(keep)
+        items: list[list[Any]] = [[] for _ in self.futures]
         failures: list[WorkerFailure] = []
         ended = threading.Condition()
-        left = [sum(1 for g in kept if isinstance(g, ObjectRefGenerator))]
+        streams = [(i, g) for i, g in enumerate(self.futures) if isinstance(g, ObjectRefGenerator)]
+        left = [len(streams)]
         first_failure: list[float] = []
 
         def drain(i: int, gen: ObjectRefGenerator) -> None:
             try:
                 for ref in gen:
-                    items[i].append(api.get(ref))
+                    value = api.get(ref)
+                    if i in returned:
+                        items[i].append(value)
             except BaseException as exc:  # (not only ActorLibError: nothing a stream raises may go unseen)
-                rank = ranks[keep[i]]
+                rank = ranks[i]
                 meta = self.worker_metadata[rank] if rank < len(self.worker_metadata) else {}
                 failures.append(WorkerFailure.from_error(rank, meta, exc, time.time()))
                 first_failure.append(time.monotonic())
@@ -94,9 +100,8 @@ class MultiWorkerFuture:
                     left[0] -= 1
                     ended.notify_all()
 
-        for i, g in enumerate(kept):
-            if isinstance(g, ObjectRefGenerator):
-                threading.Thread(target=drain, args=(i, g), daemon=True, name="actorlib-stream").start()
+        for i, g in streams:
+            threading.Thread(target=drain, args=(i, g), daemon=True, name="actorlib-stream").start()
         deadline = None if timeout is None else time.monotonic() + timeout
         with ended:
             while left[0]:
@@ -107,11 +112,12 @@ class MultiWorkerFuture:
                 ended.wait(remaining)
             unfinished = left[0]
         if failures:
-            raise WorkerGroupError(sorted(failures, key=lambda f: f.time), len(kept), "this dispatch")
+            raise WorkerGroupError(sorted(failures, key=lambda f: f.time), len(self.futures), "this dispatch")
         if unfinished:
-            raise GetTimeoutError(f"{unfinished} of {len(kept)} streams did not finish within {timeout} s")
+            raise GetTimeoutError(f"{unfinished} of {len(streams)} streams did not finish within {timeout} s")
         out: list[Any] = []
-        for i, fut in enumerate(kept):
+        for i in keep:
+            fut = self.futures[i]
             out.extend(items[i]) if isinstance(fut, ObjectRefGenerator) else out.append(api.get(fut, timeout=timeout))
         return out
 
@@ -181,7 +187,9 @@ class WorkerGroup:
         init_args: tuple[Any, ...],
         init_kwargs: dict[str, Any],
     ) -> None:
-        num_gpus = 1 / self.cluster.max_colocated_worker_groups if self.cluster.use_gpus else 0
+        # a share of each GPU the scheduler can count (it counts in 1/10 000ths): 1/3 is 0.3333
+        num_gpus = math.floor(10_000 / self.cluster.max_colocated_worker_groups) / 10_000 if self.cluster.use_gpus else 0
+        class_env = self._cls._options.get("env_vars") or {}
         local_ranks: dict[int, int] = {}
         rank = 0
         for group_idx, (node_idx, bundles) in enumerate(bundle_indices_list):
@@ -191,6 +199,7 @@ class WorkerGroup:
                 local_rank = local_ranks.get(node_idx, 0)
                 local_ranks[node_idx] = local_rank + 1
                 env = {
+                    **class_env,  # the class's own (@remote(env_vars=...)), then the group's
                     **env_vars,
                     "RANK": str(rank),
                     "LOCAL_RANK": str(local_rank),
@@ -238,20 +247,30 @@ class WorkerGroup:
         rt = runtime.current()
         progress = Progress(len(self._workers), f"starting {self._cls.__name__} workers")
 
-        async def one(handle: ActorHandle) -> dict[str, Any]:
+        started: set[int] = set()
+
+        async def one(rank: int, handle: ActorHandle) -> dict[str, Any]:
             info = await rt.control("resolve_actor", actor_id=handle._actor_id)
             if info["state"] == "DEAD":  # at once: not after every other worker has started (or timed out)
-                raise ActorDiedError(info.get("death") or {})
+                death = dict(info.get("death") or {})
+                death["reason"] = f"rank {rank} of {len(self._workers)}: {death.get('reason') or 'it died'}"
+                raise ActorDiedError(death)
+            started.add(rank)
             progress.update()
             return info
 
         async def everyone() -> list[dict[str, Any]]:
-            return await asyncio.wait_for(asyncio.gather(*(one(w) for w in self._workers)), timeout)
+            return await asyncio.wait_for(asyncio.gather(*(one(r, w) for r, w in enumerate(self._workers))), timeout)
 
         try:
             infos = rt.run(everyone())
         except (asyncio.TimeoutError, TimeoutError):
-            raise GetTimeoutError(f"the workers of {self._cls.__name__} did not all start within {timeout} s") from None
+            waiting = [r for r in range(len(self._workers)) if r not in started]
+            shown = ", ".join(map(str, waiting[:16])) + (" ..." if len(waiting) > 16 else "")
+            raise GetTimeoutError(
+                f"the workers of {self._cls.__name__} did not all start within {timeout} s: "
+                f"rank(s) {shown} of {len(self._workers)} had not (actorlib status says why, if they wait for room)"
+            ) from None
         finally:
             progress.close()
         for meta, info in zip(self._worker_metadata, infos, strict=True):

@@ -174,7 +174,7 @@ class PipelineExecutor:
         self._run_workers(
             "update_environment_variables",
             all_args=[
-                ({"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in sorted(node_gpus[node], key=str))},)
+                ({"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in sorted(node_gpus[node], key=_gpu_order))},)
                 for node, _ in node_and_gpus
             ],
         )
@@ -293,6 +293,12 @@ def main() -> None:
     print(f"pipelined: {[o['request'] for o in outs]} all match the reference: {agree}")
     executor.shutdown()
     actorlib.shutdown()
+
+
+def _gpu_order(gpu: int | str) -> tuple[int, int, str]:
+    """GPU ids in device order: "2" before "10" (a string sort puts "10" first on a node of 10 or more)."""
+    text = str(gpu)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
 if __name__ == "__main__":

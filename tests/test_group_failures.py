@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import actorlib
 from actorlib import NamedSharding, VirtualCluster, WorkerGroup
 from actorlib.exceptions import GetTimeoutError
 from actorlib.spmd import WorkerGroupError
@@ -186,7 +187,7 @@ def test_a_failed_or_timed_out_run_leaves_the_group_usable(pair):
     failed = g.run(hang_unless, -1, failure_grace_s=1.0)  # rank 0 raises, rank 1 hangs
     assert not failed.ok and failed.first_failure.rank == 0
     assert g.run(rank_of, timeout=60).return_values == [0, 1]
-    with pytest.raises(GetTimeoutError):
+    with pytest.raises(GetTimeoutError, match=r"1 of 2 workers had not answered run\(\) within 2 s: rank 1 \(pid \d+, node"):
         g.run(hang_unless, 0, timeout=2)  # rank 0 returns, rank 1 hangs
     assert g.run(rank_of, timeout=60).return_values == [0, 1]
     assert len(cluster._stores) == 1  # each restart's rendezvous store replaced the last one
@@ -204,3 +205,59 @@ def test_axes_given_as_a_bare_string_are_refused(group):
         group.run_all_workers_single_data("rank", run_rank_0_only_axes="dp")
     with pytest.raises(TypeError, match="in_sharded_axes must be a list"):
         group.run_all_workers_sharded_data("step", [0, 0, 0, 0], in_sharded_axes="dp")
+
+
+class Replicas:
+    def long(self, n):
+        """The tp=1 replicas stream far past a stream's window; only the tp=0 ones' items are returned."""
+        rank = int(os.environ["RANK"])
+        for i in range(n if rank % 2 else 2):
+            yield (rank, i)
+
+    def fail_mid(self, _shard):
+        rank = int(os.environ["RANK"])
+        yield rank
+        if rank == 1:
+            raise RuntimeError("rank 1 failed mid-stream")
+        yield rank
+
+    def rank(self):
+        return int(os.environ["RANK"])
+
+
+@pytest.fixture
+def replicas(al):
+    cluster = VirtualCluster([4], use_gpus=True, num_gpus_per_node=4, name="replicas")
+    g = WorkerGroup(cluster, Replicas, sharding_annotations=NamedSharding([[0, 1], [2, 3]], ["dp", "tp"]))
+    yield g
+    g.shutdown(force=True)
+    cluster.shutdown()
+
+
+def test_streams_of_workers_not_returned_are_read_and_watched(replicas):
+    """Only the returned workers' streams were read: the others stopped at their window (a collective
+    between them hung the dispatch), and a failure among them went unseen."""
+    g = replicas
+    sharded = {"in_sharded_axes": ["dp"], "replicate_on_axes": ["tp"], "output_is_replicated": ["tp"]}
+    future = g.run_all_workers_sharded_data("long", [3000, 3000], **sharded)
+    assert future.get_results(timeout=60) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert actorlib.get(g.run_single_worker_single_data("rank", 1), timeout=30) == 1  # its stream ended
+    future = g.run_all_workers_sharded_data("fail_mid", [None, None], **sharded)
+    with pytest.raises(WorkerGroupError) as info:
+        future.get_results(timeout=60)
+    assert info.value.first.rank == 1 and "failed mid-stream" in info.value.first.exception
+
+
+class BadOnRankTwo:
+    def __init__(self):
+        if os.environ["RANK"] == "2":
+            raise ValueError("bad config on this rank")
+
+
+def test_a_worker_that_cannot_start_is_named_by_its_rank(al):
+    cluster = VirtualCluster([4], use_gpus=True, num_gpus_per_node=4, name="named-errors")
+    try:
+        with pytest.raises(actorlib.ActorDiedError, match="rank 2 of 4: the actor's constructor raised"):
+            WorkerGroup(cluster, BadOnRankTwo)
+    finally:
+        cluster.shutdown()

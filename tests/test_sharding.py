@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from actorlib import NamedSharding
@@ -45,5 +46,8 @@ def test_bad_queries():
         s.get_ranks(pp=0)
     with pytest.raises(ValueError, match="out of range"):
         s.get_ranks(dp=2)
+    with pytest.raises(TypeError, match="must be an int"):
+        s.get_ranks(dp="1")
+    assert s.get_ranks(dp=np.int64(1), tp=np.int32(0)) == 2  # numpy's integers are integers
     with pytest.raises(ValueError, match="rank 9"):
         s.get_worker_coords(9)

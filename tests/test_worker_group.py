@@ -36,6 +36,9 @@ class Plain:
     def pid(self):
         return os.getpid()
 
+    def getenv(self, names):
+        return [os.environ.get(n) for n in names]
+
     def cleanup(self):
         with open(os.path.join(os.environ["CLEANUP_DIR"], f"clean-{os.environ['RANK']}"), "w") as f:
             f.write("ok")
@@ -191,6 +194,28 @@ def test_colocated_groups_share_gpus_fractionally(al):
         train.shutdown(force=True)
         gen.shutdown(force=True)
         cluster.shutdown()
+
+
+def test_three_colocated_groups_and_the_class_env_vars(al):
+    """1/3 of a GPU is finer than the scheduler counts: the groups failed to start. The class's own env_vars
+    were dropped for the group's."""
+    cluster = VirtualCluster([1], use_gpus=True, num_gpus_per_node=1, max_colocated_worker_groups=3, cpus_per_bundle=0.5)
+    with_env = al.remote(env_vars={"FROM_CLASS": "yes", "BOTH": "class"})(Plain)
+    groups = [WorkerGroup(cluster, with_env, str(i), env_vars={"BOTH": "group"}) for i in range(3)]
+    try:
+        envs = [al.get(g.run_all_workers_single_data("env"), timeout=30)[0] for g in groups]
+        assert len({e["CUDA_VISIBLE_DEVICES"] for e in envs}) == 1  # one device, shared three ways
+        found = al.get(groups[0].run_all_workers_single_data("getenv", ["FROM_CLASS", "BOTH"]), timeout=30)
+        assert found == [["yes", "group"]]
+    finally:
+        for g in groups:
+            g.shutdown(force=True)
+        cluster.shutdown()
+    cpu = VirtualCluster([2], use_gpus=False, cpus_per_bundle=1)
+    try:  # plus cpus_per_bundle, as documented (it replaced the bundle's CPU)
+        assert [pg.bundle_specs for pg in cpu._pgs] == [[{"CPU": 2.0}, {"CPU": 2.0}]]
+    finally:
+        cpu.shutdown()
 
 
 def test_graceful_and_forced_shutdown_leave_nothing(al, tmp_path):
