@@ -628,10 +628,10 @@ class GraphRuntime:
             seq, inputs = await node.queue.get()
             try:
                 await self._run_async(node, seq, inputs)
-            except asyncio.CancelledError:
-                raise
             except BaseException as exc:  # a bug of ours must fail the execution, not end this node's loop
-                if self.closed:
+                if self.closed:  # (the only cancel of this task is the graph's teardown)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
                     return
                 log.exception("%s: compiled graph node %s failed", self.label, node.what)
                 node.sending = self._emit(node, seq, _Failed(error_record(exc, self.label)), on_loop=True)
@@ -655,9 +655,9 @@ class GraphRuntime:
             else:
                 try:
                     out = await node.fn(*args, **kwargs)
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:
+                except BaseException as exc:  # a CancelledError too: the user's (an inner task's), unless torn down
+                    if self.closed:
+                        raise
                     out = _Failed(error_record(exc, self.label, skip_frames=1))
         node.sending = self._emit(node, seq, out, on_loop=True)
 

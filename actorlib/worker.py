@@ -239,6 +239,7 @@ class ActorHost:
         self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
         self._tasks: dict[tuple[bytes | None, int], asyncio.Task[Any]] = {}
         self._queued: set[tuple[bytes | None, int]] = set()
+        self._cancelling: set[tuple[bytes | None, int]] = set()  # async calls the caller cancelled
         self._producers: dict[tuple[bytes | None, int], _Producer] = {}
         self.stopped = asyncio.Event()
 
@@ -621,6 +622,7 @@ class ActorHost:
         if task is not None:
             # After the task's first step (queued before this, run first): cancelled before it, the coroutine
             # would never run its handlers, and the caller would wait forever for an answer.
+            self._cancelling.add(key)  # a CancelledError the method raises on its own is its error, not this
             self.loop.call_soon(task.cancel)
         elif waiting is not None:
             self._waiting.remove(waiting)
@@ -661,14 +663,18 @@ class ActorHost:
     async def _run_async(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         try:
             value = await fn(*args, **kwargs)
-        except asyncio.CancelledError:
-            self.send_value(Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled"}, key[0])
+        except asyncio.CancelledError as exc:
+            if key in self._cancelling:
+                self.send_value(Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled"}, key[0])
+            else:  # raised by the method itself (it awaited a task that was cancelled, say): its own error
+                self.send_value(Kind.ERROR, key[1], error_record(exc, self.label, skip_frames=1), key[0])
         except BaseException as exc:
             self.send_value(Kind.ERROR, key[1], error_record(exc, self.label, skip_frames=1), key[0])
         else:
             self.send_value(Kind.RESULT, key[1], value, key[0])
         finally:
             self._tasks.pop(key, None)
+            self._cancelling.discard(key)
 
     def _run_generator(self, key: tuple[bytes | None, int], p: _Producer, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         if not self._unqueue(key):
@@ -702,12 +708,14 @@ class ActorHost:
                         break
             finally:
                 await agen.aclose()
-        except asyncio.CancelledError:
-            error = {"type": "cancelled", "message": "the stream was cancelled"}
+        except asyncio.CancelledError as exc:
+            cancelled = key in self._cancelling  # else raised by the generator itself: its own error
+            error = {"type": "cancelled", "message": "the stream was cancelled"} if cancelled else error_record(exc, self.label, skip_frames=1)
         except BaseException as exc:
             error = error_record(exc, self.label, skip_frames=1)
         finally:
             self._tasks.pop(key, None)
+            self._cancelling.discard(key)
         self._finish_stream(key, p, error)
 
     def _finish_stream(self, key: tuple[bytes | None, int], p: _Producer, error: dict[str, Any] | None) -> None:

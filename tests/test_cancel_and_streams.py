@@ -8,7 +8,7 @@ import time
 import pytest
 
 from actorlib.api import driver
-from actorlib.exceptions import TaskCancelledError
+from actorlib.exceptions import RemoteError, TaskCancelledError
 
 from .conftest import wait_for
 
@@ -44,6 +44,11 @@ def classes(cluster):
 
         async def on_loop(self):
             return "loop"
+
+        async def cancels_itself(self):
+            inner = asyncio.ensure_future(asyncio.sleep(10))
+            inner.cancel()
+            await inner  # the method's own CancelledError: nobody cancelled this call
 
         def use(self, value):
             return value
@@ -166,4 +171,13 @@ def test_waits_that_give_up_leave_no_callback_on_the_refs(cluster, classes):
     cluster.cancel(ref)
     with pytest.raises(TaskCancelledError):
         cluster.get(ref, timeout=30)
+    cluster.kill(w)
+
+
+def test_a_cancelled_error_the_method_raises_itself_is_its_error_not_a_cancel(cluster, classes):
+    Worker, _ = classes
+    w = Worker.remote()
+    with pytest.raises(RemoteError) as info:
+        cluster.get(w.cancels_itself.remote(), timeout=30)
+    assert not isinstance(info.value, TaskCancelledError) and isinstance(info.value.cause, asyncio.CancelledError)
     cluster.kill(w)

@@ -66,6 +66,14 @@ class Stage:
         await asyncio.sleep(0)
         return x.to(self.device) + k
 
+    async def acancel_on_negative(self, x):
+        """Raises CancelledError of its own (it awaits a task that was cancelled) for a negative input."""
+        if float(x.sum()) < 0:
+            inner = asyncio.ensure_future(asyncio.sleep(10))
+            inner.cancel()
+            await inner
+        return x + 1
+
     def concat(self, a, b):
         return torch.cat([a.to(self.device), b.to(self.device)])
 
@@ -522,6 +530,15 @@ def test_a_stage_that_raises_fails_that_execution_only(env):
             actorlib.get(refs[3], timeout=30)
         assert actorlib.get(refs[4], timeout=30).item() == 4.0
         assert actorlib.get(compiled.execute(torch.tensor([7.0])), timeout=30).item() == 8.0  # and it goes on
+    finally:
+        compiled.teardown()
+    with InputNode() as inp:  # an async stage's own CancelledError ended its node: every later execution hung
+        dag = c.to_host.bind(b.acancel_on_negative.bind(a.add.bind(inp, 0).with_tensor_transport(transport)))
+    compiled = dag.compile()
+    try:
+        with pytest.raises(actorlib.RemoteError, match="CancelledError"):
+            actorlib.get(compiled.execute(torch.tensor([-1.0])), timeout=30)
+        assert actorlib.get(compiled.execute(torch.tensor([1.0])), timeout=30).item() == 2.0
     finally:
         compiled.teardown()
 
