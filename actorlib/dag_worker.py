@@ -161,7 +161,7 @@ class _Node:
         self.what = f"{type(host.instance).__name__}.{self.method}"
         self.waiting: dict[int, dict[int, Any]] = {}  # seq -> the inputs arrived so far
         self.next_seq = 0  # the next execution this node runs: they run in order
-        self.queue: asyncio.Queue[tuple[int, dict[int, Any]]] = asyncio.Queue()  # async nodes only
+        self.queue: asyncio.Queue[tuple[int, dict[int, Any]]] = asyncio.Queue()  # nodes run from the loop
         self.sending: list[Any] = []  # transfers of the last output: done before the method runs again
         self.sent: concurrent.futures.Future[None] | None = None  # a helper waiting for them (threaded graphs)
 
@@ -376,7 +376,11 @@ class GraphRuntime:
         self._check_open()
         for link in self.links.values():
             link.stop_reading()  # only sent on from now on: its socket's wake-ups would only cost the loop
-        self.tasks = [self.loop.create_task(self._async_node(node)) for node in self.nodes if node.is_async]
+        self.tasks = [
+            self.loop.create_task(self._async_node(node) if node.is_async else self._sync_node(node))
+            for node in self.nodes
+            if node.is_async or not self.threaded
+        ]
 
     def _check_open(self) -> None:
         if self.closed:  # torn down while setting up (another actor's set-up failed): do not go on
@@ -474,14 +478,12 @@ class GraphRuntime:
                 return
             del node.waiting[seq]
             node.next_seq = seq + 1
-            if node.is_async:
-                node.queue.put_nowait((seq, inputs))
-            elif self.threaded:
+            if self.threaded:
                 self._ready.append((node, seq, inputs))
                 if not self._running:
                     self._run_ready()
-            else:
-                self.host.post_sync(functools.partial(self._run_sync, node, seq, inputs))
+            else:  # async nodes, and sync ones of an actor with async nodes too: see _sync_node
+                node.queue.put_nowait((seq, inputs))
 
     def on_deliver(self, seq: int, src: int, metas: list[Any] | None, skeleton: bytes | None, record: Any, sender: str) -> None:
         """Another actor's output: post the receives for its tensors now, in arrival order (loop thread)."""
@@ -621,6 +623,39 @@ class GraphRuntime:
             return node.fn(*args, **kwargs)
         except BaseException as exc:
             return _Failed(error_record(exc, self.label, skip_frames=1))
+
+    async def _sync_node(self, node: _Node) -> None:
+        """A sync node's executions, one at a time, in order, where this actor has async nodes too (the graph
+        runs from the loop; each execution is a job for the sync thread).
+
+        The last execution's sends are waited for here, by a helper, before the next is handed to the sync
+        thread: a send completes only once its receiver has posted the receive, and the receiver may be
+        waiting for this actor's sync thread meanwhile (a method of ours it calls; a collective of a worker
+        group), which would not come while that thread waited for the send.
+        """
+        while True:
+            seq, inputs = await node.queue.get()
+            try:
+                if node.sending and not all(w.is_completed() for w in node.sending):
+                    await self.loop.run_in_executor(self._helpers(), self._sent, node)
+                node.sending = []
+                ran: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+                def job(seq: int = seq, inputs: dict[int, Any] = inputs, ran: concurrent.futures.Future[None] = ran) -> None:
+                    try:
+                        self._run_sync(node, seq, inputs)
+                    finally:
+                        ran.set_result(None)
+
+                self.host.post_sync(job)
+                await asyncio.wrap_future(ran)
+            except BaseException as exc:  # a bug of ours must fail the execution, not end this node's loop
+                if self.closed:  # (the only cancel of this task is the graph's teardown)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    return
+                log.exception("%s: compiled graph node %s failed", self.label, node.what)
+                node.sending = self._emit(node, seq, _Failed(error_record(exc, self.label)), on_loop=True)
 
     async def _async_node(self, node: _Node) -> None:
         """An async node's executions, one at a time, in order."""

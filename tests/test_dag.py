@@ -454,16 +454,20 @@ def test_tensors_both_ways_between_two_actors_pipelined(env):
         compiled.teardown()
 
 
-def test_a_stage_that_calls_the_actor_sending_to_it(env):
-    """b's stage calls a while a's next executions wait for their sends to b: a must still serve the call."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["sync", "with-an-async-node"])
+def test_a_stage_that_calls_the_actor_sending_to_it(env, mixed):
+    """b's stage calls a while a's next executions wait for their sends to b: a must still serve the call.
+    With an async node on a too, its sync nodes run as jobs of its sync thread, which waited for the sends."""
     transport, (a, b, _) = env
     n = SLOT_BYTES // 4 + 1  # sent tensor by tensor: complete only once b has posted its receive
     with InputNode() as inp:
-        dag = b.to_host.bind(b.ask.bind(a.add.bind(inp, 1).with_tensor_transport(transport), a))
+        out = b.to_host.bind(b.ask.bind(a.add.bind(inp, 1).with_tensor_transport(transport), a))
+        dag = MultiOutputNode([out, a.aadd.bind(inp, 0)]) if mixed else out
     compiled = dag.compile(max_inflight=4)
     try:
         refs = [compiled.execute(torch.full((n,), float(i))) for i in range(12)]
-        assert [float(v[0]) for v in actorlib.get(refs, timeout=60)] == [i + 1.0 for i in range(12)]
+        values = [v[0] if mixed else v for v in actorlib.get(refs, timeout=60)]
+        assert [float(v[0]) for v in values] == [i + 1.0 for i in range(12)]
     finally:
         compiled.teardown()
 
