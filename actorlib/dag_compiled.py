@@ -586,13 +586,21 @@ class _Results:
             value = {"message": str(exc)}
         if msg.kind == Kind.STREAM_ITEM:
             for item in value:
-                if len(item) == 6:  # [seq, index, True, None, None, the value encoded apart]
+                try:
+                    if len(item) == 6:  # [seq, index, True, None, None, the value encoded apart]
+                        try:
+                            item = [*item[:3], loads(item[5], msg.buffers)]
+                        except DecodeError as exc:  # that execution fails, and only it
+                            message = f"could not deserialize the graph's output {item[1]}: {exc}"
+                            item = [item[0], item[1], False, {"type": "serialization", "message": message}]
+                    self._graph._on_result(*item)
+                except Exception as exc:  # (a value that cannot be rebuilt ...): that execution fails, the rest go on
+                    log.exception("compiled graph %s: a malformed output", self._graph.graph_id[:8])
                     try:
-                        item = [*item[:3], loads(item[5], msg.buffers)]
-                    except DecodeError as exc:  # that execution fails, and only it
-                        message = f"could not deserialize the graph's output {item[1]}: {exc}"
-                        item = [item[0], item[1], False, {"type": "serialization", "message": message}]
-                self._graph._on_result(*item)
+                        failure = {"type": "serialization", "message": f"could not read the graph's output: {exc}"}
+                        self._graph._on_result(item[0], item[1], False, failure)
+                    except Exception:
+                        pass  # not even its execution can be told apart
         elif msg.kind == Kind.ERROR:
             self._graph._results_ended(
                 self._aid, error_from_record(value if isinstance(value, dict) else {"message": str(value)})
