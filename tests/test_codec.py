@@ -179,3 +179,27 @@ def test_a_calls_arguments_travel_as_msgpacks_own_array():
         raw = msgpack.unpackb(body, raw=False, ext_hook=lambda code, data: ("ext", code))
         assert raw[0] == "f" and type(raw[1]) is list and raw[2] == {"k": 4} and not buffers
         assert loads(body, buffers)[1] == list(args)  # nested tuples stay tuples
+
+
+def test_deeply_nested_tuples_travel_and_a_message_nesting_too_deep_is_refused():
+    """Each nested tuple was a msgpack call inside the last: ~200 levels overflowed the C stack (SIGSEGV)."""
+    for depth in (3, 64, 65, 300):
+        value = ()
+        for _ in range(depth):
+            value = (value, 1)
+        body, buffers = dumps(value)
+        assert loads(body, buffers) == value  # beyond 64 levels, the rest is pickled
+    hostile = msgpack.packb(None)
+    for _ in range(100):  # tuple extensions nested by hand, past what any sender makes
+        hostile = msgpack.packb(msgpack.ExtType(1, msgpack.packb([msgpack.ExtType(1, hostile)])))
+    with pytest.raises(DecodeError, match="nested more than 64 deep"):
+        loads(hostile, [])
+
+
+def test_a_tensor_without_its_bytes_is_refused_and_string_arrays_travel():
+    body, buffers = dumps(torch.ones(4))
+    with pytest.raises(DecodeError, match=r"shape \[4\] arrived without its bytes"):
+        loads(body, [b""])  # was 4 floats of whatever memory held (or 16 GiB for a shape that asked)
+    strings = np.array(["a", "bb"], dtype=np.dtypes.StringDType())
+    body, buffers = dumps(strings)
+    assert loads(body, buffers).tolist() == ["a", "bb"]

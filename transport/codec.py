@@ -82,22 +82,33 @@ def loads(body: bytes | memoryview, buffers: list[Any] = (), *, allow_pickle: bo
 # garbage to collect on every call.
 
 
+# Tuples nested in tuples: each level is a msgpack pack (or unpack) called from inside the one around it,
+# ~40 KB of C stack each, and ~200 levels overflowed the stack before Python's recursion limit was reached
+# (SIGSEGV). Deeper tuples are pickled when sent; a message nesting more is refused when read.
+_MAX_NESTED = 64
+
+
 class _Encoder:
     """msgpack's ``default`` for one :func:`dumps`: extension types, with the out-of-band buffers they take."""
 
-    __slots__ = ("allow_pickle", "buffers")
+    __slots__ = ("allow_pickle", "buffers", "depth")
 
     def __init__(self, allow_pickle: bool) -> None:
         self.allow_pickle = allow_pickle
         self.buffers: list[Any] = []
+        self.depth = 0
 
     def __call__(self, o: Any) -> msgpack.ExtType:
         buffers = self.buffers
         t = type(o)
-        if t is tuple:
-            return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), self, _NESTED_BUF))
+        if t is tuple and self.depth < _MAX_NESTED:
+            self.depth += 1
+            try:
+                return msgpack.ExtType(_EXT_TUPLE, _pack(list(o), self, _NESTED_BUF))
+            finally:
+                self.depth -= 1
         np = sys.modules.get("numpy")
-        if np is not None and t is np.ndarray and o.dtype.kind not in "OV":
+        if np is not None and t is np.ndarray and o.dtype.kind not in "OVT":  # (T: numpy 2's StringDType, references)
             arr = o if o.flags.c_contiguous else np.ascontiguousarray(o)
             buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
             meta = [arr.dtype.str, list(arr.shape), len(buffers) - 1]
@@ -120,15 +131,22 @@ class _Encoder:
 class _Decoder:
     """msgpack's ``ext_hook`` for one :func:`loads`: extension types, arrays as views on the message's buffers."""
 
-    __slots__ = ("allow_pickle", "buffers")
+    __slots__ = ("allow_pickle", "buffers", "depth")
 
     def __init__(self, buffers: list[Any], allow_pickle: bool) -> None:
         self.buffers = buffers
         self.allow_pickle = allow_pickle
+        self.depth = 0
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_TUPLE:
-            return tuple(_unpack(data, self))
+            if self.depth >= _MAX_NESTED:
+                raise DecodeError(f"tuples nested more than {_MAX_NESTED} deep (a sender pickles those)")
+            self.depth += 1
+            try:
+                return tuple(_unpack(data, self))
+            finally:
+                self.depth -= 1
         if code == _EXT_NDARRAY:
             import numpy as np
 
@@ -139,8 +157,10 @@ class _Decoder:
 
             dtype, shape, index = _unpack(data, None)
             buf = self.buffers[index]
-            if len(buf) == 0:
-                return torch.empty(shape, dtype=getattr(torch, dtype))
+            if len(buf) == 0:  # (torch.frombuffer refuses an empty buffer) only for a tensor with no elements
+                if any(n == 0 for n in shape):
+                    return torch.empty(shape, dtype=getattr(torch, dtype))
+                raise DecodeError(f"a tensor of shape {shape} arrived without its bytes")
             flat = torch.frombuffer(buf, dtype=getattr(torch, dtype))  # one torch call where it can be: see _tensor_bytes
             return flat if len(shape) == 1 and shape[0] == flat.numel() else flat.reshape(shape)
         if code == _EXT_PICKLE:
