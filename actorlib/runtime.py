@@ -377,13 +377,8 @@ class Runtime:
         and later ones too (no actor can be found without the head)."""
         self.lost_head = reason
         if self.head is not None:
-            waiting, self.head.pending = self.head.pending, {}
             body, _ = dumps({"type": "head_lost", "message": reason}, allow_pickle=False)
-            for req_id, sink in waiting.items():  # requests to it fail now, with that reason
-                try:
-                    sink(Message(Kind.ERROR, req_id, body, [], None))
-                except Exception:
-                    log.exception("while failing a request to the lost head")
+            self.head.fail_pending(lambda req_id: Message(Kind.ERROR, req_id, body, [], None))  # with that reason
             self.head.close()
         self.close_connections(reason)
 

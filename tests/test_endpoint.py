@@ -175,10 +175,14 @@ def test_malformed_batches_are_refused():
     from transport import ProtocolError
     from transport.protocol import VERSION, decode, decode_batch
 
-    for items in ([[99, 1, b""]], [[13, 1, b""]], [[1, "x", b""]], [[1, 1]], "nope"):
-        msg = decode([msgpack.packb([VERSION, 13, 0, msgpack.packb(items)])])
-        with pytest.raises(ProtocolError):
-            decode_batch(msg)
+    msg = decode([msgpack.packb([VERSION, 13, 0, msgpack.packb("nope")])])
+    with pytest.raises(ProtocolError):
+        decode_batch(msg)
+    good = [1, 7, b"\xc0"]
+    for entry in ([99, 1, b""], [13, 1, b""], [1, "x", b""], [1, 1]):  # one bad entry costs only itself
+        msg = decode([msgpack.packb([VERSION, 13, 0, msgpack.packb([good, entry, good])])])
+        messages, bad = decode_batch(msg)
+        assert [m.req_id for m in messages] == [7, 7] and len(bad) == 1
 
 
 def test_a_waiting_thread_reads_its_own_answer_and_hands_the_rest_to_the_loop_in_order(tmp_path):

@@ -48,9 +48,10 @@ def test_random_frames_are_protocol_errors_or_messages(frames):
         return
     if msg.kind == Kind.BATCH:
         try:
-            decode_batch(msg)
+            messages, bad = decode_batch(msg)
         except ProtocolError:
-            pass
+            return
+        assert all(isinstance(m.req_id, int) for m in messages) and isinstance(bad, list)
 
 
 @settings(max_examples=200, deadline=None)
@@ -126,6 +127,23 @@ def test_malformed_calls_are_answered_and_the_worker_keeps_serving(live, frames)
     finally:
         s.close()
     assert cluster.get(target.ping.remote(), timeout=30) == "pong"
+
+
+def test_a_bad_entry_of_a_batch_costs_only_itself(live):
+    """The whole BATCH was refused: its good calls were never answered, and their callers waited for ever."""
+    cluster, target, info = live
+    ping = dumps(["ping", [], {}, None])[0]
+    entries = [[1, 11, ping], [99, 12, b""], [1, 13, "not bytes"], [1, 14, ping]]
+    s = _sock(info["address"])
+    try:
+        s.send_multipart([msgpack.packb([VERSION, int(Kind.BATCH), 0, msgpack.packb(entries)])])
+        answers = {}
+        while len(answers) < 3 and s.poll(10_000):
+            reply = decode(s.recv_multipart())
+            answers[reply.req_id] = reply.kind
+        assert answers == {11: Kind.RESULT, 13: Kind.ERROR, 14: Kind.RESULT}  # (12 is no request: dropped)
+    finally:
+        s.close()
 
 
 def test_malformed_actor_specs_are_refused_field_by_field(live):

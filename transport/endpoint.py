@@ -604,7 +604,7 @@ class Endpoint:
             frames = frames[1:]
         try:
             msg = decode(frames, peer)
-            batch = decode_batch(msg) if msg.kind == Kind.BATCH else None
+            batch, bad = decode_batch(msg) if msg.kind == Kind.BATCH else (None, ())
             if msg.shm:
                 shm.claim(msg.shm, msg.buffers)
         except ProtocolError as exc:
@@ -615,6 +615,8 @@ class Endpoint:
         except (OSError, ValueError) as exc:
             self._refuse(frames, peer, ProtocolError(f"its shared-memory buffer is unusable: {exc}"))
             return
+        for kind, req_id, why in bad:  # answered, where they can be; the rest of the batch goes on
+            self._refuse_request(kind, req_id, peer, ProtocolError(why))
         for one in batch if batch is not None else (msg,):
             self._handle(one)
 
@@ -632,13 +634,17 @@ class Endpoint:
             log.exception("%s: error while handling a %s message", self.name, msg.kind.name)
 
     def _refuse(self, frames: list[Any], peer: bytes | None, exc: ProtocolError) -> None:
+        kind, req_id = peek_request(frames) or (None, None)
+        self._refuse_request(kind, req_id, peer, exc)
+
+    def _refuse_request(self, kind: Any, req_id: Any, peer: bytes | None, exc: ProtocolError) -> None:
+        """Drop a malformed message; a request (a call, a control request) is answered with the error."""
         self._refused += 1
         if self._refused <= 10 or self._refused % 1000 == 0:  # a flood must not become a flood of logs
             log.warning("%s: dropped a malformed message from %r (%d so far): %s", self.name, peer, self._refused, exc)
-        found = peek_request(frames)
-        if found is not None and found[0] in (Kind.CALL, Kind.CONTROL):
+        if kind in (Kind.CALL, Kind.CONTROL) and type(kind) is int and type(req_id) is int:
             try:
-                self.reply_error(found[1], {"type": "ProtocolError", "message": str(exc)}, peer)
+                self.reply_error(req_id, {"type": "ProtocolError", "message": str(exc)}, peer)
             except TransportError:
                 pass
 

@@ -92,13 +92,22 @@ class Message(NamedTuple):
 _pack_header = msgpack.Packer(use_bin_type=True).pack
 
 
+# ... but a packer keeps the largest buffer it ever needed: a big body gets a packer of its own
+_SHARED_PACKER_MAX = 64 << 10
+
+
 def encode_header(kind: Kind, req_id: int, body: bytes, shm: list[tuple[int, str, int]] | None = None) -> bytes:
     """The header frame; ``shm`` lists buffer frames whose bytes travel in shared memory (see ``transport.shm``)."""
     if type(body) is not bytes:  # anything else could run Python code while the shared packer is mid-way
         raise TypeError(f"a message body must be bytes, not {type(body).__name__}")
+    pack = _pack_header if len(body) < _SHARED_PACKER_MAX else _pack_alone
     if shm:
-        return _pack_header((VERSION, kind, req_id, body, shm))
-    return _pack_header((VERSION, kind, req_id, body))
+        return pack((VERSION, kind, req_id, body, shm))
+    return pack((VERSION, kind, req_id, body))
+
+
+def _pack_alone(header: tuple[Any, ...]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
 
 
 def decode(frames: list[Any], peer: bytes | None = None) -> Message:
@@ -137,24 +146,28 @@ def encode_batch(items: list[tuple[Kind, int, bytes]]) -> bytes:
     return encode_header(Kind.BATCH, 0, msgpack.packb(items, use_bin_type=True))
 
 
-def decode_batch(msg: Message) -> list[Message]:
-    """The messages inside a BATCH; :class:`ProtocolError` if any is malformed."""
+def decode_batch(msg: Message) -> tuple[list[Message], list[tuple[Any, Any, str]]]:
+    """The messages inside a BATCH, and its malformed entries as ``(kind, req_id, why)`` (as sent: anything),
+    which do not cost the others theirs. :class:`ProtocolError` if the body is not an array."""
     try:
         items = msgpack.unpackb(msg.body, raw=False, use_list=False)
     except Exception as exc:
         raise ProtocolError(f"batch body is not msgpack: {exc}") from exc
     if type(items) is not tuple:
         raise ProtocolError("batch body is not an array")
-    out = []
+    out: list[Message] = []
+    bad: list[tuple[Any, Any, str]] = []
     for item in items:
         if type(item) is not tuple or len(item) != 3:
-            raise ProtocolError("a batch entry is not [kind, req_id, body]")
+            bad.append((None, None, "a batch entry is not [kind, req_id, body]"))
+            continue
         kind, req_id, body = item
         k = _KINDS.get(kind) if type(kind) is int else None
         if k is None or k == Kind.BATCH or type(req_id) is not int or type(body) is not bytes:
-            raise ProtocolError(f"bad batch entry of kind {kind!r}")
+            bad.append((kind, req_id, f"bad batch entry of kind {kind!r}"))
+            continue
         out.append(Message(k, req_id, body, [], msg.peer))
-    return out
+    return out, bad
 
 
 def peek_request(frames: list[Any]) -> tuple[int, int] | None:
