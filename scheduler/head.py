@@ -139,10 +139,15 @@ class Head:
         hostname: str,
         is_head_node: bool = False,
     ) -> dict[str, Any]:
+        for what, value in (("node_id", node_id), ("address", address), ("hostname", hostname)):
+            if not isinstance(value, str) or (what == "node_id" and not value):
+                raise ControlError("ValueError", f"{what} must be a string, not {value!r:.80}")
+        if not isinstance(gpu_ids, list) or not all(isinstance(g, str) for g in gpu_ids):
+            raise ControlError("ValueError", f"gpu_ids must be a list of strings, not {gpu_ids!r:.80}")
         try:
             pool = NodePool(resources, gpu_ids)
-        except ValueError as exc:
-            raise ControlError("ValueError", str(exc)) from None
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ControlError("ValueError", f"bad resources: {exc}") from None
         old = self.nodes.get(node_id)
         if old is not None and old.alive:  # the same node again: its earlier incarnation is over
             self._node_gone(old, "registered again")

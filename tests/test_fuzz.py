@@ -175,6 +175,22 @@ def test_malformed_actor_specs_are_refused_field_by_field(live):
     assert cluster.get(After.remote().ping.remote(), timeout=60) == "pong"
 
 
+def test_a_control_request_with_wrong_types_changes_nothing(live):
+    """register_node with an int node id was refused only after the node was stored: a phantom node with 64
+    CPUs, alive and schedulable. And a TypeError raised inside a handler is a fault of the head's, not the
+    request's."""
+    cluster, _, _ = live
+    rt = cluster.api.runtime.current()
+    before = cluster.cluster_resources()
+    node = {"resources": {"CPU": 64.0}, "gpu_ids": [], "address": "127.0.0.1", "hostname": "x"}
+    for bad in ({"node_id": 12345}, {"node_id": "n" * 32, "address": 5}, {"node_id": "n" * 32, "gpu_ids": "0,1"}):
+        with pytest.raises(ValueError, match="must be a"):
+            rt.run(rt.control("register_node", **{**node, **bad}))
+    with pytest.raises(ValueError, match="bad arguments to op_register_node"):
+        rt.run(rt.control("register_node", **node))  # no node_id at all
+    assert cluster.cluster_resources() == before
+
+
 def test_oversized_messages_are_refused_by_the_socket(tmp_path):
     import asyncio
 

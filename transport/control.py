@@ -9,6 +9,7 @@ runs it as a task and answers RESULT, or ERROR with ``{"type", "message"}``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any
 
@@ -66,6 +67,10 @@ class ControlServer:
                 raise ControlError("ValueError", f"unknown control operation {op!r}")
             if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
                 raise ControlError("ValueError", "control arguments must be a map with string keys")
+            try:  # here, not by catching TypeError from the call: one raised inside is a fault of ours
+                inspect.signature(handler).bind(msg.peer, **kwargs)
+            except TypeError as exc:
+                raise ControlError("ValueError", f"bad arguments to {handler.__name__}: {exc}") from None
         except ControlError as exc:
             self._answer_error(msg, {"type": exc.type, "message": str(exc), **exc.extra})
             return
@@ -87,8 +92,6 @@ class ControlServer:
             result = await handler(msg.peer, **kwargs)
         except ControlError as exc:
             record = {"type": exc.type, "message": str(exc), **exc.extra}
-        except TypeError as exc:
-            record = {"type": "ValueError", "message": f"bad arguments to {handler.__name__}: {exc}"}
         except Exception as exc:
             log.exception("control operation %s failed", handler.__name__)
             record = {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
