@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from scheduler.cluster_file import ClusterFile
@@ -208,7 +208,7 @@ def wait(
     refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None
 ) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Wait until ``num_returns`` refs are done or ``timeout`` passes: ``(ready, not_ready)`` in order."""
-    if not isinstance(refs, list | tuple):
+    if isinstance(refs, ObjectRef | ObjectRefGenerator | str | bytes) or not isinstance(refs, Iterable):
         raise TypeError(f"wait() takes a list of ObjectRefs, not {type(refs).__name__}")
     refs = list(refs)
     for r in refs:
@@ -250,7 +250,7 @@ def kill(actor: ActorHandle) -> None:
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an actor handle, not {type(actor).__name__}")
     rt = runtime.current()
-    rt.run(rt.control("kill_actor", actor_id=actor._actor_id))
+    rt.run(rt.kill_actor(actor._actor_id))
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:

@@ -645,7 +645,8 @@ class GraphRuntime:
                     try:
                         self._run_sync(node, seq, inputs)
                     finally:
-                        ran.set_result(None)
+                        if ran.set_running_or_notify_cancel():  # (cancelled by a teardown meanwhile: nobody waits)
+                            ran.set_result(None)
 
                 self.host.post_sync(job)
                 await asyncio.wrap_future(ran)

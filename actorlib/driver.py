@@ -25,7 +25,7 @@ from typing import Any
 
 import uvloop
 
-from scheduler import Head, NodeAgent, new_session_dir, remove_sockets, socket_dir
+from scheduler import Head, NodeAgent, new_session_dir, release_session, remove_sockets, socket_dir
 from scheduler.resources import node_resources
 from transport import generate_key, set_cluster_key, shm
 from transport.security import cluster_key
@@ -155,7 +155,7 @@ class Driver:
         last_answer, missed = loop.time(), 0
         while rt.head is not None and not rt.head.closed and not self._stopping:
             try:
-                reply = await rt.control("heartbeat", timeout=every)
+                reply = await rt.control("heartbeat", timeout=every * 2)
                 last_answer, missed = loop.time(), 0
                 if self._stopping:
                     return
@@ -167,7 +167,7 @@ class Driver:
                 log.debug("driver heartbeat: %s", exc)
                 missed += 1
                 silent = loop.time() - last_answer
-                if self.head is None and missed >= 2 and silent > every * 5 and not self._stopping:
+                if self.head is None and missed >= 3 and silent > every * 5 and not self._stopping:
                     reason = f"lost the head at {self.head_address}: it has not answered for {silent:.0f} s (stopped or cut off)"
                     log.error("%s; its nodes stop their workers without it, so every call fails now", reason)
                     rt.head_lost(reason)
@@ -188,7 +188,7 @@ class Driver:
         """Start another node agent, as a process of its own, and wait until it has joined."""
         if self.head is None:
             raise ActorLibError("add_node() needs the embedded head of actorlib.init()")
-        return self.rt.run(self._add_node(num_cpus, num_gpus, resources or {}), _START_TIMEOUT)
+        return self.rt.run(self._add_node(num_cpus, num_gpus, resources or {}))  # (bounded inside, with a clear error)
 
     async def _add_node(self, num_cpus: float | None, num_gpus: int | None, resources: dict[str, float]) -> str:
         assert self.head is not None
@@ -297,6 +297,7 @@ class Driver:
         if self.head is not None:
             await self.head.stop()
             remove_sockets(self.head.session_dir)
+            release_session(self.head.session_dir)  # ended: a later session may prune it
         shm.sweep(os.getpid())  # buffers this driver sent that no worker lived to claim
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:

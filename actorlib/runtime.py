@@ -271,6 +271,25 @@ class Runtime:
         else:
             self.run(create())
 
+    async def kill_actor(self, actor_id: str) -> None:
+        """Have the head kill an actor. One this process is still creating (waiting for its ObjectRef
+        arguments) is never created: the head does not know it yet, and would have refused the kill."""
+        conn = self._conns.get(actor_id)
+        creating = conn.created if conn is not None else None
+        if conn is None or creating is None or creating.done():
+            await self.control("kill_actor", actor_id=actor_id)
+            return
+        creating.cancel()
+        try:
+            await creating
+        except BaseException:
+            pass
+        conn.mark_dead({"actor_id": actor_id, "class_name": conn.class_name, "reason": "killed by actorlib.kill() before it was created"})
+        try:  # the head may have taken the request just before the cancel
+            await self.control("kill_actor", actor_id=actor_id)
+        except ValueError:
+            pass  # it had not: nothing was made
+
     def submit(
         self,
         actor_id: str,

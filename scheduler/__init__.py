@@ -5,7 +5,12 @@ from .forkserver import ForkServer as ForkServer, set_parent_death_signal as set
 from .head import Head as Head
 from .node import NodeAgent as NodeAgent
 from .resources import NodePool as NodePool, detect_gpu_ids as detect_gpu_ids, normalize_demand as normalize_demand
-from .session import new_session_dir as new_session_dir, remove_sockets as remove_sockets, socket_dir as socket_dir
+from .session import (
+    new_session_dir as new_session_dir,
+    release_session as release_session,
+    remove_sockets as remove_sockets,
+    socket_dir as socket_dir,
+)
 
 __all__ = [
     "ActorRecord",
@@ -18,6 +23,7 @@ __all__ = [
     "detect_gpu_ids",
     "new_session_dir",
     "normalize_demand",
+    "release_session",
     "remove_sockets",
     "set_parent_death_signal",
     "socket_dir",

@@ -88,6 +88,7 @@ class Head:
         self._actor_added = asyncio.Event()  # set (and replaced) each time an actor is created
         # Finished records stay readable for a while, then go: a long-lived head must not grow.
         self._dead_actors: collections.deque[str] = collections.deque()
+        self._forgotten_actors: dict[str, None] = {}  # dead ones past KEEP_FINISHED (see _retire)
         self._removed_pgs: collections.deque[str] = collections.deque()
         self._control = ControlServer(self, on_event=self._on_event)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -436,7 +437,12 @@ class Head:
             pg = self.pgs.get(pg_id)
             if pg is None or pg.state != PlacementGroupState.PENDING:
                 continue
-            if not self._place_group(pg):
+            try:
+                placed = self._place_group(pg)
+            except Exception:  # a bug of ours with one group: it waits, and everything else is still placed
+                log.exception("while placing placement group %s", pg_id[:8])
+                placed = False
+            if not placed:
                 waiting_pgs.append(pg_id)
         self._pending_pgs = waiting_pgs
         still: list[str] = []
@@ -665,6 +671,8 @@ class Head:
         An id the head does not know yet is waited for a while: an async actor method's ``remote()`` returns
         before the head is asked, and the handle may reach another process first.
         """
+        if actor_id in self._forgotten_actors:
+            return {"actor_id": actor_id, "state": "DEAD", "death": {"actor_id": actor_id, "reason": "it died long ago"}}
         if actor_id not in self.actors:
             try:
                 await asyncio.wait_for(self._until_known(actor_id), UNKNOWN_ACTOR_WAIT)
@@ -856,7 +864,7 @@ class Head:
         record.pool = None
         record.set_state(ActorState.DEAD)
         self._end_children(record)
-        _retire(self.actors, self._dead_actors, record.spec.actor_id)
+        _retire(self.actors, self._dead_actors, record.spec.actor_id, self._forgotten_actors)
         if record.spec.name is not None and self.named.get((record.spec.namespace, record.spec.name)) == record.spec.actor_id:
             del self.named[(record.spec.namespace, record.spec.name)]
         for driver in self.drivers.values():
@@ -929,9 +937,17 @@ SPAWN_TIMEOUT = 60.0  # for a node to fork a worker
 LEFT = "left the cluster"  # how a node that unregistered went: no cause for alarm
 KEEP_FINISHED = 1000  # dead actors and removed placement groups kept for reading
 UNKNOWN_ACTOR_WAIT = 10.0  # how long resolving an actor id not created yet waits for its creation
+KEEP_FORGOTTEN = 100_000  # ids of dead actors no longer kept: resolving one says so at once
 
 
-def _retire(table: dict[str, Any], finished: collections.deque[str], key: str) -> None:
+def _retire(table: dict[str, Any], finished: collections.deque[str], key: str, forgotten: dict[str, None] | None = None) -> None:
+    """``key`` is finished: kept for reading among the last :data:`KEEP_FINISHED`; older ones are dropped
+    (their keys noted in ``forgotten``, itself bounded)."""
     finished.append(key)
     while len(finished) > KEEP_FINISHED:
-        table.pop(finished.popleft(), None)
+        old = finished.popleft()
+        table.pop(old, None)
+        if forgotten is not None:
+            forgotten[old] = None
+            if len(forgotten) > KEEP_FORGOTTEN:
+                del forgotten[next(iter(forgotten))]

@@ -160,7 +160,8 @@ def place(
             if not any(take(n, b) for n in preferred):
                 break
         ok = len(chosen) == len(bundles)
-    if not ok and strategy in ("PACK", "SPREAD"):  # the greedy fill in bundle order can miss a fit that exists
+    if not ok and strategy in ("PACK", "SPREAD") and len(bundles) <= _SEARCH_BUNDLES:  # the greedy fill in
+        # bundle order can miss a fit that exists
         nodes = _search(bundles, pools, order, most_used_first=strategy == "PACK")
         if nodes is not None:
             trial = {node_id: pool.copy() for node_id, pool in pools.items()}
@@ -173,7 +174,10 @@ def place(
     return chosen, ""
 
 
-_SEARCH_STEPS = 20_000  # bounds the backtracking of _search: a group too hard to fit stays pending instead
+# bound the backtracking of _search (a group too hard to fit stays pending instead): the head runs it for every
+# pending group each time it schedules, on its loop
+_SEARCH_STEPS = 2_000
+_SEARCH_BUNDLES = 64  # (one level of recursion per bundle)
 
 
 def _search(

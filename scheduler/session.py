@@ -26,6 +26,7 @@ __all__ = [
     "process_start_time",
     "prune_sessions",
     "read_started",
+    "release_session",
     "record_started",
     "remove_sockets",
     "socket_dir",
@@ -98,6 +99,13 @@ def hold_session(session_dir: str) -> None:
     _held[session_dir] = fd
 
 
+def release_session(session_dir: str) -> None:
+    """This process is done with ``session_dir`` (a driver's shutdown): it may end, and be pruned later."""
+    fd = _held.pop(session_dir, None)
+    if fd is not None:
+        os.close(fd)  # and with it this process's lock
+
+
 def prune_sessions(root: str, keep: int) -> list[str]:
     """Remove the oldest ended session directories under ``root`` (and the socket directories they recorded
     elsewhere) beyond the newest ``keep``, at most a few dozen per call; returns what was removed."""
@@ -147,11 +155,14 @@ def _prune_elsewhere() -> None:
 
 
 def _ended(session_dir: str) -> bool:
-    """No process holds the session (one made before sessions were held counts as ended)."""
+    """No process holds the session. One made before sessions were held: the process that made it (the pid
+    in its name) is gone."""
     try:
         fd = os.open(os.path.join(session_dir, _OWNER_LOCK), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return os.path.isdir(session_dir)
+        parts = os.path.basename(session_dir).split("_")
+        maker = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else 0
+        return os.path.isdir(session_dir) and not process_alive(maker)
     except OSError:
         return False
     try:

@@ -38,6 +38,8 @@ def test_shutdown_leaves_nothing_and_init_works_again(fresh):
         actorlib.shutdown()
         assert not actorlib.is_initialized()
         assert_no_leaks(timeout=5)
+        held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert not [path for path in held if path.endswith("owner.lock")]  # its session has ended: prunable later
     actorlib.shutdown()  # twice is fine
 
 
@@ -244,7 +246,9 @@ def test_ended_sessions_beyond_the_newest_kept_are_removed(tmp_path):
 
     root = tmp_path / "sessions"
     root.mkdir()
-    legacy = root / "session_20200101-000000_1_aaaa"  # made before sessions were held: ended
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    legacy = root / f"session_20200101-000000_{int(gone.stdout)}_aaaa"  # made before sessions were held; its maker is gone
+    (root / "session_20200101-000000_1_bbbb" / "logs").mkdir(parents=True)  # ... and one whose maker runs: kept
     (legacy / "logs").mkdir(parents=True)
     elsewhere = tempfile.mkdtemp(prefix="actorlib-", dir="/tmp")  # its sockets, recorded as kept outside
     (legacy / "sockets_dir").write_text(elsewhere)

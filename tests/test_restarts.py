@@ -393,15 +393,21 @@ def test_an_actor_made_from_async_code_with_a_pending_argument_does_not_block_th
 
     async def main():
         keeper = Keeper.remote(pending)  # returns at once: the loop goes on
+        killed = Keeper.remote(pending)
         returned_before_the_value = not unblock.finished.is_set()
+        await asyncio.to_thread(al.kill, killed)  # before the head knows it: it is never made (it was made, unkillable)
         release()
-        return returned_before_the_value, await keeper.add.remote(0)
+        return returned_before_the_value, await keeper.add.remote(0), killed
 
     try:
-        returned_first, value = asyncio.run(main())
+        returned_first, value, killed = asyncio.run(main())
     finally:
         unblock.cancel()
     assert returned_first and value == al.get(source.pid.remote(), timeout=30)
+    with pytest.raises(actorlib.ActorDiedError, match="killed by actorlib.kill.. before it was created"):
+        al.get(killed.add.remote(0), timeout=30)
+    rt = driver().rt
+    assert killed._actor_id not in {a["actor_id"] for a in rt.run(rt.control("list_actors"))}
     al.kill(source)
 
 
