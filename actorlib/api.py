@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -11,7 +12,7 @@ from typing import Any
 from scheduler.cluster_file import ClusterFile
 from scheduler.resources import normalize_demand
 from scheduler.session import locate_head
-from transport import read_key_file, set_cluster_key
+from transport import ClusterKey, read_key_file, set_cluster_key
 
 from . import runtime
 from .actor import ActorHandle
@@ -130,7 +131,12 @@ def _locate(address: str) -> tuple[str, str]:
             f"no cluster key for the head at {head_address}: set ACTORLIB_KEY_FILE to a copy of its "
             "cluster.key (in the head's session directory; keep it mode 0600)"
         )
-    return head_address, read_key_file(key_file)
+    try:
+        secret = read_key_file(key_file)
+        ClusterKey(secret)  # (checked here, where the file can still be named)
+    except (OSError, ValueError) as exc:
+        raise HeadUnreachableError(f"cannot use the cluster key file {key_file} (ACTORLIB_KEY_FILE or the one recorded here): {exc}") from None
+    return head_address, secret
 
 
 def driver() -> Driver:
@@ -176,6 +182,12 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     if isinstance(refs, ObjectRefGenerator):
         raise TypeError("get() takes ObjectRefs; iterate over an ObjectRefGenerator to get its items' refs")
     if not isinstance(refs, list | tuple):
+        if inspect.iscoroutine(refs):
+            refs.close()  # (never awaited: no warning on top of this error)
+            raise TypeError(
+                "get() takes ObjectRefs, not a coroutine: await it in async code; for a placement group's "
+                "ready(), use pg.wait(timeout_seconds=...)"
+            )
         raise TypeError(f"get() takes an ObjectRef or a list of them, not {type(refs).__name__}")
     for r in refs:
         if not isinstance(r, ObjectRef):
@@ -211,6 +223,8 @@ def wait(
     if isinstance(refs, ObjectRef | ObjectRefGenerator | str | bytes) or not isinstance(refs, Iterable):
         raise TypeError(f"wait() takes a list of ObjectRefs, not {type(refs).__name__}")
     refs = list(refs)
+    if not refs:
+        return [], []  # (as Ray's: whatever num_returns says)
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"wait() takes ObjectRefs, not {type(r).__name__}")

@@ -227,10 +227,14 @@ def _print_head(info: dict[str, Any]) -> None:
     print()
     print("Connect a driver on this machine:")
     print('    actorlib.init(address="auto")')
-    print("from another machine (copy the key there over SSH first; keep it mode 0600):")
-    print(f'    ACTORLIB_KEY_FILE=/path/to/cluster.key python -c \'import actorlib; actorlib.init(address="{address}")\'')
-    print("Join a node from another machine:")
-    print(f"    ACTORLIB_KEY_FILE=/path/to/cluster.key actorlib start --address {address}")
+    if address.startswith("127.") or address.startswith("localhost:"):
+        print("Other machines cannot reach it: it listens on loopback only (start it with --host <this machine's")
+        print("address> to take drivers and nodes from elsewhere).")
+    else:
+        print("from another machine (copy the key there over SSH first; keep it mode 0600):")
+        print(f'    ACTORLIB_KEY_FILE=/path/to/cluster.key python -c \'import actorlib; actorlib.init(address="{address}")\'')
+        print("Join a node from another machine:")
+        print(f"    ACTORLIB_KEY_FILE=/path/to/cluster.key actorlib start --address {address}")
     print("Status and stop:  actorlib status   actorlib stop")
 
 

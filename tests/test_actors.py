@@ -428,6 +428,11 @@ def test_get_wait_and_get_actor_refuse_bad_arguments_at_once(cluster, Counter):
             cluster.wait([ref], num_returns=bad)
     with pytest.raises(TypeError, match="takes a list of ObjectRefs"):
         cluster.wait(ref)
+    assert cluster.wait([]) == ([], [])  # as Ray's
+    pg = cluster.placement_group([{"CPU": 0.01}])
+    with pytest.raises(TypeError, match="not a coroutine.*pg.wait"):
+        cluster.get(pg.ready())  # Ray's ray.get(pg.ready())
+    cluster.remove_placement_group(pg)
     for bad in ("", 5):
         with pytest.raises(ValueError, match="namespace must be"):
             cluster.get_actor("someone", namespace=bad)

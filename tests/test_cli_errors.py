@@ -142,3 +142,14 @@ def test_up_asks_the_head_it_started_not_the_one_the_environment_names(machine, 
     finally:
         down = machine.cli("down", cluster, check=False)
     assert down.returncode == 0 and "stopped the head" in down.stdout, (down.stdout, down.stderr)
+
+
+@pytest.mark.parametrize("fault", ["missing", "too-open", "short"])
+def test_a_bad_key_file_makes_init_raise_head_unreachable_naming_it(machine, fault):
+    """It was a raw FileNotFoundError, PermissionError or ValueError naming neither the file nor the variable."""
+    key_file, _ = _bad_key(os.path.join(machine.tmp, "keys"), fault)
+    out = machine.python(
+        'import actorlib\ntry:\n    actorlib.init(address="127.0.0.1:1")\nexcept actorlib.HeadUnreachableError as exc:\n    print(exc)\n',
+        ACTORLIB_KEY_FILE=key_file,
+    )
+    assert out.stdout.startswith(f"cannot use the cluster key file {key_file} (ACTORLIB_KEY_FILE"), out.stdout
