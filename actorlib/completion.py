@@ -115,9 +115,11 @@ def wait_for(
 
     # Every completion gets the callback, done or not (a done one calls it at once): counting the done
     # ones first and then registering only the others would lose one that finished in between.
-    for c in completions:
-        c.add_done_callback(one)
-    event.wait(timeout)
-    for c in completions:  # those still pending must not keep a callback for each wait that gave up or had enough
-        if not c.done():
-            c.discard_callback(one)
+    try:
+        for c in completions:
+            c.add_done_callback(one)
+        event.wait(timeout)
+    finally:  # (Ctrl-C too) those still pending must not keep a callback for each wait that gave up or had enough
+        for c in completions:
+            if not c.done():
+                c.discard_callback(one)

@@ -49,7 +49,12 @@ class Driver:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="actorlib-io", daemon=True)
         self._thread.start()
-        self._started.wait(_START_TIMEOUT)
+        try:
+            self._started.wait(_START_TIMEOUT)
+        except BaseException:  # (Ctrl-C) no driver: nor its loop thread
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(_STOP_TIMEOUT)
+            raise
         assert self._thread.ident is not None
         self.rt = Runtime(self.loop, self._thread.ident, mode="driver")
         self.head: Head | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import sys
 import uuid
 import warnings
 from typing import Any
@@ -116,14 +118,17 @@ def placement_group(
         lifetime=lifetime,
         creator=rt.actor_id,  # made by an actor: it goes with that actor's driver (see the head)
     )
-    pg._created.add_done_callback(_warn_if_infeasible)
+    caller = sys._getframe(1)  # the warning names this line: it is raised where the head's answer is read
+    where = (caller.f_code.co_filename, caller.f_lineno, caller.f_globals.get("__name__", ""))
+    pg._created.add_done_callback(functools.partial(_warn_if_infeasible, where))
     return pg
 
 
-def _warn_if_infeasible(created: concurrent.futures.Future[dict[str, Any]]) -> None:
+def _warn_if_infeasible(where: tuple[str, int, str], created: concurrent.futures.Future[dict[str, Any]]) -> None:
     if created.exception() is None and created.result().get("pending_reason", "").startswith("infeasible"):
         view = created.result()
-        warnings.warn(f"placement group {view['id'][:8]} is {view['pending_reason']}", stacklevel=2)
+        filename, lineno, module = where
+        warnings.warn_explicit(f"placement group {view['id'][:8]} is {view['pending_reason']}", UserWarning, filename, lineno, module)
 
 
 def remove_placement_group(pg: PlacementGroup) -> None:

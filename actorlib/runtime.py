@@ -123,10 +123,13 @@ class Runtime:
         self._inbox.append((fn, args))
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
-            try:
-                self.loop.call_soon_threadsafe(self._drain_inbox)
-            except RuntimeError:
-                raise ActorLibError("actorlib has been shut down") from None
+            try:  # in an empty context: see _fresh
+                self.loop.call_soon_threadsafe(self._drain_inbox, context=contextvars.Context())
+            except BaseException as exc:  # (Ctrl-C too) not scheduled: a later post must schedule it
+                self._inbox_scheduled = False
+                if isinstance(exc, RuntimeError):
+                    raise ActorLibError("actorlib has been shut down") from None
+                raise
 
     def _drain_inbox(self) -> None:
         self._inbox_scheduled = False
@@ -146,7 +149,10 @@ class Runtime:
                 "this blocking actorlib call would deadlock the actor's event loop "
                 "(it was made from an async actor method); use its async form instead"
             )
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        # In an empty context: the loop's work must not carry the caller's. In a notebook it would carry the
+        # cell's, and what the head or a node agent started in it (for the whole session, for init()) writes
+        # would be filed under that cell, not under the one running.
+        fut = contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, self.loop)
         try:
             return fut.result(timeout)
         except BaseException:

@@ -81,6 +81,16 @@ def test_actorlib_in_a_jupyter_kernel(kernel):
         out += drain_streams(kc, "HELLO FROM A WORKER")
     pid = int(out.split("PID ")[1].split()[0])
     assert f"(Cell pid={pid}) HELLO FROM A WORKER" in out
+    # actorlib's own lines (the head's, from the loop) show under the running cell, not under init()'s
+    out = run_cell(
+        kc,
+        "import sys, time\nr = Cell.options(max_restarts=1).remote()\nos.kill(actorlib.get(r.shout.remote('x'), timeout=60), 9)\n"
+        "deadline = time.monotonic() + 60\nwhile True:\n"
+        "    try:\n        actorlib.get(r.add.remote(1, 1), timeout=60)\n        break\n"
+        "    except actorlib.ActorDiedError:\n        assert time.monotonic() < deadline\n"
+        "sys.stderr.flush()\nprint('RESTARTED')",
+    )
+    assert "restarting (1 of 1)" in out and "RESTARTED" in out
     run_cell(kc, "actorlib.shutdown()")
     wait_for(lambda: not alive(pid), 10, what="the worker to exit after shutdown()")
     out = run_cell(

@@ -156,9 +156,10 @@ def test_infeasible_demands_are_reported_at_once(al, Probe):
         Probe.options(num_gpus=16, resources={"tpu": 1}).remote()
     text = str(info.value)
     assert "'GPU': 16.0" in text and "'tpu': 1" in text and "cluster totals" in text and "'GPU': 8.0" in text
-    with pytest.warns(UserWarning, match="STRICT_SPREAD needs 2 nodes"):
+    with pytest.warns(UserWarning, match="STRICT_SPREAD needs 2 nodes") as warned:
         pg = al.placement_group([{"GPU": 1}] * 2, strategy="STRICT_SPREAD")
         assert pg.wait(0.1) is False
+    assert {w.filename for w in warned} == {__file__}  # the user's line, not the thread that read the answer
     assert al.placement_group_table(pg)["pending_reason"] == "infeasible: STRICT_SPREAD needs 2 nodes, the cluster has 1"
     with pytest.raises(InfeasibleError, match="its placement group .* cannot be placed .*STRICT_SPREAD needs 2 nodes"):
         Probe.options(placement_group=pg, num_gpus=1).remote()  # it would wait for that group for ever

@@ -551,8 +551,18 @@ class Endpoint:
         Everything else goes to the loop (see :meth:`take_waiting`). A waiting
         thread polls :attr:`fd` and calls this again.
         """
-        for frames in self.take_waiting(lambda frames: _answers(frames[0], req_ids, streams), after_loop=False):
-            self._dispatch(frames)
+        taken = self.take_waiting(lambda frames: _answers(frames[0], req_ids, streams), after_loop=False)
+        for i, frames in enumerate(taken):
+            try:
+                self._dispatch(frames)
+            except BaseException:  # (Ctrl-C in the waiting thread) what it read and has not handled goes to the loop
+                with self._lock:
+                    self._handoff.extend(taken[i + 1 :])
+                try:
+                    self._schedule_drain()
+                except RuntimeError:
+                    pass  # the loop is closed
+                raise
 
     def take_waiting(self, take: Callable[[list[Any]], bool], *, after_loop: bool) -> list[list[Any]]:
         """From a thread other than the loop's: read the messages waiting on the socket now.
