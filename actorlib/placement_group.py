@@ -118,7 +118,9 @@ def placement_group(
         lifetime=lifetime,
         creator=rt.actor_id,  # made by an actor: it goes with that actor's driver (see the head)
     )
-    caller = sys._getframe(1)  # the warning names this line: it is raised where the head's answer is read
+    caller = sys._getframe(1)  # the warning names the user's line (not actorlib's, nor where the answer is read)
+    while caller.f_back is not None and str(caller.f_globals.get("__name__", "")).startswith("actorlib."):
+        caller = caller.f_back
     where = (caller.f_code.co_filename, caller.f_lineno, caller.f_globals.get("__name__", ""))
     pg._created.add_done_callback(functools.partial(_warn_if_infeasible, where))
     return pg

@@ -120,13 +120,18 @@ class Runtime:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Like :meth:`call_soon`, but never now, even on the loop: for callers that may hold a lock the loop's
         sends take (a garbage collection running ``__del__`` in the middle of a receive)."""
-        self._inbox.append((fn, args))
+        item = (fn, args)
+        self._inbox.append(item)
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
-            try:  # in an empty context: see _fresh
+            try:  # in an empty context: see run()
                 self.loop.call_soon_threadsafe(self._drain_inbox, context=contextvars.Context())
-            except BaseException as exc:  # (Ctrl-C too) not scheduled: a later post must schedule it
+            except BaseException as exc:  # (Ctrl-C too) not scheduled: not to run some time later, unasked
                 self._inbox_scheduled = False
+                try:
+                    self._inbox.remove(item)
+                except ValueError:
+                    pass
                 if isinstance(exc, RuntimeError):
                     raise ActorLibError("actorlib has been shut down") from None
                 raise

@@ -201,12 +201,13 @@ def _search(
             return True
         i = biggest_first[k]
         for n in sorted(order, key=lambda n: -held[n] if most_used_first else held[n]):
-            steps += 1
-            if steps > _SEARCH_STEPS:
-                return False
             alloc = trial[n].reserve(bundles[i])
             if alloc is None:
                 continue
+            steps += 1  # placements tried (a node that cannot take the bundle costs no step)
+            if steps > _SEARCH_STEPS:
+                trial[n].release(alloc)
+                return False
             node_of[i], held[n] = n, held[n] + 1
             if go(k + 1):
                 return True

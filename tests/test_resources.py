@@ -149,6 +149,11 @@ def test_pack_and_spread_find_a_fit_the_fill_in_bundle_order_misses(strategy):
     assert sorted(nodes_of(placed)) == ["n0", "n0", "n1"]
     placed, why = place(strategy, [{"CPU": 4}], pools({"CPU": 3}, {"CPU": 2}))
     assert placed is None and "do not fit" in why
+    # 64 one-GPU nodes, the first also "big"; the fill puts a plain bundle there, the last needs it. The
+    # search's bound counted every node tried, full ones too, and gave up before this first-try fit
+    p = pools({"GPU": 1, "big": 1}, *[{"GPU": 1}] * 63)
+    placed, why = place(strategy, [{"GPU": 1}] * 63 + [{"GPU": 1, "big": 1}], p)
+    assert placed is not None and nodes_of(placed)[-1] == "n0", why
 
 
 def test_infeasible_versus_waiting():
