@@ -53,7 +53,7 @@ from .progress import gather_with_progress
 
 __all__ = ["main"]
 
-_READY_TIMEOUT = 60.0
+_READY_TIMEOUT = 75.0  # past a node's own join timeout (60 s), so that it can say why it did not join
 _STOP_TIMEOUT = 20.0
 
 
@@ -408,13 +408,13 @@ def _up(path: str, timeout: float) -> int:
 
     async def launch_all(ep: Endpoint) -> list[dict[str, Any]]:
         async def launch(node: dict[str, Any]) -> dict[str, Any]:
-            (result,) = await control_call(ep, "launch_nodes", timeout=timeout + 10, nodes=[node], timeout_s=timeout)
+            (result,) = await control_call(ep, "launch_nodes", timeout=timeout + 30, nodes=[node], timeout_s=timeout)
             return result
 
         return await gather_with_progress(plan.node_dicts(), launch, "nodes joining over SSH")
 
     # This head, with its own key: neither $ACTORLIB_ADDRESS nor $ACTORLIB_KEY_FILE names another one.
-    results = with_head(head["address"], launch_all, timeout + 10, key_file=head["key_file"])
+    results = with_head(head["address"], launch_all, timeout + 30, key_file=head["key_file"])
     for r in results:
         print(f"  {r['host']}: " + (f"joined as node {r['node_id'][:8]}" if r["ok"] else f"FAILED\n    {r['error']}"))
     failed = sum(1 for r in results if not r["ok"])

@@ -235,7 +235,7 @@ class Driver:
             (result,) = await self.rt.control("launch_nodes", nodes=[node], timeout_s=timeout)
             return result
 
-        results = self.rt.run(gather_with_progress(nodes, launch, "nodes joining over SSH"), timeout + 10)
+        results = self.rt.run(gather_with_progress(nodes, launch, "nodes joining over SSH"), timeout + 30)  # (the head answers by timeout + a few s)
         failed = [r["error"] for r in results if not r["ok"]]
         if failed:
             raise ActorLibError(f"{len(failed)} of {len(results)} nodes did not join:\n" + "\n".join(failed))

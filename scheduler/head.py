@@ -233,8 +233,12 @@ class Head:
 
     async def _await_launch(self, launch: SSHLaunch, timeout_s: float) -> dict[str, Any]:
         joined = asyncio.ensure_future(self.wait_for_node(launch.node_id))
-        exited = asyncio.ensure_future(asyncio.to_thread(launch.proc.wait, timeout_s))
-        exited.add_done_callback(lambda f: f.cancelled() or f.exception())  # a timeout there is expected
+
+        def ended(code: int | None) -> None:  # the lifeline is gone: so is the node, now (not a heartbeat later)
+            if self._launches.get(launch.node_id) is launch:  # (not stopped on purpose)
+                self.node_lost(launch.node_id, f"lost its SSH session to {launch.node.target} (ssh exited with code {code})")
+
+        exited = launch.watch(asyncio.get_running_loop(), ended)
         try:
             await asyncio.wait([joined, exited], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -244,7 +248,7 @@ class Head:
             return {**result, "ok": True}
         self._launches.pop(launch.node_id, None)
         why = launch.failure()
-        await launch.stop()
+        await launch.stop(joined=False)
         log.warning("could not start %s", why)
         return {**result, "ok": False, "error": why}
 

@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,18 +167,41 @@ class SSHLaunch:
         how = f"ssh exited with code {code}" if code is not None else "the node did not join in time"
         return f"node {self.node.target} (port {self.node.port}): {how}" + (f":\n{tail}" if tail else "")
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Close the lifeline (the remote agent stops), then make sure ``ssh`` is gone."""
-        await asyncio.to_thread(self._stop, timeout)
+    def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Any) -> asyncio.Future[None]:
+        """A future done once ``ssh`` has exited, after ``on_exit(code)`` ran on the loop (a thread of its own
+        waits: not the loop's default executor, whose few threads a long wait per node would hold)."""
+        exited: asyncio.Future[None] = loop.create_future()
 
-    def _stop(self, timeout: float) -> None:
+        def done() -> None:
+            try:
+                on_exit(self.proc.returncode)
+            finally:
+                if not exited.done():
+                    exited.set_result(None)
+
+        def wait() -> None:
+            self.proc.wait()
+            try:
+                loop.call_soon_threadsafe(done)
+            except RuntimeError:
+                pass  # the loop is closed
+
+        threading.Thread(target=wait, name=f"ssh-{self.node.host}", daemon=True).start()
+        return exited
+
+    async def stop(self, timeout: float = 10.0, *, joined: bool = True) -> None:
+        """Close the lifeline (the remote agent stops), then make sure ``ssh`` is gone. One that never joined
+        is terminated at once (an ``ssh`` still connecting pays no heed to its stdin)."""
+        await asyncio.to_thread(self._stop, timeout, joined)
+
+    def _stop(self, timeout: float, joined: bool = True) -> None:
         if self.proc.stdin is not None:
             try:
                 self.proc.stdin.close()
             except OSError:
                 pass
         try:
-            self.proc.wait(timeout)
+            self.proc.wait(timeout if joined else 0.1)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
             try:
@@ -188,6 +212,7 @@ class SSHLaunch:
 
 
 def _die_with_parent() -> None:
+    os.setpgrp()  # a group of its own: a terminal's Ctrl-C is for the driver, not for the nodes' lifelines
     set_parent_death_signal(signal.SIGTERM)
 
 

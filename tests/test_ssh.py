@@ -196,13 +196,34 @@ def test_a_driver_brings_up_nodes_over_ssh_from_init(machine, keys, sshd):
         + f"""
 actorlib.init(cluster={cluster!r})
 remote = [n for n in actorlib.nodes() if not n["is_head_node"]]
-node_id, pid = actorlib.get(Where.remote().where.remote())
+w = Where.remote()
+node_id, pid = actorlib.get(w.where.remote())
 print(node_id == remote[0]["node_id"], pid)
+import signal
+def remote_agent():
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{{p}}/cmdline", "rb").read().split(b"\\0")
+        except OSError:
+            continue
+        if b"--exit-with-stdin" in cmd and remote[0]["node_id"].encode() in cmd:
+            return int(p)
+# The agent dies without a word (SIGKILL): its SSH session ends with it, and the head, seeing ssh exit, knows
+# at once (it waited for the heartbeat timeout)
+os.kill(remote_agent(), signal.SIGKILL)
+import time
+deadline = time.monotonic() + 30
+while os.path.exists(f"/proc/{{pid}}") and time.monotonic() < deadline:  # its worker goes with the node
+    time.sleep(0.01)
+try:
+    actorlib.get(w.where.remote(), timeout=30)
+except actorlib.ActorDiedError as exc:
+    print("lost its SSH session to" in str(exc))
 actorlib.shutdown()
 """
     )
-    same, pid = ran.stdout.split()
-    assert same == "True"
+    same, pid, lost = ran.stdout.split()
+    assert same == "True" and lost == "True", ran.stdout
     wait_for(lambda: not machine.processes(), timeout=30, what="the SSH node to stop with its driver")
 
 
