@@ -106,7 +106,7 @@ class SSHNode:
         ssh = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-p", str(self.port)]
         if self.identity_file:
             ssh += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
-        return [*ssh, *self.ssh_options, self.target, shlex.join(remote)]
+        return [*ssh, *self.ssh_options, self.target, " ".join(_shell_word(w) for w in remote)]
 
 
 _STRINGS = {
@@ -209,6 +209,15 @@ class SSHLaunch:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _shell_word(word: str) -> str:
+    """``word`` for the remote shell, quoted; a path starting ``~/`` (the python, an env value) is the remote
+    home's: quoted whole, the shell would not expand it."""
+    name, eq, value = word.partition("=") if word[:1] != "~" else ("", "", word)
+    if value.startswith("~/") and (eq or not name):
+        return (shlex.quote(name + eq) if eq else "") + '"$HOME"/' + shlex.quote(value[2:])
+    return shlex.quote(word)
 
 
 def _die_with_parent() -> None:

@@ -153,3 +153,12 @@ def test_a_bad_key_file_makes_init_raise_head_unreachable_naming_it(machine, fau
         ACTORLIB_KEY_FILE=key_file,
     )
     assert out.stdout.startswith(f"cannot use the cluster key file {key_file} (ACTORLIB_KEY_FILE"), out.stdout
+
+
+def test_a_remote_path_from_home_is_left_for_the_remote_shell_to_expand():
+    """shlex quoted '~/venv/bin/python' whole: the remote shell looked for a file named '~' ('No such file')."""
+    from scheduler.ssh import parse_nodes
+
+    (node,) = parse_nodes([{"host": "h", "python": "~/venv/bin/python", "env_vars": {"DATA": "~/data set"}}])
+    remote = node.command("tcp://10.0.0.1:6380", "n" * 32)[-1]
+    assert remote.startswith('env DATA="$HOME"/\'data set\' "$HOME"/venv/bin/python -m scheduler node')
