@@ -39,6 +39,11 @@ def _describe(what: Any) -> str:
     return f"{what[0]}.{what[1]}()" if type(what) is tuple else str(what)
 
 
+# Why an actor call's answer has not come, when the actor is not even running yet: ``(actor id) -> " (...)"``
+# or "" (set by the runtime, which knows the connections; asked only when a get() times out).
+why_not_running: Callable[[str], str] = lambda actor_id: ""  # noqa: E731
+
+
 _decode_lock = threading.Lock()
 
 
@@ -51,7 +56,7 @@ class ObjectRef:
         self._fut = Completion()
         self._value: Any = _UNSET
         self._cancel = cancel
-        self._what = what  # a str, or a (class name, method) pair formatted only when needed
+        self._what = what  # a str, or (class name, method[, actor id]) formatted only when needed
         # once sent, where its answer comes: ((endpoint, request id, a stream's item?), ...); see wait_reading
         self._source: tuple[tuple[Any, int, bool], ...] | None = None
 
@@ -92,7 +97,8 @@ class ObjectRef:
             msg = self._fut.result(left)
         except TimeoutError:
             asked = timeout if asked is None else asked
-            raise GetTimeoutError(f"{_describe(self._what)} did not finish within {asked:g} s") from None
+            why = why_not_running(self._what[2]) if type(self._what) is tuple and len(self._what) > 2 else ""
+            raise GetTimeoutError(f"{_describe(self._what)} did not finish within {asked:g} s{why}") from None
         return self._decode(msg)
 
     def _decode(self, msg: Message | None) -> Any:

@@ -45,7 +45,8 @@ from transport import (
 )
 from transport.control import ControlServer
 
-from .connection import ActorConnection, Call, encode_call
+from . import object_ref
+from .connection import ActorConnection, Call, ConnState, encode_call
 from .exceptions import ActorLibError, InfeasibleError, SerializationError, TaskCancelledError
 from .object_ref import ObjectRef, ObjectRefGenerator, StreamState, check_not_blocking_loop
 
@@ -335,7 +336,7 @@ class Runtime:
     def _dispatch(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
         result: ObjectRef | ObjectRefGenerator
         if stream_window is None:
-            result = call.sink = ObjectRef((class_name, call.method), cancel=lambda: self._cancel(actor_id, call))
+            result = call.sink = ObjectRef((class_name, call.method, actor_id), cancel=lambda: self._cancel(actor_id, call))
         else:
             call.sink = StreamState(
                 f"{class_name}.{call.method}()",
@@ -411,6 +412,24 @@ class Runtime:
             self.head.fail_pending(lambda req_id: Message(Kind.ERROR, req_id, body, [], None))  # with that reason
             self.head.close()
         self.close_connections(reason)
+
+
+def _why_not_running(actor_id: str) -> str:
+    """For a get() that timed out: " (the actor is not running yet: why)" if it is still waiting to be placed
+    or started, else "" (asks the head, briefly; never from the loop)."""
+    rt = current_or_none()
+    conn = rt._conns.get(actor_id) if rt is not None else None
+    if rt is None or conn is None or conn.state is not ConnState.RESOLVING or rt.in_loop():
+        return ""
+    try:
+        status = rt.run(rt.control("status", timeout=2.0), 3.0)
+    except BaseException:  # (Ctrl-C too: this only adds to an error already on its way)
+        return ""
+    reason = next((p.get("reason") for p in status.get("pending", ()) if p.get("actor_id") == actor_id), None)
+    return f" (the actor is not running yet: {reason})" if reason else " (the actor is not running yet)"
+
+
+object_ref.why_not_running = _why_not_running
 
 
 def _own_buffers(call: Call) -> None:

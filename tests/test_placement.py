@@ -183,3 +183,15 @@ def test_wait_zero_answers_for_a_placed_group_and_an_empty_group_frees_at_once(a
     al.remove_placement_group(pg)
     assert al.available_resources() == totals  # no actor to wait for: served after the removal
     assert not pg.wait(0)
+
+
+def test_a_get_that_times_out_on_an_actor_not_placed_yet_says_so(al, Probe):
+    """It said only that the call did not finish in time: the actor was waiting for room all along."""
+    pg = al.placement_group([{"GPU": 8}])  # every GPU: the actor below waits
+    assert pg.wait(30)
+    waiting = Probe.options(num_gpus=1).remote()
+    with pytest.raises(GetTimeoutError, match=r"did not finish within 0.5 s \(the actor is not running yet: waiting for resources"):
+        al.get(waiting.gpus.remote(), timeout=0.5)
+    al.remove_placement_group(pg)
+    assert al.get(waiting.gpus.remote(), timeout=60)[1]  # placed once there is room, the call answered
+    al.kill(waiting)
