@@ -133,6 +133,12 @@ class Runtime:
                     self._inbox.remove(item)
                 except ValueError:
                     pass
+                if self._inbox and not isinstance(exc, RuntimeError):  # another thread's, which left it to this one
+                    self._inbox_scheduled = True
+                    try:
+                        self.loop.call_soon_threadsafe(self._drain_inbox, context=contextvars.Context())
+                    except BaseException:
+                        self._inbox_scheduled = False
                 if isinstance(exc, RuntimeError):
                     raise ActorLibError("actorlib has been shut down") from None
                 raise
@@ -421,11 +427,10 @@ def _why_not_running(actor_id: str) -> str:
     conn = rt._conns.get(actor_id) if rt is not None else None
     if rt is None or conn is None or conn.state is not ConnState.RESOLVING or rt.in_loop():
         return ""
-    try:
-        status = rt.run(rt.control("status", timeout=2.0), 3.0)
-    except BaseException:  # (Ctrl-C too: this only adds to an error already on its way)
+    try:  # one short question (a busy head must not hold a timed-out get long)
+        reason = rt.run(rt.control("waiting_reason", timeout=0.5, actor_id=actor_id), 1.0)
+    except Exception:  # (not a Ctrl-C: that goes on up) this only adds to an error already on its way
         return ""
-    reason = next((p.get("reason") for p in status.get("pending", ()) if p.get("actor_id") == actor_id), None)
     return f" (the actor is not running yet: {reason})" if reason else " (the actor is not running yet)"
 
 

@@ -244,7 +244,7 @@ class Head:
         finally:
             joined.cancel()
         result: dict[str, Any] = {"host": launch.node.host, "node_id": launch.node_id, "log": launch.log_path}
-        if launch.node_id in self.nodes:
+        if launch.node_id in self.nodes and self.nodes[launch.node_id].alive:
             return {**result, "ok": True}
         self._launches.pop(launch.node_id, None)
         why = launch.failure()
@@ -718,6 +718,23 @@ class Head:
     async def op_list_actors(self, peer: bytes) -> list[dict[str, Any]]:
         return [r.view() for r in self.actors.values()]
 
+    async def op_waiting_reason(self, peer: bytes, actor_id: str) -> str:
+        """Why the actor is not running yet ("" if it is, or is unknown): for a get() that timed out."""
+        record = self.actors.get(actor_id) if isinstance(actor_id, str) else None
+        if record is None:
+            return ""
+        if record.state.waiting:
+            return self._why_waiting(record)
+        return "its worker is starting" if record.state == ActorState.STARTING else ""
+
+    def _why_waiting(self, record: ActorRecord) -> str:
+        s = record.spec
+        if s.placement_group is not None:
+            return f"waiting for a bundle of placement group {s.placement_group[:8]} to have room"
+        if not self._fits_a_node(s):  # (the node that could hold it left: it waits for one to join)
+            return f"infeasible now: {self._too_big(s)}"
+        return "waiting for resources: no node has that much free now"
+
     async def op_status(self, peer: bytes) -> dict[str, Any]:
         """Everything ``actorlib status`` shows: nodes, actors, placement groups, and what waits and why."""
         pending = []
@@ -726,12 +743,7 @@ class Head:
             if record is None or not record.state.waiting:
                 continue
             s = record.spec
-            if s.placement_group is not None:
-                why = f"waiting for a bundle of placement group {s.placement_group[:8]} to have room"
-            elif not self._fits_a_node(s):  # (the node that could hold it left: it waits for one to join)
-                why = f"infeasible now: {self._too_big(s)}"
-            else:
-                why = "waiting for resources: no node has that much free now"
+            why = self._why_waiting(record)
             pending.append({"actor_id": actor_id, "class_name": s.class_name, "name": s.name, "demand": s.demand, "reason": why})
         return {
             "session_dir": self.session_dir,

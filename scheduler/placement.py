@@ -177,6 +177,7 @@ def place(
 # bound the backtracking of _search (a group too hard to fit stays pending instead): the head runs it for every
 # pending group each time it schedules, on its loop
 _SEARCH_STEPS = 2_000
+_SEARCH_LOOKS = 50_000  # nodes looked at in all (a big cluster: each costs a reservation attempt)
 _SEARCH_BUNDLES = 64  # (one level of recursion per bundle)
 
 
@@ -191,20 +192,24 @@ def _search(
     """
     trial = {node_id: pool.copy() for node_id, pool in pools.items()}
     biggest_first = sorted(range(len(bundles)), key=lambda i: _size(bundles[i]), reverse=True)
+    could = [[n for n in order if pools[n].fits(b, of_total=True)] for b in bundles]  # nodes big enough at all
     node_of: list[str | None] = [None] * len(bundles)
     held = dict.fromkeys(order, 0)
-    steps = 0
+    steps = looked = 0
 
     def go(k: int) -> bool:
-        nonlocal steps
+        nonlocal steps, looked
         if k == len(biggest_first):
             return True
         i = biggest_first[k]
-        for n in sorted(order, key=lambda n: -held[n] if most_used_first else held[n]):
+        for n in sorted(could[i], key=lambda n: -held[n] if most_used_first else held[n]):
+            looked += 1
+            if looked > _SEARCH_LOOKS:
+                return False
             alloc = trial[n].reserve(bundles[i])
             if alloc is None:
                 continue
-            steps += 1  # placements tried (a node that cannot take the bundle costs no step)
+            steps += 1  # placements tried (a node that cannot take the bundle now costs only a look)
             if steps > _SEARCH_STEPS:
                 trial[n].release(alloc)
                 return False

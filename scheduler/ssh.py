@@ -82,9 +82,6 @@ class SSHNode:
     def command(self, head_address: str, node_id: str) -> list[str]:
         """The ``ssh`` command line that starts this node's agent (the secret is not in it)."""
         remote = [
-            "env",
-            *(f"{k}={v}" for k, v in self.env_vars.items()),
-            self.python,
             "-m",
             "scheduler",
             "node",
@@ -106,7 +103,10 @@ class SSHNode:
         ssh = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-p", str(self.port)]
         if self.identity_file:
             ssh += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
-        return [*ssh, *self.ssh_options, self.target, " ".join(_shell_word(w) for w in remote)]
+        # for the remote shell: quoted, except that a path from home (~/) in the python or an env value is left
+        # for it to expand (quoted whole, it looked for a file named '~')
+        words = ["env", *(shlex.quote(f"{k}=") + _from_home(v) for k, v in self.env_vars.items()), _from_home(self.python)]
+        return [*ssh, *self.ssh_options, self.target, " ".join([*words, *map(shlex.quote, remote)])]
 
 
 _STRINGS = {
@@ -211,13 +211,9 @@ class SSHLaunch:
                 self.proc.wait()
 
 
-def _shell_word(word: str) -> str:
-    """``word`` for the remote shell, quoted; a path starting ``~/`` (the python, an env value) is the remote
-    home's: quoted whole, the shell would not expand it."""
-    name, eq, value = word.partition("=") if word[:1] != "~" else ("", "", word)
-    if value.startswith("~/") and (eq or not name):
-        return (shlex.quote(name + eq) if eq else "") + '"$HOME"/' + shlex.quote(value[2:])
-    return shlex.quote(word)
+def _from_home(value: str) -> str:
+    """``value`` quoted for the remote shell; one starting ``~/`` as the remote home's ``"$HOME"/...``."""
+    return '"$HOME"/' + shlex.quote(value[2:]) if value.startswith("~/") else shlex.quote(value)
 
 
 def _die_with_parent() -> None:

@@ -159,6 +159,9 @@ def test_a_remote_path_from_home_is_left_for_the_remote_shell_to_expand():
     """shlex quoted '~/venv/bin/python' whole: the remote shell looked for a file named '~' ('No such file')."""
     from scheduler.ssh import parse_nodes
 
-    (node,) = parse_nodes([{"host": "h", "python": "~/venv/bin/python", "env_vars": {"DATA": "~/data set"}}])
+    (node,) = parse_nodes(
+        [{"host": "h", "python": "~/venv/bin/python", "env_vars": {"DATA": "~/data set"}, "resources": {"a=~/b": 1}}]
+    )
     remote = node.command("tcp://10.0.0.1:6380", "n" * 32)[-1]
     assert remote.startswith('env DATA="$HOME"/\'data set\' "$HOME"/venv/bin/python -m scheduler node')
+    assert """--resources '{"a=~/b":1}'""" in remote  # only the python and env values: the rest is quoted whole
