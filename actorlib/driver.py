@@ -27,6 +27,7 @@ import uvloop
 
 from scheduler import Head, NodeAgent, new_session_dir, release_session, remove_sockets, socket_dir
 from scheduler.resources import node_resources
+from scheduler.threads import in_own_thread
 from transport import generate_key, set_cluster_key, shm
 from transport.security import cluster_key
 
@@ -207,7 +208,7 @@ class Driver:
         key = cluster_key()
         log_path = os.path.join(self.head.session_dir, "logs", f"node-{node_id[:8]}.log")
         proc = self.extra_nodes[node_id] = _spawn(cmd, key.secret.decode() if key is not None else "", log_path)
-        exited = _watch(proc, self.loop, lambda: self._node_exited(node_id, proc))
+        exited = in_own_thread(self.loop, proc.wait, then=lambda: self._node_exited(node_id, proc), name=f"actorlib-node-{proc.pid}")
         joined = asyncio.ensure_future(self.head.wait_for_node(node_id))
         await asyncio.wait({joined, exited}, timeout=_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if joined.done():
@@ -290,7 +291,7 @@ class Driver:
         rt.close_connections()
         procs, self.extra_nodes = list(self.extra_nodes.values()), {}
         # waited for off the loop: each unregisters with the head, which this loop runs
-        await asyncio.gather(*(_in_thread(self.loop, _terminate, proc, _STOP_TIMEOUT / 3) for proc in procs))
+        await asyncio.gather(*(in_own_thread(self.loop, _terminate, proc, _STOP_TIMEOUT / 3) for proc in procs))
         if self.node is not None:
             await self.node.stop()
         if rt.head is not None and not rt.head.closed:
@@ -330,50 +331,6 @@ def _spawn(cmd: list[str], secret: str, log_path: str) -> subprocess.Popen[bytes
     with proc.stdin:  # one short line: the pipe buffer takes it without blocking
         proc.stdin.write((secret + "\n").encode())
     return proc
-
-
-def _watch(proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop, on_exit: Any) -> asyncio.Future[None]:
-    """A future done once ``proc`` has exited (and is reaped), after ``on_exit()`` ran on the loop."""
-    exited: asyncio.Future[None] = loop.create_future()
-
-    def done() -> None:
-        try:
-            on_exit()
-        finally:
-            if not exited.done():
-                exited.set_result(None)
-
-    def wait() -> None:
-        proc.wait()
-        try:
-            loop.call_soon_threadsafe(done)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting
-
-    threading.Thread(target=wait, name=f"actorlib-node-{proc.pid}", daemon=True).start()
-    return exited
-
-
-async def _in_thread(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
-    """``fn(*args)`` on a thread of its own (not an executor: those refuse work while Python exits, when
-    shutdown() may run from atexit)."""
-    finished: asyncio.Future[None] = loop.create_future()
-
-    def settle() -> None:
-        if not finished.done():
-            finished.set_result(None)
-
-    def run() -> None:
-        try:
-            fn(*args)
-        finally:
-            try:
-                loop.call_soon_threadsafe(settle)
-            except RuntimeError:
-                pass
-
-    threading.Thread(target=run, name="actorlib-stop", daemon=True).start()
-    await finished
 
 
 def _exit_status(code: int | None) -> str:

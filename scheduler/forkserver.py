@@ -37,12 +37,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
+
+from .threads import in_own_thread
 
 __all__ = ["ForkServer", "kill_group", "set_parent_death_signal"]
 
@@ -185,19 +186,14 @@ class ForkServer:
         proc = self._proc
         if proc is None:
             return
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def wait() -> None:  # a thread of its own: executors refuse work while Python exits
+        def wait() -> None:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            loop.call_soon_threadsafe(_resolve, exited)
 
-        threading.Thread(target=wait, name="forkserver-reaper", daemon=True).start()
-        await exited
+        await in_own_thread(asyncio.get_running_loop(), wait, name="forkserver-reaper")
 
 
 # --------------------------------------------------------------- server side
@@ -363,7 +359,3 @@ def kill_group(pid: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass  # nothing left in it
 
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

@@ -17,12 +17,13 @@ import os
 import shlex
 import signal
 import subprocess
-import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .forkserver import set_parent_death_signal
+from .threads import in_own_thread
 
 __all__ = ["SSHNode", "SSHLaunch", "check_number", "parse_nodes"]
 
@@ -167,27 +168,9 @@ class SSHLaunch:
         how = f"ssh exited with code {code}" if code is not None else "the node did not join in time"
         return f"node {self.node.target} (port {self.node.port}): {how}" + (f":\n{tail}" if tail else "")
 
-    def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Any) -> asyncio.Future[None]:
-        """A future done once ``ssh`` has exited, after ``on_exit(code)`` ran on the loop (a thread of its own
-        waits: not the loop's default executor, whose few threads a long wait per node would hold)."""
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def done() -> None:
-            try:
-                on_exit(self.proc.returncode)
-            finally:
-                if not exited.done():
-                    exited.set_result(None)
-
-        def wait() -> None:
-            self.proc.wait()
-            try:
-                loop.call_soon_threadsafe(done)
-            except RuntimeError:
-                pass  # the loop is closed
-
-        threading.Thread(target=wait, name=f"ssh-{self.node.host}", daemon=True).start()
-        return exited
+    def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[int | None], None]) -> asyncio.Future[None]:
+        """A future done once ``ssh`` has exited, after ``on_exit(code)`` ran on the loop."""
+        return in_own_thread(loop, self.proc.wait, then=lambda: on_exit(self.proc.returncode), name=f"ssh-{self.node.host}")
 
     async def stop(self, timeout: float = 10.0, *, joined: bool = True) -> None:
         """Close the lifeline (the remote agent stops), then make sure ``ssh`` is gone. One that never joined
