@@ -377,7 +377,7 @@ class GraphRuntime:
         for link in self.links.values():
             link.stop_reading()  # only sent on from now on: its socket's wake-ups would only cost the loop
         self.tasks = [
-            self.loop.create_task(self._async_node(node) if node.is_async else self._sync_node(node))
+            self.loop.create_task(self._node_loop(node))
             for node in self.nodes
             if node.is_async or not self.threaded
         ]
@@ -482,7 +482,7 @@ class GraphRuntime:
                 self._ready.append((node, seq, inputs))
                 if not self._running:
                     self._run_ready()
-            else:  # async nodes, and sync ones of an actor with async nodes too: see _sync_node
+            else:  # async nodes, and sync ones of an actor with async nodes too: see _node_loop
                 node.queue.put_nowait((seq, inputs))
 
     def on_deliver(self, seq: int, src: int, metas: list[Any] | None, skeleton: bytes | None, record: Any, sender: str) -> None:
@@ -624,46 +624,14 @@ class GraphRuntime:
         except BaseException as exc:
             return _Failed(error_record(exc, self.label, skip_frames=1))
 
-    async def _sync_node(self, node: _Node) -> None:
-        """A sync node's executions, one at a time, in order, where this actor has async nodes too (the graph
-        runs from the loop; each execution is a job for the sync thread).
-
-        The last execution's sends are waited for here, by a helper, before the next is handed to the sync
-        thread: a send completes only once its receiver has posted the receive, and the receiver may be
-        waiting for this actor's sync thread meanwhile (a method of ours it calls; a collective of a worker
-        group), which would not come while that thread waited for the send.
-        """
+    async def _node_loop(self, node: _Node) -> None:
+        """A node's executions run from the loop (async nodes, and sync ones of an actor with async nodes too),
+        one at a time, in order."""
+        run_one = self._run_async if node.is_async else self._run_sync_from_loop
         while True:
             seq, inputs = await node.queue.get()
             try:
-                if node.sending and not all(w.is_completed() for w in node.sending):
-                    await self.loop.run_in_executor(self._helpers(), self._sent, node)
-                node.sending = []
-                ran: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-                def job(seq: int = seq, inputs: dict[int, Any] = inputs, ran: concurrent.futures.Future[None] = ran) -> None:
-                    try:
-                        self._run_sync(node, seq, inputs)
-                    finally:
-                        if ran.set_running_or_notify_cancel():  # (cancelled by a teardown meanwhile: nobody waits)
-                            ran.set_result(None)
-
-                self.host.post_sync(job)
-                await asyncio.wrap_future(ran)
-            except BaseException as exc:  # a bug of ours must fail the execution, not end this node's loop
-                if self.closed:  # (the only cancel of this task is the graph's teardown)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
-                    return
-                log.exception("%s: compiled graph node %s failed", self.label, node.what)
-                node.sending = self._emit(node, seq, _Failed(error_record(exc, self.label)), on_loop=True)
-
-    async def _async_node(self, node: _Node) -> None:
-        """An async node's executions, one at a time, in order."""
-        while True:
-            seq, inputs = await node.queue.get()
-            try:
-                await self._run_async(node, seq, inputs)
+                await run_one(node, seq, inputs)
             except BaseException as exc:  # a bug of ours must fail the execution, not end this node's loop
                 if self.closed:  # (the only cancel of this task is the graph's teardown)
                     if isinstance(exc, asyncio.CancelledError):
@@ -672,6 +640,29 @@ class GraphRuntime:
                 log.exception("%s: compiled graph node %s failed", self.label, node.what)
                 node.sending = self._emit(node, seq, _Failed(error_record(exc, self.label)), on_loop=True)
             self._repost()
+
+    async def _run_sync_from_loop(self, node: _Node, seq: int, inputs: dict[int, Any]) -> None:
+        """One execution of a sync node, as a job for the sync thread.
+
+        The last execution's sends are waited for here, by a helper, before the next is handed to the sync
+        thread: a send completes only once its receiver has posted the receive, and the receiver may be
+        waiting for this actor's sync thread meanwhile (a method of ours it calls; a collective of a worker
+        group), which would not come while that thread waited for the send.
+        """
+        if node.sending and not all(w.is_completed() for w in node.sending):
+            await self.loop.run_in_executor(self._helpers(), self._sent, node)
+        node.sending = []
+        ran: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                self._run_sync(node, seq, inputs)
+            finally:
+                if ran.set_running_or_notify_cancel():  # (cancelled by a teardown meanwhile: nobody waits)
+                    ran.set_result(None)
+
+        self.host.post_sync(job)
+        await asyncio.wrap_future(ran)
 
     async def _run_async(self, node: _Node, seq: int, inputs: dict[int, Any]) -> None:
         """One execution of an async node, on the loop (its transfers waited for by helpers)."""
