@@ -189,11 +189,7 @@ class ActorConnection:
         ep = self.endpoint
         assert ep is not None and call.frames is not None
         body, buffers = call.frames
-        req_id = call.req_id = ep.next_id()
-        self._inflight[req_id] = call
-        ep.pending[req_id] = self._sink(call)
-        if type(call.sink) is ObjectRef and self.rt.direct_answers:
-            call.sink._source = ((ep, req_id, False),)  # a thread blocking on it reads the socket itself
+        req_id = self.register(call)
         try:
             if not buffers and self.rt.in_loop():
                 ep.send_soon(Kind.CALL, req_id, body)  # with whatever else this loop turn sends: one message
@@ -209,6 +205,33 @@ class ActorConnection:
             ep.pending.pop(req_id, None)
             call.fail(ActorLibError(f"could not send {call.method}() to {self.class_name}: {exc}"))
             return None
+
+    def register(self, call: Call) -> int:
+        """Give a call about to be sent its request id and wait for its answer (any thread, under ``lock``)."""
+        ep = self.endpoint
+        assert ep is not None
+        req_id = call.req_id = ep.next_id()
+        self._inflight[req_id] = call
+        ep.pending[req_id] = self._sink(call)
+        if type(call.sink) is ObjectRef and self.rt.direct_answers:
+            call.sink._source = ((ep, req_id, False),)  # a thread blocking on it reads the socket itself
+        return req_id
+
+    def lock_idle(self, endpoint: Endpoint) -> bool:
+        """From a caller's thread: take ``lock`` if nothing of this process is on its way to the actor over
+        ``endpoint`` (sent and unanswered, queued, handed to the loop): a call sent another way now cannot
+        overtake one (see ``actorlib.broadcast``). The caller releases it."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        if (
+            self.state is ConnState.CONNECTED
+            and self.endpoint is endpoint
+            and not (self._inflight or self._queue or self._flushing or self.posted)
+            and not endpoint.has_outbox()
+        ):
+            return True
+        self.lock.release()
+        return False
 
     def _sink(self, call: Call) -> Any:
         inflight = self._inflight

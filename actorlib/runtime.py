@@ -46,6 +46,7 @@ from transport import (
 from transport.control import ControlServer
 
 from . import object_ref
+from .broadcast import Broadcast
 from .connection import ActorConnection, Call, ConnState, encode_call
 from .exceptions import ActorLibError, InfeasibleError, SerializationError, TaskCancelledError
 from .object_ref import ObjectRef, ObjectRefGenerator, StreamState, check_not_blocking_loop
@@ -302,7 +303,9 @@ class Runtime:
             await creating
         except BaseException:
             pass
-        conn.mark_dead({"actor_id": actor_id, "class_name": conn.class_name, "reason": "killed by actorlib.kill() before it was created"})
+        conn.mark_dead(
+            {"actor_id": actor_id, "class_name": conn.class_name, "reason": "killed by actorlib.kill() before it was created"}
+        )
         try:  # the head may have taken the request just before the cancel
             await self.control("kill_actor", actor_id=actor_id)
         except ValueError:
@@ -319,7 +322,12 @@ class Runtime:
         stream_window: int | None = None,
     ) -> ObjectRef | ObjectRefGenerator:
         """Call ``method`` on one actor; returns its ObjectRef (or ObjectRefGenerator)."""
-        return self.submit_many([(actor_id, class_name)], method, args, kwargs, stream_window=stream_window)[0]
+        deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
+        options = None if stream_window is None else {"window": stream_window}
+        call = Call(method, args, kwargs, options, None if deps else encode_call(method, args, kwargs, options), None, deps)
+        result = self._sink(actor_id, class_name, call, stream_window)
+        self._dispatch(actor_id, class_name, call)
+        return result
 
     def submit_many(
         self,
@@ -329,32 +337,47 @@ class Runtime:
         kwargs: dict[str, Any],
         *,
         stream_window: int | None = None,
+        broadcast: tuple[Broadcast, list[int]] | None = None,
     ) -> list[Any]:
-        """The same call on several actors (``(actor_id, class_name)`` each): encoded once, sent to each."""
+        """The same call on several actors (``(actor_id, class_name)`` each): encoded once, sent to each.
+
+        ``broadcast``: a worker group's shared-memory slots and each target's slot, for a sync method's
+        call (see :mod:`actorlib.broadcast`); the call goes through them when every target is ready for it.
+        """
         deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
         options = None if stream_window is None else {"window": stream_window}
         frames = None if deps else encode_call(method, args, kwargs, options)
-        return [
-            self._dispatch(actor_id, class_name, Call(method, args, kwargs, options, frames, None, deps), stream_window)
-            for actor_id, class_name in targets
+        calls = [Call(method, args, kwargs, options, frames, None, deps) for _ in targets]
+        results = [
+            self._sink(actor_id, class_name, call, stream_window)
+            for (actor_id, class_name), call in zip(targets, calls, strict=True)
         ]
+        if broadcast is not None and frames is not None and not frames[1] and stream_window is None and not self.in_loop():
+            conns = [self._conns.get(actor_id) for actor_id, _ in targets]
+            if all(c is not None for c in conns) and broadcast[0].try_send(conns, broadcast[1], calls):  # type: ignore[arg-type]
+                return results
+        for (actor_id, class_name), call in zip(targets, calls, strict=True):
+            self._dispatch(actor_id, class_name, call)
+        return results
 
-    def _dispatch(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
-        result: ObjectRef | ObjectRefGenerator
+    def _sink(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
+        """The call's ObjectRef (or, for a stream, its ObjectRefGenerator), set as its sink."""
         if stream_window is None:
-            result = call.sink = ObjectRef((class_name, call.method, actor_id), cancel=lambda: self._cancel(actor_id, call))
-        else:
-            call.sink = StreamState(
-                f"{class_name}.{call.method}()",
-                stream_window,
-                send_credit=lambda n: self.call_soon(self._credit, actor_id, call, n),
-                send_close=lambda: self.post(self._close_stream, actor_id, call),
-            )
-            result = ObjectRefGenerator(call.sink, self.check_can_block)
+            call.sink = ObjectRef((class_name, call.method, actor_id), cancel=lambda: self._cancel(actor_id, call))
+            return call.sink
+        call.sink = StreamState(
+            f"{class_name}.{call.method}()",
+            stream_window,
+            send_credit=lambda n: self.call_soon(self._credit, actor_id, call, n),
+            send_close=lambda: self.post(self._close_stream, actor_id, call),
+        )
+        return ObjectRefGenerator(call.sink, self.check_can_block)
+
+    def _dispatch(self, actor_id: str, class_name: str, call: Call) -> None:
         if self.in_loop():
             _own_buffers(call)  # sent later, from the loop: the caller must be free to change its arrays
             self.connection(actor_id, class_name).submit(call)
-            return result
+            return
         conn = self._conns.get(actor_id)
         if conn is not None:
             caller_loop = asyncio._get_running_loop()
@@ -363,11 +386,10 @@ class Runtime:
                     if caller_loop is not None:  # later calls in this step of the caller's loop: batched
                         self._bursting.add(caller_loop)
                         caller_loop.call_soon(self._bursting.discard, caller_loop)
-                    return result
+                    return
             conn.post()
         _own_buffers(call)
         self.call_soon(self._submit_posted, actor_id, class_name, call, conn)
-        return result
 
     def end_burst(self) -> None:
         """The caller is about to block: its next call goes straight out again (see the module's docstring)."""

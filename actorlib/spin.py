@@ -8,7 +8,9 @@ costs over the wire's own time. Two waits do this:
 
 - a blocking ``get()`` (``object_ref.wait_reading``), for its answers;
 - a compiled graph's stage (``ActorHost.poll_sync_once``), for the next
-  execution's message, after it sent its last one.
+  execution's message, after it sent its last one;
+- a worker group's worker, for the group's next call in its shared-memory
+  slot (``ActorHost.poll_sync_once`` too; see :mod:`actorlib.broadcast`).
 
 Each polls for about twice as long as its recent waits took (:class:`Recent`),
 at most ``ACTORLIB_GET_SPIN_US`` (:data:`SPIN_S`), and not at all while they
@@ -55,8 +57,9 @@ class Recent:
         self.typical += (min(seconds, 2 * SPIN_S) - self.typical) / 8
 
 
-def poll_until(poller: Any, until: float) -> list[Any]:
-    """``poller.poll(0)`` until something is ready or ``until`` (``time.monotonic()``) passes.
+def poll_until(poller: Any, until: float, also: Any = None) -> list[Any]:
+    """``poller.poll(0)`` until something is ready, ``also.ready()`` says so (a worker group's
+    shared-memory slot: see :mod:`actorlib.broadcast`), or ``until`` (``time.monotonic()``) passes.
 
     It yields the CPU between polls (``sched_yield``): the threads the poller
     waits for (workers, stages, ZeroMQ's I/O threads) are often more than the
@@ -66,6 +69,6 @@ def poll_until(poller: Any, until: float) -> list[Any]:
     """
     while True:
         events: list[Any] = poller.poll(0)
-        if events or time.monotonic() >= until:
+        if events or (also is not None and also.ready()) or time.monotonic() >= until:
             return events
         os.sched_yield()

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
+import mmap
 import os
 import pickle
 import queue
@@ -54,7 +56,8 @@ from transport import (
 from transport.endpoint import BATCH_BYTES
 from transport.protocol import decode
 
-from . import runtime as runtime_mod
+from . import broadcast, runtime as runtime_mod
+from .broadcast import Slot
 from .rank_program import RUN_METHOD, run_in_worker
 from .runtime import Runtime
 from .spin import Recent, poll_until
@@ -234,6 +237,7 @@ class ActorHost:
         self._inbox_waits = Recent()  # how long the waits that ended with a graph's message took (see actorlib.spin)
         self._after_inbox = False  # the last wake-up ran a graph's messages: the next wait may poll first
         self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
+        self._slot: Slot | None = None  # a worker group's shared-memory slot for calls (actorlib.broadcast)
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
         self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
@@ -257,11 +261,15 @@ class ActorHost:
         """
         while True:
             if self._polling:
-                try:
-                    job = self._sync_jobs.get_nowait()
-                except queue.Empty:
-                    job = _NO_JOB  # waited for below, out of the handler: a graph's node that raises while this
-                    # thread waits must not show the queue's Empty as its context in the user's traceback
+                # a call in the group's slot goes first: it was written after this caller's earlier calls were
+                # answered, and before any later one was sent (see actorlib.broadcast)
+                job = self._slot_call(self._slot) if self._slot is not None else None
+                if job is None:
+                    try:
+                        job = self._sync_jobs.get_nowait()
+                    except queue.Empty:
+                        job = _NO_JOB  # waited for below, out of the handler: a graph's node that raises while
+                        # this thread waits must not show the queue's Empty as its context in the user's traceback
                 if job is _NO_JOB:
                     if self._reading_calls:
                         self._share_reading(True)
@@ -281,10 +289,12 @@ class ActorHost:
     def run_queued_jobs(self) -> None:
         """Run the jobs queued now (sync thread, from inside one that waits: see ``GraphRuntime._wait_serving``)."""
         while True:
-            try:
-                job = self._sync_jobs.get_nowait()
-            except queue.Empty:
-                return
+            job = self._slot_call(self._slot) if self._slot is not None else None  # first, as in _sync_loop
+            if job is None:
+                try:
+                    job = self._sync_jobs.get_nowait()
+                except queue.Empty:
+                    return
             if job is None:  # the end: left for the thread's own loop (no wake-up: this waiter would take it again)
                 self._sync_jobs.put(None)
                 return
@@ -310,15 +320,25 @@ class ActorHost:
         assert poller is not None
         start = time.monotonic()
         spin = self._inbox_waits.spin_for() if self._after_inbox and self._watched else 0.0
+        slot = self._slot
+        if slot is not None:
+            spin = max(spin, slot.waits.spin_for())
         self._after_inbox = False
         try:
-            ready = poll_until(poller, start + spin) if spin else []
+            ready = poll_until(poller, start + spin, slot) if spin else []
+            if not ready and slot is not None and (slot.ready() or not slot.asleep_unless_ready()):
+                slot.waits.took(time.monotonic() - start)
+                return  # the group's next call: taken by _sync_loop
             if not ready:
                 ready = poller.poll()
+                if slot is not None:
+                    slot.awake(True)
         except zmq.ZMQError as exc:
             self._drop_closed(str(exc))
             return
         waited = time.monotonic() - start
+        if slot is not None:
+            slot.waits.took(waited)
         for sock, _ in ready:
             if isinstance(sock, int):
                 if sock == self._calls_fd:
@@ -344,6 +364,39 @@ class ActorHost:
                 reader()
             except BaseException:  # never lose the thread
                 traceback.print_exc()
+
+    def attach_slot(self, mapped: mmap.mmap | None, index: int, peer: bytes | None) -> bool:
+        """A worker group's caller offers slot ``index`` of its shared-memory file (loop; see actorlib.broadcast)."""
+        if mapped is None:
+            return False  # not on this machine: its calls keep coming over ZeroMQ
+        self.post_sync(functools.partial(self._attach_slot, Slot(mapped, index, peer)))
+        return True
+
+    def _attach_slot(self, slot: Slot) -> None:
+        if self._wake < 0:
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._slot = slot
+        self._remake_poller()
+        slot.awake(True)
+
+    def _slot_call(self, slot: Slot) -> Callable[[], None] | None:
+        """The job running the call in the group's slot, if one came (sync thread; the loop, for a cancel)."""
+        msg = slot.take()
+        if msg is None:
+            return None
+        key = (msg.peer, msg.req_id)
+        try:
+            method, args, kwargs, _ = _parse_call(msg)
+        except (DecodeError, ValueError, TypeError) as exc:
+            error = _undecodable(exc)
+            return lambda: self._send_from_thread(Kind.ERROR, key[1], error, key[0])
+        found = self._lookup(method)
+        if found is None or found[1] != SYNC:  # the caller sends sync methods only: let the loop answer it
+            self.loop.call_soon_threadsafe(self._on_call, msg)
+            return None
+        fn = found[0]
+        self._queued.add(key)
+        return lambda: self._run_sync(key, fn, args, kwargs)
 
     def _drop_closed(self, why: str) -> None:
         """A watched socket was closed under the poller (a bug, and it would spin): stop watching it."""
@@ -433,7 +486,7 @@ class ActorHost:
         While there is anything to poll, ``post_sync`` must write the eventfd (``_polling``)."""
         self._poller = self._poller_over(self._watched)
         self._calls_poller = self._poller_over([self._calls_fd, *self._watched]) if self._calls_fd >= 0 else None
-        self._polling = bool(self._watched) or self._calls_fd >= 0
+        self._polling = bool(self._watched) or self._calls_fd >= 0 or self._slot is not None
 
     def _poller_over(self, sockets: Iterable[zmq.Socket | int]) -> zmq.Poller:
         poller = zmq.Poller()
@@ -552,9 +605,12 @@ class ActorHost:
         found = self._methods.get(name)
         if found is None:
             if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
-                from . import dag_worker  # compiled graphs: imported only by actors that take part in one
+                if name == broadcast.CONTROL:
+                    found = broadcast.reserved_method(self, name)
+                else:
+                    from . import dag_worker  # compiled graphs: imported only by actors that take part in one
 
-                found = dag_worker.reserved_method(self, name)
+                    found = dag_worker.reserved_method(self, name)
                 if found is not None:
                     self._methods[name] = found
                 return found
@@ -617,6 +673,10 @@ class ActorHost:
             self._start_async(key, coro)
 
     def _on_cancel(self, key: tuple[bytes | None, int]) -> None:
+        if self._slot is not None:  # the call may still be in the group's slot: queue it, so it can be cancelled
+            job = self._slot_call(self._slot)
+            if job is not None:
+                self.post_sync(job)
         task = self._tasks.get(key)
         waiting = next((item for item in self._waiting if item[0] == key), None)
         if task is not None:
@@ -710,7 +770,11 @@ class ActorHost:
                 await agen.aclose()
         except asyncio.CancelledError as exc:
             cancelled = key in self._cancelling  # else raised by the generator itself: its own error
-            error = {"type": "cancelled", "message": "the stream was cancelled"} if cancelled else error_record(exc, self.label, skip_frames=1)
+            error = (
+                {"type": "cancelled", "message": "the stream was cancelled"}
+                if cancelled
+                else error_record(exc, self.label, skip_frames=1)
+            )
         except BaseException as exc:
             error = error_record(exc, self.label, skip_frames=1)
         finally:

@@ -28,9 +28,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from . import api, runtime
+from . import api, broadcast, runtime
 from .actor import ActorClass, ActorHandle, remote
 from .cluster import VirtualCluster
 from .exceptions import ActorDiedError, ActorLibError, GetTimeoutError
@@ -39,7 +39,7 @@ from .progress import Progress
 from .rank_program import RUN_METHOD
 from .sharding import NamedSharding
 from .spmd import RunResult, WorkerFailure, WorkerGroupError, gather
-from .worker import ASYNC_GENERATOR, GENERATOR
+from .worker import ASYNC_GENERATOR, GENERATOR, SYNC
 
 __all__ = ["MultiWorkerFuture", "WorkerGroup"]
 
@@ -149,6 +149,7 @@ class WorkerGroup:
         self._cls = _actor_class(actor_class)
         self._workers: list[ActorHandle] = []
         self._worker_metadata: list[dict[str, Any]] = []
+        self._broadcast: broadcast.Broadcast | None = None  # shared-memory slots for calls (actorlib.broadcast)
         self.tied_workers_groups: list[list[int]] = []
         env_vars = dict(env_vars or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
@@ -174,6 +175,7 @@ class WorkerGroup:
         try:
             self._create(bundle_indices_list, pgs, env_vars, py_executable, init_args, init_kwargs)
             self._wait_started(start_timeout)
+            self._offer_broadcast()
         except BaseException:
             self.shutdown(force=True)  # nothing half-started is left holding GPUs
             raise
@@ -278,6 +280,42 @@ class WorkerGroup:
             meta["node_id"] = info["node_id"]
             meta["gpu_ids"] = info["gpu_ids"]
 
+    def _offer_broadcast(self) -> None:
+        """Give each worker on this machine a slot of a shared-memory file for the group's calls."""
+        if not broadcast.ENABLED or len(self._workers) < 2:
+            return
+        try:
+            slots = broadcast.Broadcast(len(self._workers))
+        except OSError:
+            return  # no room in /dev/shm: the calls go over ZeroMQ
+        rt = runtime.current()
+        try:
+            refs = [
+                cast(
+                    ObjectRef,
+                    rt.submit(w._actor_id, w._class_name, broadcast.CONTROL, ("attach", slots.path, slots.token, i), {}),
+                )
+                for i, w in enumerate(self._workers)
+            ]
+            attached = api.get(refs, timeout=60.0)
+        except BaseException:
+            slots.close()
+            raise
+        finally:
+            slots.unlink()
+        for i, (ref, yes) in enumerate(zip(refs, attached, strict=True)):
+            if yes and ref._source is not None:
+                slots.attached(i, ref._source[0][0])  # the connection the worker will answer on
+        if any(attached):
+            self._broadcast = slots
+        else:
+            slots.close()
+
+    def _close_broadcast(self) -> None:
+        if self._broadcast is not None:
+            self._broadcast.close()
+            self._broadcast = None
+
     # -- what the group is -------------------------------------------------------
 
     @property
@@ -314,7 +352,8 @@ class WorkerGroup:
         kind = self._method(method_name)
         window = runtime.DEFAULT_STREAM_WINDOW if kind in (GENERATOR, ASYNC_GENERATOR) else None
         targets = [(self._workers[i]._actor_id, self._cls.__name__) for i in indices]
-        return runtime.current().submit_many(targets, method_name, tuple(args), kwargs, stream_window=window)
+        slots = (self._broadcast, indices) if self._broadcast is not None and kind == SYNC and len(indices) > 1 else None
+        return runtime.current().submit_many(targets, method_name, tuple(args), kwargs, stream_window=window, broadcast=slots)
 
     def _selected(self, run_rank_0_only_axes: list[str] | None) -> list[int]:
         run_rank_0_only_axes = _axes("run_rank_0_only_axes", run_rank_0_only_axes)
@@ -423,7 +462,9 @@ class WorkerGroup:
                 continue
             futures.extend(self._call([rank], method_name, worker_args, worker_kwargs | common))
             called.append(rank)
-        return MultiWorkerFuture(futures, called_workers=called, return_from_workers=returned, worker_metadata=self._worker_metadata)
+        return MultiWorkerFuture(
+            futures, called_workers=called, return_from_workers=returned, worker_metadata=self._worker_metadata
+        )
 
     def run(
         self,
@@ -478,6 +519,7 @@ class WorkerGroup:
         rt = runtime.current()
         ids = [w._actor_id for w in self._workers]
         rt.run(rt.control("kill_actors", actor_ids=ids, wait_s=30.0))
+        self._close_broadcast()
         self._workers, self._worker_metadata, self.tied_workers_groups = [], [], []
         self._release_store()
         self._start()
@@ -510,6 +552,7 @@ class WorkerGroup:
         ids = [w._actor_id for w in self._workers]
         rt.run(rt.control("kill_actors", actor_ids=ids, wait_s=timeout if timeout is not None else 30.0))
         self._workers = []
+        self._close_broadcast()
         self._release_store()
         return ok
 

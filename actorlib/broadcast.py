@@ -1,0 +1,261 @@
+"""A worker group's calls through shared memory, to the workers on the caller's machine that are awake.
+
+``WorkerGroup.run_all_workers_single_data`` (and the other dispatches of one
+call to several workers) sends one message per worker over ZeroMQ. Each
+costs the caller a send (Python, a system call, a wake-up of ZeroMQ's I/O
+thread) and the worker two wake-ups (its I/O thread, then the thread that
+runs the call). For a group that is called back to back, the workers'
+threads are usually awake already, polling between calls (see
+:mod:`actorlib.spin`): for those, the caller writes the call into a slot
+of a shared-memory file instead, which the worker's sync thread looks at
+between its polls. Answers come back over ZeroMQ as usual, and everything
+else (cancelling, a worker's death, a restart) goes as for any call.
+
+The file (``/dev/shm/actorlib-<pid>-<random>``, mode 0600, unlinked as soon
+as every worker has mapped it) holds a header (magic and a random token,
+which a worker checks: a worker on another machine finds no such file and
+the group goes without) and one slot per worker::
+
+    slot + 0    seq      u64   written by the caller: bumped once the call below is in place
+    slot + 8    req_id   u64   the call's request id on the caller's connection to this worker
+    slot + 16   length   u64   of the encoded call (``[method, args, kwargs, options]``)
+    slot + 64   awake    u64   written by the worker: 1 while it will look at the slot before it sleeps
+    slot + 128  the encoded call (at most :data:`BODY_MAX` bytes)
+
+The worker's side, a small state machine per slot:
+
+- AWAKE (``awake`` = 1): the sync thread runs calls or polls; it looks at the
+  slot before each call it takes from elsewhere and between polls.
+- going to sleep: it writes ``awake`` = 0, fences, and looks at the slot once
+  more (a call written meanwhile is taken: back to AWAKE); else it sleeps on
+  its sockets and eventfd.
+- woken by anything: ``awake`` = 1 again.
+
+The caller's side, per call of the group, under the group's lock and each
+target connection's lock: it writes a worker's slot only if that
+connection has nothing of this process on its way to the actor (sent and
+unanswered, queued, handed to the loop), so the call cannot overtake an
+earlier one, and only if every target is AWAKE; else the whole call goes
+over ZeroMQ. After writing, it fences and reads ``awake`` again: a worker
+that fell asleep meanwhile (and may have missed the slot) is poked, with a
+reserved call that wakes its sync thread. The two fences make the pair of
+"write, then read the other's flag" safe (Dekker's pattern): at least one of
+the two sees the other's write. The fence is an atomic instruction (a lock's
+acquire), which orders stores before later loads on x86-64; the path is off
+on other machines, whose weaker ordering would need more than that.
+
+Since a worker's previous slot call was answered before the next is written
+(the connection's rule above), a slot never holds a call its worker has not
+read yet when it is written again.
+
+``ACTORLIB_BROADCAST=0`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import platform
+import secrets
+import struct
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from transport import Kind, Message
+
+from .spin import SPIN_S, Recent
+
+if TYPE_CHECKING:
+    from .connection import ActorConnection, Call
+    from .worker import ActorHost
+
+__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "Broadcast", "Slot", "reserved_method"]
+
+log = logging.getLogger(__name__)
+
+CONTROL = "__actorlib_broadcast__"
+ENABLED = (
+    os.environ.get("ACTORLIB_BROADCAST", "1") not in ("0", "off", "false")
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and SPIN_S > 0  # with one CPU nobody polls: every call would go over ZeroMQ anyway
+    and os.path.isdir("/dev/shm")
+)
+BODY_MAX = 64 << 10
+_MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
+_HEADER = 64
+_SEQ, _REQ, _AWAKE, _BODY = 0, 8, 64, 128
+_SLOT = _BODY + BODY_MAX
+_u64 = struct.Struct("<Q")
+_u64x2 = struct.Struct("<QQ")
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier on x86-64: acquiring a lock is an atomic read-modify-write."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class Broadcast:
+    """The caller's side: the file, and writing calls into the slots (see the module)."""
+
+    def __init__(self, workers: int) -> None:
+        self.token = secrets.token_bytes(16)
+        self.path = f"/dev/shm/actorlib-{os.getpid()}-{secrets.token_hex(8)}"  # shm.sweep_orphans' pattern
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self._seq = [0] * workers
+        self._endpoints: list[Any] = [None] * workers  # each worker's connection at attach time; None: not attached
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, _HEADER + workers * _SLOT)
+            self._mm: mmap.mmap | None = mmap.mmap(fd, _HEADER + workers * _SLOT)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self._mm[: len(_MAGIC) + 16] = _MAGIC + self.token
+
+    def attached(self, index: int, endpoint: Any) -> None:
+        """Worker ``index`` has mapped its slot; its answers come on ``endpoint`` (the connection at that time)."""
+        self._endpoints[index] = endpoint
+
+    def unlink(self) -> None:
+        """The file's name goes once every worker has it mapped (or could not): nothing is left if we crash."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        with self.lock:
+            mm, self._mm = self._mm, None
+            self._endpoints = [None] * len(self._endpoints)
+        if mm is not None:
+            mm.close()
+
+    def try_send(self, conns: Sequence[ActorConnection], slots: Sequence[int], calls: Sequence[Call]) -> bool:
+        """Write each call (already encoded, buffer-less) into its worker's slot; False (nothing written) if any
+        worker or connection is not ready for it: then all go over ZeroMQ."""
+        body = calls[0].frames[0] if calls[0].frames is not None else b""
+        if len(body) > BODY_MAX or os.getpid() != self.pid or not self.lock.acquire(blocking=False):
+            return False
+        locked: list[ActorConnection] = []
+        sleepy: list[ActorConnection] = []
+        try:
+            mm = self._mm
+            if mm is None:
+                return False
+            for conn, i in zip(conns, slots, strict=True):
+                endpoint = self._endpoints[i]
+                if endpoint is None or not conn.lock_idle(endpoint):
+                    return False
+                locked.append(conn)
+                if not _u64.unpack_from(mm, _HEADER + i * _SLOT + _AWAKE)[0]:
+                    return False
+            n = len(body)
+            for conn, i, call in zip(conns, slots, calls, strict=True):
+                base = _HEADER + i * _SLOT
+                req_id = conn.register(call)
+                mm[base + _BODY : base + _BODY + n] = body
+                _u64x2.pack_into(mm, base + _REQ, req_id, n)
+                self._seq[i] += 1
+                _u64.pack_into(mm, base + _SEQ, self._seq[i])
+            fence()
+            sleepy = [c for c, i in zip(conns, slots, strict=True) if not _u64.unpack_from(mm, _HEADER + i * _SLOT + _AWAKE)[0]]
+        finally:
+            for conn in locked:
+                conn.lock.release()
+            self.lock.release()
+        for conn in sleepy:  # it fell asleep after we looked, and may not have seen its slot: wake it
+            conn.rt.submit(conn.actor_id, conn.class_name, CONTROL, ("poke",), {})
+        return True
+
+
+class Slot:
+    """A worker's side: its slot of the caller's file, read by its sync thread (and by the loop, for a cancel)."""
+
+    def __init__(self, mm: mmap.mmap, index: int, peer: bytes | None) -> None:
+        self._mm = mm
+        self._base = _HEADER + index * _SLOT
+        self.peer = peer  # the caller's routing id on the actor's socket: where the answers go
+        self._last = 0
+        self._lock = threading.Lock()
+        self.waits = Recent()  # how long the sync thread's waits for the slot took (see actorlib.spin)
+
+    def ready(self) -> bool:
+        return _u64.unpack_from(self._mm, self._base)[0] != self._last
+
+    def take(self) -> Message | None:
+        """The call written since the last take, or None."""
+        base = self._base
+        if _u64.unpack_from(self._mm, base)[0] == self._last:
+            return None
+        with self._lock:
+            seq = _u64.unpack_from(self._mm, base)[0]
+            if seq == self._last:
+                return None
+            self._last = seq
+            req_id, n = _u64x2.unpack_from(self._mm, base + _REQ)
+            if n > BODY_MAX:
+                log.warning("dropped a broadcast call of %d bytes (at most %d)", n, BODY_MAX)
+                return None
+            body = self._mm[base + _BODY : base + _BODY + n]
+        return Message(Kind.CALL, req_id, body, [], self.peer)
+
+    def awake(self, on: bool) -> None:
+        _u64.pack_into(self._mm, self._base + _AWAKE, 1 if on else 0)
+
+    def asleep_unless_ready(self) -> bool:
+        """About to sleep: say so, then look once more. True: asleep; False: a call came, awake again."""
+        self.awake(False)
+        fence()
+        if self.ready():
+            self.awake(True)
+            return False
+        return True
+
+
+def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
+    if name != CONTROL:
+        return None
+    from .worker import ASYNC
+
+    async def control(key: tuple[bytes | None, int], op: str, *args: Any) -> Any:
+        if op == "poke":
+            host.wake_sync()
+            return None
+        if op == "attach":
+            path, token, index = args
+            return host.attach_slot(_map(path, token, index), index, key[0])
+        raise ValueError(f"unknown broadcast operation {op!r}")
+
+    return control, ASYNC
+
+
+def _map(path: str, token: bytes, index: int) -> mmap.mmap | None:
+    """The caller's file, if it is on this machine and is the one meant (its token)."""
+    if not ENABLED or not isinstance(path, str) or not path.startswith("/dev/shm/actorlib-") or "/" in path[9:]:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None  # another machine's
+    try:
+        size = os.fstat(fd).st_size
+        if size < _HEADER + (index + 1) * _SLOT:
+            return None
+        mm = mmap.mmap(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if mm[: len(_MAGIC) + 16] != _MAGIC + token:
+        mm.close()
+        return None
+    return mm
