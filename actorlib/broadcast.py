@@ -109,6 +109,7 @@ class Broadcast:
         self.lock = threading.Lock()
         self._seq = [0] * workers
         self._endpoints: list[Any] = [None] * workers  # each worker's connection at attach time; None: not attached
+        self.sent = 0  # calls that went through the slots
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, _HEADER + workers * _SLOT)
@@ -156,7 +157,7 @@ class Broadcast:
                 if endpoint is None or not conn.lock_idle(endpoint):
                     return False
                 locked.append(conn)
-                if not _u64.unpack_from(mm, _HEADER + i * _SLOT + _AWAKE)[0]:
+                if not self._awake(mm, i):
                     return False
             n = len(body)
             for conn, i, call in zip(conns, slots, calls, strict=True):
@@ -167,7 +168,8 @@ class Broadcast:
                 self._seq[i] += 1
                 _u64.pack_into(mm, base + _SEQ, self._seq[i])
             fence()
-            sleepy = [c for c, i in zip(conns, slots, strict=True) if not _u64.unpack_from(mm, _HEADER + i * _SLOT + _AWAKE)[0]]
+            sleepy = [c for c, i in zip(conns, slots, strict=True) if not self._awake(mm, i)]
+            self.sent += 1
         finally:
             for conn in locked:
                 conn.lock.release()
@@ -175,6 +177,11 @@ class Broadcast:
         for conn in sleepy:  # it fell asleep after we looked, and may not have seen its slot: wake it
             conn.rt.submit(conn.actor_id, conn.class_name, CONTROL, ("poke",), {})
         return True
+
+
+    @staticmethod
+    def _awake(mm: mmap.mmap, index: int) -> bool:
+        return bool(_u64.unpack_from(mm, _HEADER + index * _SLOT + _AWAKE)[0])
 
 
 class Slot:

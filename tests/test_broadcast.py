@@ -1,0 +1,166 @@
+"""A worker group's calls through shared-memory slots (actorlib.broadcast): the same answers, order and
+failures as over ZeroMQ, a sleeping worker poked, a call still in its slot cancelled, no CPU when idle."""
+
+import os
+import time
+
+import pytest
+
+import actorlib
+from actorlib import VirtualCluster, WorkerGroup, broadcast
+from actorlib.exceptions import ActorDiedError, RemoteError, TaskCancelledError
+
+from .conftest import cpu_seconds, local_cluster, wait_for
+
+pytestmark = pytest.mark.skipif(not broadcast.ENABLED, reason="the shared-memory path is off on this machine")
+
+
+class Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def log(self, item):
+        self.seen.append(item)
+        return int(os.environ["RANK"])
+
+    def seen_items(self):
+        return list(self.seen)
+
+    def pid(self):
+        return os.getpid()
+
+    def refuse(self):
+        raise ValueError(f"rank {os.environ['RANK']} refuses")
+
+    def exit(self):
+        os._exit(3)
+
+    def slow(self, seconds, marker):
+        open(marker, "w").close()
+        time.sleep(seconds)
+        return seconds
+
+
+@actorlib.remote
+class Occupier:
+    """Another caller, keeping a worker's sync thread busy."""
+
+    def hold(self, worker, seconds, marker):
+        return actorlib.get(worker.slow.remote(seconds, marker), timeout=60)
+
+
+@pytest.fixture(scope="module")
+def al():
+    with local_cluster(num_cpus=8) as actorlib_:
+        yield actorlib_
+
+
+@pytest.fixture
+def group(al):
+    cluster = VirtualCluster([3], use_gpus=False)
+    g = WorkerGroup(cluster, Recorder)
+    yield g
+    g.shutdown(force=True)
+    cluster.shutdown()
+
+
+def warm(group, rounds=50):
+    for i in range(rounds):
+        assert actorlib.get(group.run_all_workers_single_data("log", ("warm", i)), timeout=30) == [0, 1, 2]
+
+
+def test_back_to_back_calls_go_through_the_slots(group):
+    assert group._broadcast is not None
+    sent = group._broadcast.sent
+    warm(group, 300)
+    assert group._broadcast.sent - sent > 100  # polling workers are awake for most of them
+    seen = actorlib.get(group.run_all_workers_single_data("seen_items"), timeout=30)
+    assert seen == [[("warm", i) for i in range(300)]] * 3
+
+
+def test_calls_keep_their_order_both_ways(group):
+    """A call in a slot is never overtaken by a later one over ZeroMQ, nor overtakes an earlier one."""
+    first = group.workers[0]
+    sent = group._broadcast.sent
+    refs, expected = [], []
+    for i in range(300):
+        refs += group.run_all_workers_single_data("log", ("group", i))
+        refs.append(first.log.remote(("plain", i)))
+        expected += [("group", i), ("plain", i)]
+        if i % 2:
+            actorlib.get(refs, timeout=30)
+            refs = []
+    actorlib.get(refs, timeout=30)
+    assert group._broadcast.sent > sent
+    seen = actorlib.get(group.run_all_workers_single_data("seen_items"), timeout=30)
+    assert seen[0] == expected
+    assert seen[1] == seen[2] == [e for e in expected if e[0] == "group"]
+
+
+def test_an_error_and_a_death_through_the_slots(group):
+    warm(group)
+    sent = group._broadcast.sent
+    refs = group.run_all_workers_single_data("refuse")
+    for rank, ref in enumerate(refs):
+        with pytest.raises(RemoteError, match=f"rank {rank} refuses"):
+            actorlib.get(ref, timeout=30)
+    warm(group, 5)  # the group goes on
+    assert group._broadcast.sent > sent
+    pids = actorlib.get(group.run_all_workers_single_data("pid"), timeout=30)
+    sent = group._broadcast.sent
+    refs = group.run_all_workers_single_data("exit")
+    for ref in refs:
+        with pytest.raises(ActorDiedError):
+            actorlib.get(ref, timeout=30)
+    assert group._broadcast.sent == sent + 1
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), what="the workers gone")
+
+
+def test_a_worker_fallen_asleep_meanwhile_is_poked(group, monkeypatch):
+    """The caller saw the workers awake, then they slept before it wrote: the reserved poke wakes them."""
+    warm(group)
+    slots = group._broadcast
+    mm = slots._mm
+    wait_for(lambda: not any(slots._awake(mm, i) for i in range(3)), what="the workers asleep")
+    lies = iter([True, True, True])  # the first look at each: awake
+
+    def awake(mm_, index):
+        return next(lies, None) or broadcast.Broadcast._awake(mm_, index)
+
+    monkeypatch.setattr(slots, "_awake", awake)
+    sent = slots.sent
+    assert actorlib.get(group.run_all_workers_single_data("log", "poked"), timeout=30) == [0, 1, 2]
+    assert slots.sent == sent + 1
+
+
+def test_a_call_still_in_its_slot_is_cancelled(group, monkeypatch, tmp_path):
+    """Worker 0 is busy with another caller's call; the group's call waits in its slot and is cancelled there."""
+    warm(group)
+    slots = group._broadcast
+    occupier = Occupier.remote()
+    try:
+        marker = str(tmp_path / "busy")
+        held = occupier.hold.remote(group.workers[0], 3.0, marker)
+        wait_for(lambda: os.path.exists(marker), timeout=60, what="worker 0 busy")
+        monkeypatch.setattr(slots, "_awake", lambda mm, i: True)  # the others may have fallen asleep
+        sent = slots.sent
+        refs = group.run_all_workers_single_data("log", "cancel me")
+        assert slots.sent == sent + 1
+        actorlib.cancel(refs[0])
+        with pytest.raises(TaskCancelledError):
+            actorlib.get(refs[0], timeout=30)
+        assert actorlib.get(held, timeout=30) == 3.0
+    finally:
+        actorlib.kill(occupier)
+    monkeypatch.undo()
+    seen = actorlib.get(group.run_all_workers_single_data("seen_items"), timeout=30)
+    assert "cancel me" not in seen[0]
+
+
+def test_an_idle_group_uses_no_cpu(group):
+    warm(group, 300)
+    pids = actorlib.get(group.run_all_workers_single_data("pid"), timeout=30)
+    before = [cpu_seconds(p) for p in pids]
+    time.sleep(1.0)  # the measured idle window
+    used = [round(cpu_seconds(p) - b, 3) for p, b in zip(pids, before, strict=True)]
+    assert all(u < 0.2 for u in used), f"CPU seconds used by the workers in 1 s idle: {used}"
