@@ -60,6 +60,7 @@ import platform
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,11 +85,16 @@ ENABLED = (
 )
 BODY_MAX = 64 << 10
 _MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
+_READING = 48  # in the header
 _HEADER = 64
-_SEQ, _REQ, _AWAKE, _BODY = 0, 8, 64, 128
-_SLOT = _BODY + BODY_MAX
+_SEQ, _REQ, _AWAKE, _REPLY_SEQ, _REPLY, _BODY = 0, 8, 64, 128, 136, 192
+_REPLY_BODY = _BODY + BODY_MAX
+_SLOT = _REPLY_BODY + BODY_MAX
+_WAIT_FOR_CALLER_S = 100e-6
+_SKIP_MAX = 1024
 _u64 = struct.Struct("<Q")
 _u64x2 = struct.Struct("<QQ")
+_u64x3 = struct.Struct("<QQQ")
 
 _fence_lock = threading.Lock()
 
@@ -110,6 +116,10 @@ class Broadcast:
         self._seq = [0] * workers
         self._endpoints: list[Any] = [None] * workers  # each worker's connection at attach time; None: not attached
         self.sent = 0  # calls that went through the slots
+        self.replied = 0  # answers that came back through them
+        self._replied = [0] * workers  # the last answer taken from each slot (its reply seq)
+        self._readers = 0  # threads of ours polling the answers' slots (see ReplyWatch)
+        self._readers_lock = threading.Lock()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, _HEADER + workers * _SLOT)
@@ -163,6 +173,8 @@ class Broadcast:
             for conn, i, call in zip(conns, slots, calls, strict=True):
                 base = _HEADER + i * _SLOT
                 req_id = conn.register(call)
+                if call.sink._source is not None:  # a thread blocked on it reads the sockets: and the answers' slots
+                    call.sink._source = (*call.sink._source, (self, i, None))
                 mm[base + _BODY : base + _BODY + n] = body
                 _u64x2.pack_into(mm, base + _REQ, req_id, n)
                 self._seq[i] += 1
@@ -179,6 +191,46 @@ class Broadcast:
         return True
 
 
+    def reading(self, on: bool) -> None:
+        """A thread of ours starts (or stops) polling the answers' slots; workers write answers there meanwhile."""
+        with self._readers_lock:
+            self._readers += 1 if on else -1
+            if self._mm is not None:
+                _u64.pack_into(self._mm, _READING, 1 if self._readers else 0)
+
+    def replies_ready(self) -> bool:
+        mm = self._mm
+        if mm is None:
+            return False
+        for i, last in enumerate(self._replied):
+            seq = _u64.unpack_from(mm, _HEADER + i * _SLOT + _REPLY_SEQ)[0]
+            if seq != last and not seq & 1:
+                return True
+        return False
+
+    def take_replies(self) -> None:
+        """Hand the answers written since the last look to their calls' sinks (as if read off their sockets)."""
+        found = []
+        with self._readers_lock:
+            mm = self._mm
+            if mm is None:
+                return
+            for i, last in enumerate(self._replied):
+                base = _HEADER + i * _SLOT
+                seq = _u64.unpack_from(mm, base + _REPLY_SEQ)[0]
+                if seq == last or seq & 1:
+                    continue  # nothing new, or being written: a later look takes it
+                req_id, kind, n = _u64x3.unpack_from(mm, base + _REPLY)
+                body = mm[base + _REPLY_BODY : base + _REPLY_BODY + min(n, BODY_MAX)]
+                if _u64.unpack_from(mm, base + _REPLY_SEQ)[0] != seq:
+                    continue  # overwritten while read (an answer taken over ZeroMQ already, and the next call's)
+                self._replied[i] = seq
+                if n <= BODY_MAX and kind in (Kind.RESULT, Kind.ERROR) and self._endpoints[i] is not None:
+                    found.append((self._endpoints[i], Message(Kind(kind), req_id, body, [], None)))
+        for endpoint, msg in found:
+            self.replied += 1
+            endpoint.deliver(msg)  # (its second copy, over ZeroMQ if the worker sent one too, finds no call)
+
     @staticmethod
     def _awake(mm: mmap.mmap, index: int) -> bool:
         return bool(_u64.unpack_from(mm, _HEADER + index * _SLOT + _AWAKE)[0])
@@ -192,6 +244,8 @@ class Slot:
         self._base = _HEADER + index * _SLOT
         self.peer = peer  # the caller's routing id on the actor's socket: where the answers go
         self._last = 0
+        self._reply_seq = 0
+        self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
         self._lock = threading.Lock()
         self.waits = Recent()  # how long the sync thread's waits for the slot took (see actorlib.spin)
 
@@ -215,6 +269,38 @@ class Slot:
             body = self._mm[base + _BODY : base + _BODY + n]
         return Message(Kind.CALL, req_id, body, [], self.peer)
 
+    def answer(self, kind: Kind, req_id: int, body: bytes) -> bool:
+        """Write a call's answer into the slot if the caller polls for it. False: send it over ZeroMQ (as well)."""
+        mm, base = self._mm, self._base
+        if len(body) > BODY_MAX or not self._caller_polls():
+            return False
+        seq = self._reply_seq + 1  # odd while written: a reader skips it
+        _u64.pack_into(mm, base + _REPLY_SEQ, seq)
+        _u64x3.pack_into(mm, base + _REPLY, req_id, int(kind), len(body))
+        mm[base + _REPLY_BODY : base + _REPLY_BODY + len(body)] = body
+        self._reply_seq = seq + 1
+        _u64.pack_into(mm, base + _REPLY_SEQ, seq + 1)
+        fence()
+        return bool(_u64.unpack_from(mm, _READING)[0])  # it stopped meanwhile, and may not have looked
+
+    def _caller_polls(self) -> bool:
+        """Whether the caller polls the slots for answers; if not yet, wait a little for it (it is usually still
+        writing the other workers' slots), unless it lately did not come within that wait (an asyncio caller)."""
+        mm = self._mm
+        if _u64.unpack_from(mm, _READING)[0]:
+            return True
+        if self._skip:
+            self._skip -= 1
+            return False
+        until = time.monotonic() + _WAIT_FOR_CALLER_S
+        while time.monotonic() < until:
+            os.sched_yield()
+            if _u64.unpack_from(mm, _READING)[0]:
+                self._backoff = 0
+                return True
+        self._backoff = self._skip = min(max(1, 2 * self._backoff), _SKIP_MAX)  # misses in a row: wait ever less often
+        return False
+
     def awake(self, on: bool) -> None:
         _u64.pack_into(self._mm, self._base + _AWAKE, 1 if on else 0)
 
@@ -226,6 +312,34 @@ class Slot:
             self.awake(True)
             return False
         return True
+
+
+class ReplyWatch:
+    """A blocked ``get()`` polling the answers' slots of the groups its calls went through (see
+    ``object_ref.wait_reading``): workers write the answers there, not on the socket, while it does."""
+
+    def __init__(self, groups: set[Broadcast]) -> None:
+        self.groups = list(groups)
+        self.on = True
+        for group in self.groups:
+            group.reading(True)
+
+    def ready(self) -> bool:
+        return any(group.replies_ready() for group in self.groups)
+
+    def take(self) -> None:
+        for group in self.groups:
+            group.take_replies()
+
+    def stop(self) -> None:
+        """Done, or about to sleep on the sockets: workers send there from now on. What one wrote before it saw
+        this is taken here (for whichever thread's call it answers): the same fenced pair as for the calls."""
+        if self.on:
+            self.on = False
+            for group in self.groups:
+                group.reading(False)
+            fence()
+            self.take()
 
 
 def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from transport import DecodeError, Kind, Message, loads
 
+from .broadcast import ReplyWatch
 from .completion import Completion
 from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
 from .spin import Recent, poll_until
@@ -357,10 +358,14 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     if wakeup is None:  # made before endpoints are looked at: its fd is never one of theirs
         wakeup = _thread_state.wakeup = _Wakeup()
     by_endpoint: dict[Any, tuple[set[int], set[int]]] = {}  # endpoint: (calls' request ids, streams' request ids)
+    groups = None  # worker groups whose answers' slots to poll too (actorlib.broadcast)
     for ref in refs:
         if ref._source is not None and not ref._fut.done():
             for endpoint, req_id, stream in ref._source:
-                if not endpoint.closed and endpoint.fd != wakeup.fd:  # (a closed one's fd may be reused)
+                if stream is None:
+                    groups = groups or set()
+                    groups.add(endpoint)
+                elif not endpoint.closed and endpoint.fd != wakeup.fd:  # (a closed one's fd may be reused)
                     by_endpoint.setdefault(endpoint, (set(), set()))[stream].add(req_id)
     if not by_endpoint:
         return timeout
@@ -376,6 +381,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     recent = wakeup.gets if len(futs) == 1 else wakeup.list_gets
     spin = recent.spin_for()
     spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
+    slots = ReplyWatch(groups) if groups and spin_until else None  # answers there only while this thread polls
     wakeup.blocked = True
     try:
         for fut in futs:
@@ -389,6 +395,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
             for ep in to_read:
                 if not ep.closed:
                     ep.read_responses(*by_endpoint[ep])
+            if slots is not None:
+                slots.take()
             if all(f.done() for f in futs) or any(failed(f) for f in futs):
                 break
             for fd in [fd for fd, ep in by_fd.items() if ep.closed]:  # its fd may be another file's by now
@@ -398,9 +406,18 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                 break  # the loop fails what is left: waiting for that goes on through the eventfd alone
             if deadline is not None and time.monotonic() >= deadline:
                 break  # timed out (the fds may stay readable with others' traffic)
-            events = poll_until(poller, spin_until) if spin_until else None
-            spin_until = 0.0  # once per wait
+            events = None
+            if spin_until:
+                events = poll_until(poller, spin_until, slots)
+                if not events and slots is not None and slots.ready() and time.monotonic() < spin_until:
+                    to_read = []
+                    continue  # an answer in a slot: taken above, and the polling goes on
+                spin_until = 0.0  # once per wait
             if not events:
+                if slots is not None and slots.on:
+                    slots.stop()  # (it takes what was written meanwhile)
+                    to_read = []
+                    continue
                 wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
                 events = poller.poll(wait_ms)
             if not events:
@@ -417,6 +434,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
         if all(f.done() for f in futs):
             recent.took(time.monotonic() - start)
     finally:
+        if slots is not None:
+            slots.stop()
         wakeup.blocked = False
         for fd in by_fd:
             poller.unregister(fd)

@@ -396,7 +396,7 @@ class ActorHost:
             return None
         fn = found[0]
         self._queued.add(key)
-        return lambda: self._run_sync(key, fn, args, kwargs)
+        return lambda: self._run_sync(key, fn, args, kwargs, slot)
 
     def _drop_closed(self, why: str) -> None:
         """A watched socket was closed under the poller (a bug, and it would spin): stop watching it."""
@@ -546,17 +546,21 @@ class ActorHost:
         except Exception:
             pass  # the consumer is gone or we are closing
 
-    def _send_from_thread(self, kind: Kind, req_id: int, value: Any, peer: bytes | None) -> None:
+    def _send_from_thread(self, kind: Kind, req_id: int, value: Any, peer: bytes | None, slot: Slot | None = None) -> None:
         """Encode and send from the sync thread, straight onto the socket (no hop to the loop).
 
         A result with buffers (arrays) is waited for until ZeroMQ has read
-        them, so the next call may change the actor's arrays freely.
+        them, so the next call may change the actor's arrays freely. The
+        answer to a call that came through a worker group's ``slot`` goes
+        back through it, if small and the caller polls for it.
         """
         try:
             body, buffers = dumps(value)
         except EncodeError as exc:
             kind = Kind.ERROR
             body, buffers = dumps({"type": "serialization", "message": f"could not serialize the result: {exc}"})
+        if slot is not None and not buffers and slot.answer(kind, req_id, body):
+            return
         ep = self.endpoint
         if ep is not None:
             try:
@@ -709,16 +713,19 @@ class ActorHost:
             return False
         return True
 
-    def _run_sync(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+    def _run_sync(
+        self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any, slot: Slot | None = None
+    ) -> None:
+        """Run a sync call and answer it (``slot``: it came through a worker group's, where the answer may go)."""
         if not self._unqueue(key):
             return  # cancelled while queued
         self._reading_calls = self._calls_fd >= 0  # sync calls come: take the next ones off the socket when idle
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            self._send_from_thread(Kind.ERROR, key[1], error_record(exc, self.label, skip_frames=1), key[0])
+            self._send_from_thread(Kind.ERROR, key[1], error_record(exc, self.label, skip_frames=1), key[0], slot)
         else:
-            self._send_from_thread(Kind.RESULT, key[1], value, key[0])
+            self._send_from_thread(Kind.RESULT, key[1], value, key[0], slot)
 
     async def _run_async(self, key: tuple[bytes | None, int], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         try:

@@ -1,7 +1,10 @@
 """A worker group's calls through shared-memory slots (actorlib.broadcast): the same answers, order and
 failures as over ZeroMQ, a sleeping worker poked, a call still in its slot cancelled, no CPU when idle."""
 
+import asyncio
 import os
+import struct
+import threading
 import time
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 import actorlib
 from actorlib import VirtualCluster, WorkerGroup, broadcast
 from actorlib.exceptions import ActorDiedError, RemoteError, TaskCancelledError
+from transport import Kind
 
 from .conftest import cpu_seconds, local_cluster, wait_for
 
@@ -31,6 +35,9 @@ class Recorder:
 
     def refuse(self):
         raise ValueError(f"rank {os.environ['RANK']} refuses")
+
+    def big(self, n):
+        return b"y" * n
 
     def exit(self):
         os._exit(3)
@@ -74,6 +81,7 @@ def test_back_to_back_calls_go_through_the_slots(group):
     sent = group._broadcast.sent
     warm(group, 300)
     assert group._broadcast.sent - sent > 100  # polling workers are awake for most of them
+    assert group._broadcast.replied > 100  # and most answers come back the same way, get() polling for them
     seen = actorlib.get(group.run_all_workers_single_data("seen_items"), timeout=30)
     assert seen == [[("warm", i) for i in range(300)]] * 3
 
@@ -95,6 +103,34 @@ def test_calls_keep_their_order_both_ways(group):
     seen = actorlib.get(group.run_all_workers_single_data("seen_items"), timeout=30)
     assert seen[0] == expected
     assert seen[1] == seen[2] == [e for e in expected if e[0] == "group"]
+
+
+def test_answers_too_big_for_a_slot_and_to_asyncio_callers(group):
+    """Answers go over ZeroMQ when they do not fit, or when nobody polls the slots (an asyncio caller, while
+    another thread's get() polls them at the same time)."""
+    warm(group)
+    assert [len(b) for b in actorlib.get(group.run_all_workers_single_data("big", 200_000), timeout=30)] == [200_000] * 3
+    assert [len(b) for b in actorlib.get(group.run_all_workers_single_data("big", 60_000), timeout=30)] == [60_000] * 3
+
+    async def awaiting():
+        for i in range(200):
+            assert await asyncio.gather(*group.run_all_workers_single_data("log", ("async", i))) == [0, 1, 2]
+
+    failures = []
+
+    def getting():
+        try:
+            warm(group, 200)
+        except BaseException as exc:
+            failures.append(exc)
+
+    other = threading.Thread(target=getting)
+    other.start()
+    try:
+        asyncio.run(asyncio.wait_for(awaiting(), 60))
+    finally:
+        other.join(60)
+    assert not other.is_alive() and not failures
 
 
 def test_an_error_and_a_death_through_the_slots(group):
@@ -164,3 +200,74 @@ def test_an_idle_group_uses_no_cpu(group):
     time.sleep(1.0)  # the measured idle window
     used = [round(cpu_seconds(p) - b, 3) for p, b in zip(pids, before, strict=True)]
     assert all(u < 0.2 for u in used), f"CPU seconds used by the workers in 1 s idle: {used}"
+
+
+class _Endpoint:
+    """Where the caller's side hands answers (in place of a connection's endpoint, for the slots' protocol)."""
+
+    def __init__(self):
+        self.delivered = []
+
+    def deliver(self, msg):
+        self.delivered.append((msg.kind, msg.req_id, msg.body))
+
+
+def _pair():
+    """The caller's side of a one-worker file, and the worker's slot mapped from it (as attach does)."""
+    slots = broadcast.Broadcast(1)
+    mapped = broadcast._map(slots.path, slots.token, 0)
+    slots.unlink()
+    assert mapped is not None
+    endpoint = _Endpoint()
+    slots.attached(0, endpoint)
+    return slots, broadcast.Slot(mapped, 0, b"peer"), endpoint
+
+
+def test_an_answer_written_as_the_caller_stops_polling_is_taken_by_it():
+    """The worker saw the caller polling and wrote its answer there; the caller stopped before looking again:
+    stopping looks once more, so the answer is not lost (the worker sends nothing over ZeroMQ)."""
+    slots, slot, endpoint = _pair()
+    try:
+        watch = broadcast.ReplyWatch({slots})
+        assert slot.answer(Kind.RESULT, 7, b"\x01")
+        watch.stop()
+        assert endpoint.delivered == [(Kind.RESULT, 7, b"\x01")]
+        watch.stop()
+        slots.take_replies()
+        assert len(endpoint.delivered) == 1 and slots.replied == 1
+    finally:
+        slots.close()
+
+
+def test_a_worker_waits_briefly_for_a_caller_that_does_not_poll_and_then_less_often():
+    slots, slot, endpoint = _pair()
+    try:
+        assert not slot.answer(Kind.RESULT, 1, b"\x01")  # nobody polls: over ZeroMQ, after a short wait
+        assert (slot._skip, slot._backoff) == (1, 1)
+        assert not slot.answer(Kind.RESULT, 2, b"\x01")  # the next one does not wait
+        assert slot._skip == 0
+        assert not slot.answer(Kind.RESULT, 2, b"\x01")  # the one after waits again, and the next two do not
+        assert (slot._skip, slot._backoff) == (2, 2)
+        watch = broadcast.ReplyWatch({slots})
+        assert slot.answer(Kind.ERROR, 3, b"\x02")  # polled: through the slot
+        assert not slot.answer(Kind.RESULT, 4, b"x" * (broadcast.BODY_MAX + 1))  # too big for it
+        watch.stop()
+        assert endpoint.delivered == [(Kind.ERROR, 3, b"\x02")]
+    finally:
+        slots.close()
+
+
+def test_an_answer_being_written_is_not_taken():
+    slots, slot, endpoint = _pair()
+    try:
+        watch = broadcast.ReplyWatch({slots})
+        assert slot.answer(Kind.RESULT, 1, b"\x01")
+        base = broadcast._HEADER + broadcast._REPLY_SEQ
+        seq = struct.unpack_from("<Q", slot._mm, base)[0]
+        struct.pack_into("<Q", slot._mm, base, seq + 1)  # odd: the worker is mid-way through the next answer
+        assert not slots.replies_ready()
+        slots.take_replies()
+        assert endpoint.delivered == []
+        watch.stop()
+    finally:
+        slots.close()

@@ -607,6 +607,11 @@ class Endpoint:
                 pass
         return taken
 
+    def deliver(self, msg: Message) -> None:
+        """Handle a response that came another way (a worker group's shared-memory slot, see
+        ``actorlib.broadcast``) as if read here, on the calling thread."""
+        self._handle(msg)
+
     def _dispatch(self, frames: list[Any]) -> None:
         peer = None
         if self._routed:
