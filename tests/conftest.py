@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -57,3 +58,9 @@ def fresh():
     yield actorlib
     actorlib.shutdown()
     assert_no_leaks()
+
+
+def pytest_collection_finish(session):
+    """No test module may import ipykernel into this process (see test_jupyter.py): the runtime would take
+    itself for a notebook kernel's in every test."""
+    assert "ipykernel" not in sys.modules, "a test module imported ipykernel at collection"
