@@ -61,7 +61,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from transport import Kind, Message
@@ -87,14 +87,15 @@ BODY_MAX = 64 << 10
 _MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
 _READING = 48  # in the header
 _HEADER = 64
-_SEQ, _REQ, _AWAKE, _REPLY_SEQ, _REPLY, _BODY = 0, 8, 64, 128, 136, 192
+_SEQ, _REQ, _REPLY_TAKEN, _AWAKE, _TAKEN, _REPLY_SEQ, _REPLY, _BODY = 0, 8, 32, 64, 72, 128, 136, 192
 _REPLY_BODY = _BODY + BODY_MAX
 _SLOT = _REPLY_BODY + BODY_MAX
 _WAIT_FOR_CALLER_S = 100e-6
 _SKIP_MAX = 1024
 _u64 = struct.Struct("<Q")
-_u64x2 = struct.Struct("<QQ")
 _u64x3 = struct.Struct("<QQQ")
+_SLOT_KINDS = (Kind.CALL, Kind.EVENT)
+_ANSWER_KINDS = (Kind.RESULT, Kind.ERROR, Kind.STREAM_ITEM)
 
 _fence_lock = threading.Lock()
 
@@ -135,6 +136,9 @@ class Broadcast:
         """Worker ``index`` has mapped its slot; its answers come on ``endpoint`` (the connection at that time)."""
         self._endpoints[index] = endpoint
 
+    def is_attached(self, index: int) -> bool:
+        return self._endpoints[index] is not None
+
     def unlink(self) -> None:
         """The file's name goes once every worker has it mapped (or could not): nothing is left if we crash."""
         try:
@@ -167,18 +171,13 @@ class Broadcast:
                 if endpoint is None or not conn.lock_idle(endpoint):
                     return False
                 locked.append(conn)
-                if not self._awake(mm, i):
+                if not self._ready_for(mm, i):
                     return False
-            n = len(body)
             for conn, i, call in zip(conns, slots, calls, strict=True):
-                base = _HEADER + i * _SLOT
                 req_id = conn.register(call)
                 if call.sink._source is not None:  # a thread blocked on it reads the sockets: and the answers' slots
                     call.sink._source = (*call.sink._source, (self, i, None))
-                mm[base + _BODY : base + _BODY + n] = body
-                _u64x2.pack_into(mm, base + _REQ, req_id, n)
-                self._seq[i] += 1
-                _u64.pack_into(mm, base + _SEQ, self._seq[i])
+                self._write(mm, i, Kind.CALL, req_id, body)
             fence()
             sleepy = [c for c, i in zip(conns, slots, strict=True) if not self._awake(mm, i)]
             self.sent += 1
@@ -190,6 +189,34 @@ class Broadcast:
             conn.rt.submit(conn.actor_id, conn.class_name, CONTROL, ("poke",), {})
         return True
 
+    def try_post(self, index: int, body: bytes, poke: Callable[[], Any]) -> bool:
+        """Write a compiled graph's one-way EVENT into slot ``index`` (its actor takes those in any order, by
+        execution number); False (nothing written) if the actor is not ready for it. ``poke()`` wakes it."""
+        if len(body) > BODY_MAX or os.getpid() != self.pid:
+            return False
+        with self.lock:
+            mm = self._mm
+            if mm is None or self._endpoints[index] is None or not self._ready_for(mm, index):
+                return False
+            self._write(mm, index, Kind.EVENT, 0, body)
+            fence()
+            sleepy = not self._awake(mm, index)
+            self.sent += 1
+        if sleepy:
+            poke()
+        return True
+
+    def _ready_for(self, mm: mmap.mmap, index: int) -> bool:
+        """The worker is awake and has taken what was written last."""
+        base = _HEADER + index * _SLOT
+        return self._awake(mm, index) and _u64.unpack_from(mm, base + _TAKEN)[0] == self._seq[index]
+
+    def _write(self, mm: mmap.mmap, index: int, kind: Kind, req_id: int, body: bytes) -> None:
+        base = _HEADER + index * _SLOT
+        mm[base + _BODY : base + _BODY + len(body)] = body
+        _u64x3.pack_into(mm, base + _REQ, req_id, len(body), int(kind))
+        self._seq[index] += 1
+        _u64.pack_into(mm, base + _SEQ, self._seq[index])  # last: the worker reads the rest once it sees this
 
     def reading(self, on: bool) -> None:
         """A thread of ours starts (or stops) polling the answers' slots; workers write answers there meanwhile."""
@@ -225,7 +252,8 @@ class Broadcast:
                 if _u64.unpack_from(mm, base + _REPLY_SEQ)[0] != seq:
                     continue  # overwritten while read (an answer taken over ZeroMQ already, and the next call's)
                 self._replied[i] = seq
-                if n <= BODY_MAX and kind in (Kind.RESULT, Kind.ERROR) and self._endpoints[i] is not None:
+                _u64.pack_into(mm, base + _REPLY_TAKEN, seq)  # the worker may write the next one
+                if n <= BODY_MAX and kind in _ANSWER_KINDS and self._endpoints[i] is not None:
                     found.append((self._endpoints[i], Message(Kind(kind), req_id, body, [], None)))
         for endpoint, msg in found:
             self.replied += 1
@@ -239,10 +267,11 @@ class Broadcast:
 class Slot:
     """A worker's side: its slot of the caller's file, read by its sync thread (and by the loop, for a cancel)."""
 
-    def __init__(self, mm: mmap.mmap, index: int, peer: bytes | None) -> None:
+    def __init__(self, mm: mmap.mmap, index: int, peer: bytes | None, graph: str | None = None) -> None:
         self._mm = mm
         self._base = _HEADER + index * _SLOT
         self.peer = peer  # the caller's routing id on the actor's socket: where the answers go
+        self.graph = graph  # a compiled graph's (its executions' EVENTs come here), or None: a worker group's calls
         self._last = 0
         self._reply_seq = 0
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
@@ -253,7 +282,7 @@ class Slot:
         return _u64.unpack_from(self._mm, self._base)[0] != self._last
 
     def take(self) -> Message | None:
-        """The call written since the last take, or None."""
+        """The message written since the last take (a CALL, or a graph's EVENT), or None."""
         base = self._base
         if _u64.unpack_from(self._mm, base)[0] == self._last:
             return None
@@ -262,24 +291,29 @@ class Slot:
             if seq == self._last:
                 return None
             self._last = seq
-            req_id, n = _u64x2.unpack_from(self._mm, base + _REQ)
-            if n > BODY_MAX:
-                log.warning("dropped a broadcast call of %d bytes (at most %d)", n, BODY_MAX)
-                return None
-            body = self._mm[base + _BODY : base + _BODY + n]
-        return Message(Kind.CALL, req_id, body, [], self.peer)
+            req_id, n, kind = _u64x3.unpack_from(self._mm, base + _REQ)
+            body = self._mm[base + _BODY : base + _BODY + n] if n <= BODY_MAX else b""
+            _u64.pack_into(self._mm, base + _TAKEN, seq)  # the caller may write the next one
+        if n > BODY_MAX or kind not in _SLOT_KINDS:
+            log.warning("dropped a malformed message in a shared-memory slot (kind %d, %d bytes)", kind, n)
+            return None
+        return Message(Kind(kind), req_id, body, [], self.peer)
 
     def answer(self, kind: Kind, req_id: int, body: bytes) -> bool:
-        """Write a call's answer into the slot if the caller polls for it. False: send it over ZeroMQ (as well)."""
+        """Write an answer (a call's, or a graph's output as a stream item) into the slot if the caller polls
+        for it and has taken the last one. False: send it over ZeroMQ (as well)."""
         mm, base = self._mm, self._base
-        if len(body) > BODY_MAX or not self._caller_polls():
+        if len(body) > BODY_MAX or _u64.unpack_from(mm, base + _REPLY_TAKEN)[0] != self._reply_seq:
             return False
-        seq = self._reply_seq + 1  # odd while written: a reader skips it
-        _u64.pack_into(mm, base + _REPLY_SEQ, seq)
-        _u64x3.pack_into(mm, base + _REPLY, req_id, int(kind), len(body))
-        mm[base + _REPLY_BODY : base + _REPLY_BODY + len(body)] = body
-        self._reply_seq = seq + 1
-        _u64.pack_into(mm, base + _REPLY_SEQ, seq + 1)
+        if not self._caller_polls():
+            return False
+        with self._lock:  # (a graph's outputs may be answered from the loop too)
+            seq = self._reply_seq + 1  # odd while written: a reader skips it
+            _u64.pack_into(mm, base + _REPLY_SEQ, seq)
+            _u64x3.pack_into(mm, base + _REPLY, req_id, int(kind), len(body))
+            mm[base + _REPLY_BODY : base + _REPLY_BODY + len(body)] = body
+            self._reply_seq = seq + 1
+            _u64.pack_into(mm, base + _REPLY_SEQ, seq + 1)
         fence()
         return bool(_u64.unpack_from(mm, _READING)[0])  # it stopped meanwhile, and may not have looked
 
@@ -304,12 +338,28 @@ class Slot:
     def awake(self, on: bool) -> None:
         _u64.pack_into(self._mm, self._base + _AWAKE, 1 if on else 0)
 
+
+class Slots:
+    """The slots a worker's sync thread looks at (a group's, compiled graphs'), as one."""
+
+    def __init__(self) -> None:
+        self.all: list[Slot] = []
+        self.waits = Recent()  # how long the sync thread's waits for them took (see actorlib.spin)
+
+    def ready(self) -> bool:
+        return any(slot.ready() for slot in self.all)
+
+    def awake(self) -> None:
+        for slot in self.all:
+            slot.awake(True)
+
     def asleep_unless_ready(self) -> bool:
-        """About to sleep: say so, then look once more. True: asleep; False: a call came, awake again."""
-        self.awake(False)
+        """About to sleep: say so, then look once more. True: asleep; False: something came, awake again."""
+        for slot in self.all:
+            slot.awake(False)
         fence()
         if self.ready():
-            self.awake(True)
+            self.awake()
             return False
         return True
 
@@ -352,8 +402,9 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
             host.wake_sync()
             return None
         if op == "attach":
-            path, token, index = args
-            return host.attach_slot(_map(path, token, index), index, key[0])
+            path, token, index = args[:3]
+            graph = args[3] if len(args) > 3 else None
+            return host.attach_slot(_map(path, token, index), index, key[0], graph)
         raise ValueError(f"unknown broadcast operation {op!r}")
 
     return control, ASYNC

@@ -32,11 +32,11 @@ import itertools
 import logging
 import threading
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from transport import DecodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
 
-from . import runtime
+from . import broadcast, runtime
 from .actor import ActorHandle
 from .completion import wait_for
 from .connection import Call, encode_call
@@ -228,6 +228,9 @@ class CompiledDAG:
         self.max_inflight = max_inflight
         self._actors = {aid: h._class_name for aid, h in graph.actors.items()}
         self._links: list[Endpoint] = []  # this graph's own sockets to its input actors
+        self._link_slots: list[tuple[int, str] | None] = []  # each input actor's slot in _slots, and its id
+        self._slots: broadcast.Broadcast | None = None  # executions in, outputs out, while both ends poll
+        self._output_slots: list[int] = []
         self._outputs = len(graph.outputs)
         self._state = GraphState.COMPILING
         self._error: BaseException | None = None
@@ -239,7 +242,7 @@ class CompiledDAG:
         self._inflight = 0
         self._pending: dict[int, _Pending] = {}
         self._result_calls: list[tuple[str, Call]] = []  # the output actors' ``results`` calls
-        self._sources: tuple[tuple[Any, int, bool], ...] | None = None  # where outputs come: see ObjectRef._source
+        self._sources: tuple[tuple[Any, int, bool | None], ...] | None = None  # where outputs come: see ObjectRef._source
 
     @property
     def state(self) -> GraphState:
@@ -294,6 +297,39 @@ class CompiledDAG:
             rt.connection(aid, self._actors[aid]).submit(call)
             if aid in outputs:
                 self._result_calls.append((aid, call))
+        await self._offer_slots(aids, input_actors, outputs, timeout)
+
+    async def _offer_slots(self, aids: list[str], input_actors: list[str], outputs: set[str], timeout: float) -> None:
+        """Shared-memory slots (actorlib.broadcast) to the input and output actors on this machine whose nodes
+        are all sync: an execution's message goes in by one, its outputs come back by the other."""
+        users = [aid for aid in aids if aid in outputs or aid in input_actors]
+        if not broadcast.ENABLED or not users:
+            return
+        try:
+            slots = broadcast.Broadcast(len(aids))
+        except OSError:
+            return
+        self._slots = slots  # closed by _teardown_actors, whatever happens
+        index = {aid: i for i, aid in enumerate(aids)}
+        try:
+            offer = ("attach", slots.path, slots.token)
+            refs = [
+                cast(
+                    ObjectRef, self._rt.submit(aid, self._actors[aid], broadcast.CONTROL, (*offer, index[aid], self.graph_id), {})
+                )
+                for aid in users
+            ]
+            attached = await asyncio.wait_for(asyncio.gather(*(_await(ref) for ref in refs)), timeout)
+        except Exception as exc:  # (an actor died meanwhile: its results call fails the graph) messages go by ZeroMQ
+            log.debug("compiled graph %s goes without shared-memory slots: %s", self.graph_id[:8], exc)
+            return
+        finally:
+            slots.unlink()
+        for aid, ref, yes in zip(users, refs, attached, strict=True):
+            if yes and ref._source is not None:
+                slots.attached(index[aid], ref._source[0][0])  # the connection its outputs' stream is on
+        self._link_slots = [(index[aid], aid) if slots.is_attached(index[aid]) else None for aid in input_actors]
+        self._output_slots = [index[aid] for aid, _ in self._result_calls if slots.is_attached(index[aid])]
 
     # -- results (on the I/O loop) --------------------------------------------------
 
@@ -478,7 +514,9 @@ class CompiledDAG:
                     raise
                 self._pending[seq] = _Pending(ref, self._outputs)
             body = event("exec", self.graph_id, seq, inner)
-            for link in self._links:
+            for link, slot in zip(self._links, self._link_slots or [None] * len(self._links), strict=True):
+                if slot is not None and not buffers and self._post(slot, body):
+                    continue
                 try:
                     tracker = link.send(Kind.EVENT, 0, body, buffers, track=bool(buffers))
                     if tracker is not None:
@@ -488,15 +526,24 @@ class CompiledDAG:
                     break
         return ref
 
-    def _find_sources(self) -> tuple[tuple[Any, int, bool], ...] | None:
+    def _post(self, slot: tuple[int, str], body: bytes) -> bool:
+        slots = self._slots
+        if slots is None:
+            return False
+        index, aid = slot
+        return slots.try_post(index, body, lambda: self._rt.submit(aid, self._actors[aid], broadcast.CONTROL, ("poke",), {}))
+
+    def _find_sources(self) -> tuple[tuple[Any, int, bool | None], ...] | None:
         """The output actors' streams of results, once every ``results`` call is on its socket: a thread
         blocked on an execution's ref reads its outputs there itself (``object_ref.wait_reading``)."""
-        sources = []
+        sources: list[tuple[Any, int, bool | None]] = []
         for aid, call in self._result_calls:
             conn = self._rt._conns.get(aid)
             if conn is None or conn.endpoint is None or call.req_id == 0:
                 return None
             sources.append((conn.endpoint, call.req_id, True))
+        if self._slots is not None:
+            sources += [(self._slots, i, None) for i in self._output_slots]  # see ReplyWatch
         self._sources = tuple(sources)
         return self._sources
 
@@ -554,6 +601,9 @@ class CompiledDAG:
         links, self._links = self._links, []
         for link in links:
             link.close()
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.close()
 
         async def one(aid: str) -> None:
             try:

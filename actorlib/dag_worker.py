@@ -67,6 +67,7 @@ from .exceptions import ActorLibError
 from .worker import ASYNC, error_record, method_kind
 
 if TYPE_CHECKING:
+    from .broadcast import Slot
     from .worker import ActorHost
 
 __all__ = ["CONTROL", "INPUT", "event", "on_event", "reserved_method", "stats"]
@@ -278,6 +279,10 @@ def _graph(gid: str) -> GraphRuntime:
     return graph
 
 
+def graph_runtime(gid: str) -> GraphRuntime | None:
+    return _graphs.get(gid)
+
+
 def _open_inbox(host: ActorHost, gid: str) -> Endpoint:
     """The socket this actor takes the graph's messages on, beside its own (same interface, a port or path of its own).
 
@@ -335,6 +340,7 @@ class GraphRuntime:
         self.events: dict[str, int] = {}  # messages taken, by kind (for stats())
         self.inlined: dict[tuple[str, str], list[int]] = {}  # (peer, role) -> [values, bytes] sent inside messages
         self.cuda_device: Any = None  # set by start() on an actor with a GPU
+        self.slot: Slot | None = None  # the driver's shared-memory slot for this actor (threaded graphs: see attach_slot)
 
     # -- set up and torn down ---------------------------------------------------
 
@@ -442,6 +448,7 @@ class GraphRuntime:
 
     def _close_on_thread(self) -> None:
         self.host.unwatch_sync(self.inbox.zmq_socket)
+        self.host.detach_slot(self.gid)
         for node in self.nodes:
             node.waiting.clear()
         try:
@@ -798,6 +805,8 @@ class GraphRuntime:
         ep, target = self.host.endpoint, self._results
         if ep is None or target is None:
             return
+        if self.slot is not None and not buffers and self.slot.answer(Kind.STREAM_ITEM, target[1], body):
+            return  # through the driver's slot, which it polls (see actorlib.broadcast)
         try:
             tracker = ep.send(Kind.STREAM_ITEM, target[1], body, buffers, target[0], track=track)
         except TransportError:

@@ -59,7 +59,7 @@ class ObjectRef:
         self._cancel = cancel
         self._what = what  # a str, or (class name, method[, actor id]) formatted only when needed
         # once sent, where its answer comes: ((endpoint, request id, a stream's item?), ...); see wait_reading
-        self._source: tuple[tuple[Any, int, bool], ...] | None = None
+        self._source: tuple[tuple[Any, int, bool | None], ...] | None = None  # see wait_reading
 
     @classmethod
     def resolved(cls, what: str, value: Any = None, error: BaseException | None = None) -> ObjectRef:

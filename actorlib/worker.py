@@ -57,7 +57,7 @@ from transport.endpoint import BATCH_BYTES
 from transport.protocol import decode
 
 from . import broadcast, runtime as runtime_mod
-from .broadcast import Slot
+from .broadcast import Slot, Slots
 from .rank_program import RUN_METHOD, run_in_worker
 from .runtime import Runtime
 from .spin import Recent, poll_until
@@ -237,7 +237,7 @@ class ActorHost:
         self._inbox_waits = Recent()  # how long the waits that ended with a graph's message took (see actorlib.spin)
         self._after_inbox = False  # the last wake-up ran a graph's messages: the next wait may poll first
         self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
-        self._slot: Slot | None = None  # a worker group's shared-memory slot for calls (actorlib.broadcast)
+        self._slots: Slots | None = None  # shared-memory slots for calls and graphs' events (actorlib.broadcast)
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
         self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
@@ -263,7 +263,7 @@ class ActorHost:
             if self._polling:
                 # a call in the group's slot goes first: it was written after this caller's earlier calls were
                 # answered, and before any later one was sent (see actorlib.broadcast)
-                job = self._slot_call(self._slot) if self._slot is not None else None
+                job = self._slot_job() if self._slots is not None else None
                 if job is None:
                     try:
                         job = self._sync_jobs.get_nowait()
@@ -289,7 +289,7 @@ class ActorHost:
     def run_queued_jobs(self) -> None:
         """Run the jobs queued now (sync thread, from inside one that waits: see ``GraphRuntime._wait_serving``)."""
         while True:
-            job = self._slot_call(self._slot) if self._slot is not None else None  # first, as in _sync_loop
+            job = self._slot_job() if self._slots is not None else None  # first, as in _sync_loop
             if job is None:
                 try:
                     job = self._sync_jobs.get_nowait()
@@ -320,25 +320,25 @@ class ActorHost:
         assert poller is not None
         start = time.monotonic()
         spin = self._inbox_waits.spin_for() if self._after_inbox and self._watched else 0.0
-        slot = self._slot
-        if slot is not None:
-            spin = max(spin, slot.waits.spin_for())
+        slots = self._slots
+        if slots is not None:
+            spin = max(spin, slots.waits.spin_for())
         self._after_inbox = False
         try:
-            ready = poll_until(poller, start + spin, slot) if spin else []
-            if not ready and slot is not None and (slot.ready() or not slot.asleep_unless_ready()):
-                slot.waits.took(time.monotonic() - start)
-                return  # the group's next call: taken by _sync_loop
+            ready = poll_until(poller, start + spin, slots) if spin else []
+            if not ready and slots is not None and (slots.ready() or not slots.asleep_unless_ready()):
+                slots.waits.took(time.monotonic() - start)
+                return  # taken by _sync_loop
             if not ready:
                 ready = poller.poll()
-                if slot is not None:
-                    slot.awake(True)
+                if slots is not None:
+                    slots.awake()
         except zmq.ZMQError as exc:
             self._drop_closed(str(exc))
             return
         waited = time.monotonic() - start
-        if slot is not None:
-            slot.waits.took(waited)
+        if slots is not None:
+            slots.waits.took(waited)
         for sock, _ in ready:
             if isinstance(sock, int):
                 if sock == self._calls_fd:
@@ -365,25 +365,61 @@ class ActorHost:
             except BaseException:  # never lose the thread
                 traceback.print_exc()
 
-    def attach_slot(self, mapped: mmap.mmap | None, index: int, peer: bytes | None) -> bool:
-        """A worker group's caller offers slot ``index`` of its shared-memory file (loop; see actorlib.broadcast)."""
+    def attach_slot(self, mapped: mmap.mmap | None, index: int, peer: bytes | None, graph: str | None) -> bool:
+        """A caller offers slot ``index`` of its shared-memory file: a worker group's, or a compiled ``graph``'s
+        whose nodes here are all sync (loop; see actorlib.broadcast)."""
         if mapped is None:
-            return False  # not on this machine: its calls keep coming over ZeroMQ
-        self.post_sync(functools.partial(self._attach_slot, Slot(mapped, index, peer)))
+            return False  # not on this machine: its messages keep coming over ZeroMQ
+        if graph is not None:
+            from . import dag_worker
+
+            runtime = dag_worker.graph_runtime(graph)
+            if runtime is None or not runtime.threaded:
+                mapped.close()
+                return False  # its events are the loop's to take
+            runtime.slot = Slot(mapped, index, peer, graph)
+            self.post_sync(functools.partial(self._attach_slot, runtime.slot))
+        else:
+            self.post_sync(functools.partial(self._attach_slot, Slot(mapped, index, peer)))
         return True
 
     def _attach_slot(self, slot: Slot) -> None:
         if self._wake < 0:
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._slot = slot
+        if self._slots is None:
+            self._slots = Slots()
+        self._slots.all = [s for s in self._slots.all if s.graph != slot.graph] + [slot]  # (one group's at a time)
         self._remake_poller()
         slot.awake(True)
 
-    def _slot_call(self, slot: Slot) -> Callable[[], None] | None:
-        """The job running the call in the group's slot, if one came (sync thread; the loop, for a cancel)."""
-        msg = slot.take()
-        if msg is None:
-            return None
+    def detach_slot(self, graph: str) -> None:
+        """A compiled graph's slot goes with the graph (sync thread)."""
+        if self._slots is not None:
+            self._slots.all = [s for s in self._slots.all if s.graph != graph]
+
+    def _slot_job(self, *, calls_only: bool = False) -> Callable[[], None] | None:
+        """What came in the slots: a graph's events are handled here (sync thread), a call becomes the job
+        returned (``calls_only``: the loop, for a cancel, takes calls only)."""
+        assert self._slots is not None
+        for slot in self._slots.all:
+            if calls_only and slot.graph is not None:
+                continue
+            msg = slot.take()
+            if msg is None:
+                continue
+            if msg.kind == Kind.EVENT:
+                from . import dag_worker
+
+                self._share_reading(False)  # it runs a graph's nodes: the loop reads the actor's socket meanwhile
+                dag_worker.on_event(self, msg)
+                continue
+            job = self._slot_call(slot, msg)
+            if job is not None:
+                return job
+        return None
+
+    def _slot_call(self, slot: Slot, msg: Message) -> Callable[[], None] | None:
+        """The job running a call that came in a group's slot."""
         key = (msg.peer, msg.req_id)
         try:
             method, args, kwargs, _ = _parse_call(msg)
@@ -486,7 +522,7 @@ class ActorHost:
         While there is anything to poll, ``post_sync`` must write the eventfd (``_polling``)."""
         self._poller = self._poller_over(self._watched)
         self._calls_poller = self._poller_over([self._calls_fd, *self._watched]) if self._calls_fd >= 0 else None
-        self._polling = bool(self._watched) or self._calls_fd >= 0 or self._slot is not None
+        self._polling = bool(self._watched) or self._calls_fd >= 0 or self._slots is not None
 
     def _poller_over(self, sockets: Iterable[zmq.Socket | int]) -> zmq.Poller:
         poller = zmq.Poller()
@@ -677,8 +713,8 @@ class ActorHost:
             self._start_async(key, coro)
 
     def _on_cancel(self, key: tuple[bytes | None, int]) -> None:
-        if self._slot is not None:  # the call may still be in the group's slot: queue it, so it can be cancelled
-            job = self._slot_call(self._slot)
+        if self._slots is not None:  # the call may still be in the group's slot: queue it, so it can be cancelled
+            job = self._slot_job(calls_only=True)
             if job is not None:
                 self.post_sync(job)
         task = self._tasks.get(key)
