@@ -273,3 +273,79 @@ def test_an_answer_being_written_is_not_taken():
         watch.stop()
     finally:
         slots.close()
+
+
+@actorlib.remote
+class Stage:
+    def add(self, x, k=1):
+        return x + k
+
+    def slow_add(self, x):
+        time.sleep(0.02)
+        return x + 1
+
+    async def aadd(self, x, k=1):
+        return x + k
+
+
+def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeypatch):
+    """Executions in, outputs out through the slots, several in flight (a slot is written again only once
+    its actor took what was there); a stage fallen asleep is poked; an actor with an async node gets none."""
+    import torch
+
+    from actorlib.dag import InputNode
+
+    a, b = Stage.remote(), Stage.remote()
+    with InputNode() as inp:
+        dag = b.add.bind(a.add.bind(inp))
+    compiled = dag.compile(max_inflight=4)
+    try:
+        slots = compiled._slots
+        assert slots is not None and compiled._link_slots and compiled._output_slots
+        for i in range(300):
+            assert actorlib.get(compiled.execute(torch.tensor([float(i)])), timeout=30).item() == i + 2
+        refs = [compiled.execute(torch.tensor([float(i)])) for i in range(4)]
+        assert [r.item() for r in actorlib.get(refs, timeout=30)] == [2.0, 3.0, 4.0, 5.0]
+        for _ in range(50):  # pipelined, each read as soon as it is there
+            refs = refs[1:] + [compiled.execute(torch.tensor([1.0]))]
+            actorlib.get(refs[0], timeout=30)
+        actorlib.get(refs, timeout=30)
+        assert slots.sent > 0 and slots.replied > 0, (slots.sent, slots.replied)
+
+        index = compiled._link_slots[0][0]
+        wait_for(lambda: not slots._awake(slots._mm, index), what="the input stage asleep")
+        lies = iter([True])
+        monkeypatch.setattr(slots, "_awake", lambda mm, i: next(lies, None) or broadcast.Broadcast._awake(mm, i))
+        sent = slots.sent
+        assert actorlib.get(compiled.execute(torch.tensor([5.0])), timeout=30).item() == 7.0
+        assert slots.sent == sent + 1
+    finally:
+        compiled.teardown()
+        for actor in (a, b):
+            actorlib.kill(actor)
+
+    a = Stage.remote()  # a slow stage: its slot is written while it runs, and not again until it took that
+    with InputNode() as inp:
+        dag = a.slow_add.bind(inp)
+    compiled = dag.compile(max_inflight=4)
+    try:
+        for _ in range(3):
+            actorlib.get(compiled.execute(torch.tensor([0.0])), timeout=30)
+        sent = compiled._slots.sent
+        refs = [compiled.execute(torch.tensor([float(i)])) for i in range(4)]
+        assert [r.item() for r in actorlib.get(refs, timeout=30)] == [1.0, 2.0, 3.0, 4.0]
+        assert compiled._slots.sent > sent
+    finally:
+        compiled.teardown()
+        actorlib.kill(a)
+
+    c = Stage.remote()
+    with InputNode() as inp:
+        dag = c.aadd.bind(inp)
+    compiled = dag.compile()
+    try:
+        assert not compiled._link_slots or compiled._link_slots == [None]
+        assert actorlib.get(compiled.execute(torch.tensor([1.0])), timeout=30).item() == 2.0
+    finally:
+        compiled.teardown()
+        actorlib.kill(c)
