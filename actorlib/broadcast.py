@@ -1,54 +1,72 @@
-"""A worker group's calls through shared memory, to the workers on the caller's machine that are awake.
+"""Calls and graph executions through shared memory, to the workers on the caller's machine that are awake.
 
-``WorkerGroup.run_all_workers_single_data`` (and the other dispatches of one
-call to several workers) sends one message per worker over ZeroMQ. Each
-costs the caller a send (Python, a system call, a wake-up of ZeroMQ's I/O
-thread) and the worker two wake-ups (its I/O thread, then the thread that
-runs the call). For a group that is called back to back, the workers'
-threads are usually awake already, polling between calls (see
-:mod:`actorlib.spin`): for those, the caller writes the call into a slot
-of a shared-memory file instead, which the worker's sync thread looks at
-between its polls. Answers come back over ZeroMQ as usual, and everything
-else (cancelling, a worker's death, a restart) goes as for any call.
+A worker group's call to several workers (``run_all_workers_single_data``
+and the like) sends one message per worker over ZeroMQ, and a compiled
+graph's execution one per input actor. Each costs the caller a send (Python,
+a system call, a wake-up of ZeroMQ's I/O thread) and the worker two
+wake-ups (its I/O thread, then the thread that runs the call); the answer
+the same again. Workers called back to back are usually awake already,
+polling between calls (see :mod:`actorlib.spin`): for those, the caller
+writes the message into a slot of a shared-memory file instead, which the
+worker's sync thread looks at between its polls; and while the caller's
+``get()`` polls for answers, the worker writes its answer (a call's result
+or error, a graph's output) into the slot too. Everything else (a message
+too big for a slot, cancelling, a worker's death, a restart) goes as over
+ZeroMQ.
 
 The file (``/dev/shm/actorlib-<pid>-<random>``, mode 0600, unlinked as soon
-as every worker has mapped it) holds a header (magic and a random token,
-which a worker checks: a worker on another machine finds no such file and
-the group goes without) and one slot per worker::
+as every worker has mapped it) holds a header (magic, a random token which a
+worker checks: a worker on another machine finds no such file and goes
+without; and ``reading``, set while some thread of the caller polls the
+answers) and one slot per worker. Each word below is written by one side
+only, with one aligned 8-byte store (a ``memoryview`` cast to ``Q``:
+``struct`` writes byte by byte, and a word read half-written could make a
+call run twice)::
 
-    slot + 0    seq      u64   written by the caller: bumped once the call below is in place
-    slot + 8    req_id   u64   the call's request id on the caller's connection to this worker
-    slot + 16   length   u64   of the encoded call (``[method, args, kwargs, options]``)
-    slot + 64   awake    u64   written by the worker: 1 while it will look at the slot before it sleeps
-    slot + 128  the encoded call (at most :data:`BODY_MAX` bytes)
+    slot + 0    seq          caller: bumped once the message below is in place
+    slot + 8    req_id       caller: the call's request id on its connection to this worker (0: an EVENT)
+    slot + 16   length       caller: of the encoded message
+    slot + 24   kind         caller: CALL (a group's) or EVENT (a graph's execution)
+    slot + 32   reply_taken  caller: the reply_seq it has taken
+    slot + 64   awake        worker: 1 while it will look at the slot before it sleeps
+    slot + 72   taken        worker: the seq it has taken
+    slot + 128  reply_seq    worker: odd while it writes an answer, even once it is in place
+    slot + 136  reply req_id, kind, length
+    slot + 192  the message (at most :data:`BODY_MAX` bytes), then the answer (as much)
 
 The worker's side, a small state machine per slot:
 
 - AWAKE (``awake`` = 1): the sync thread runs calls or polls; it looks at the
   slot before each call it takes from elsewhere and between polls.
 - going to sleep: it writes ``awake`` = 0, fences, and looks at the slot once
-  more (a call written meanwhile is taken: back to AWAKE); else it sleeps on
-  its sockets and eventfd.
+  more (a message written meanwhile is taken: back to AWAKE); else it sleeps
+  on its sockets and eventfd.
 - woken by anything: ``awake`` = 1 again.
 
-The caller's side, per call of the group, under the group's lock and each
-target connection's lock: it writes a worker's slot only if that
-connection has nothing of this process on its way to the actor (sent and
-unanswered, queued, handed to the loop), so the call cannot overtake an
-earlier one, and only if every target is AWAKE; else the whole call goes
-over ZeroMQ. After writing, it fences and reads ``awake`` again: a worker
-that fell asleep meanwhile (and may have missed the slot) is poked, with a
-reserved call that wakes its sync thread. The two fences make the pair of
-"write, then read the other's flag" safe (Dekker's pattern): at least one of
-the two sees the other's write. The fence is an atomic instruction (a lock's
-acquire), which orders stores before later loads on x86-64; the path is off
-on other machines, whose weaker ordering would need more than that.
+The caller writes a slot only if its worker is AWAKE and has taken what was
+written last (``taken`` = its ``seq``); for a group's call, only if every
+target is so, and the connection to each has nothing of this process on its
+way to the actor (sent and unanswered, queued, handed to the loop), so the
+call cannot overtake an earlier one; else the message goes over ZeroMQ.
+After writing, it fences and reads ``awake`` again: a worker that fell
+asleep meanwhile (and may have missed the slot) is poked, with a reserved
+call that wakes its sync thread. The two fences make the pair of "write,
+then read the other's flag" safe (Dekker's pattern): at least one of the two
+sees the other's write.
 
-Since a worker's previous slot call was answered before the next is written
-(the connection's rule above), a slot never holds a call its worker has not
-read yet when it is written again.
+Answers: the worker writes one into its slot only if the caller has taken
+the last (``reply_taken``) and ``reading`` is set (it waits up to 100 µs for
+that: the caller is usually still writing the other workers' slots); then
+it fences and reads ``reading`` again, and if the caller stopped meanwhile
+it sends the answer over ZeroMQ as well (the second copy finds no call
+waiting, and is dropped). A polling thread that stops clears its share of
+``reading``, fences, and takes what was written meanwhile, for whichever
+thread's call it answers.
 
-``ACTORLIB_BROADCAST=0`` turns the path off.
+The fence is an atomic instruction (a lock's acquire), which orders stores
+before later loads on x86-64; the path is off on other machines, whose
+weaker ordering would need more than that. ``ACTORLIB_BROADCAST=0`` turns
+it off.
 """
 
 from __future__ import annotations
@@ -58,7 +76,6 @@ import mmap
 import os
 import platform
 import secrets
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -87,16 +104,16 @@ BODY_MAX = 64 << 10
 _MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
 _READING = 48  # in the header
 _HEADER = 64
-_SEQ, _REQ, _REPLY_TAKEN, _AWAKE, _TAKEN, _REPLY_SEQ, _REPLY, _BODY = 0, 8, 32, 64, 72, 128, 136, 192
+_SEQ, _REQ, _LENGTH, _KIND, _REPLY_TAKEN = 0, 8, 16, 24, 32  # written by the caller
+_AWAKE, _TAKEN = 64, 72  # by the worker
+_REPLY_SEQ, _REPLY_REQ, _REPLY_KIND, _REPLY_LENGTH = 128, 136, 144, 152  # by the worker
+_BODY = 192
 _REPLY_BODY = _BODY + BODY_MAX
 _SLOT = _REPLY_BODY + BODY_MAX
 _WAIT_FOR_CALLER_S = 100e-6
 _SKIP_MAX = 1024
-_u64 = struct.Struct("<Q")
-_u64x3 = struct.Struct("<QQQ")
 _SLOT_KINDS = (Kind.CALL, Kind.EVENT)
 _ANSWER_KINDS = (Kind.RESULT, Kind.ERROR, Kind.STREAM_ITEM)
-
 _fence_lock = threading.Lock()
 
 
@@ -106,31 +123,37 @@ def fence() -> None:
     _fence_lock.release()
 
 
+def _words(mm: mmap.mmap) -> memoryview:
+    """The file as 8-byte words: each read or write of one is a single aligned load or store."""
+    return memoryview(mm).cast("Q")
+
+
 class Broadcast:
-    """The caller's side: the file, and writing calls into the slots (see the module)."""
+    """The caller's side: the file, writing messages into the slots, taking answers out (see the module)."""
 
     def __init__(self, workers: int) -> None:
         self.token = secrets.token_bytes(16)
         self.path = f"/dev/shm/actorlib-{os.getpid()}-{secrets.token_hex(8)}"  # shm.sweep_orphans' pattern
         self.pid = os.getpid()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # writing messages
+        self._readers_lock = threading.Lock()  # taking answers, and the count of threads polling for them
         self._seq = [0] * workers
         self._endpoints: list[Any] = [None] * workers  # each worker's connection at attach time; None: not attached
-        self.sent = 0  # calls that went through the slots
+        self.sent = 0  # messages that went through the slots
         self.replied = 0  # answers that came back through them
         self._replied = [0] * workers  # the last answer taken from each slot (its reply seq)
         self._readers = 0  # threads of ours polling the answers' slots (see ReplyWatch)
-        self._readers_lock = threading.Lock()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, _HEADER + workers * _SLOT)
-            self._mm: mmap.mmap | None = mmap.mmap(fd, _HEADER + workers * _SLOT)
+            self._mm = mmap.mmap(fd, _HEADER + workers * _SLOT)
         except BaseException:
             os.unlink(self.path)
             raise
         finally:
             os.close(fd)
         self._mm[: len(_MAGIC) + 16] = _MAGIC + self.token
+        self._w: memoryview | None = _words(self._mm)
 
     def attached(self, index: int, endpoint: Any) -> None:
         """Worker ``index`` has mapped its slot; its answers come on ``endpoint`` (the connection at that time)."""
@@ -148,11 +171,12 @@ class Broadcast:
 
     def close(self) -> None:
         self.unlink()
-        with self.lock:
-            mm, self._mm = self._mm, None
+        with self.lock, self._readers_lock:
+            w, self._w = self._w, None
             self._endpoints = [None] * len(self._endpoints)
-        if mm is not None:
-            mm.close()
+        if w is not None:
+            w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
+            self._mm.close()
 
     def try_send(self, conns: Sequence[ActorConnection], slots: Sequence[int], calls: Sequence[Call]) -> bool:
         """Write each call (already encoded, buffer-less) into its worker's slot; False (nothing written) if any
@@ -162,26 +186,31 @@ class Broadcast:
             return False
         locked: list[ActorConnection] = []
         sleepy: list[ActorConnection] = []
+        registered: list[tuple[ActorConnection, int]] = []
         try:
-            mm = self._mm
-            if mm is None:
+            w = self._w
+            if w is None:
                 return False
             for conn, i in zip(conns, slots, strict=True):
                 endpoint = self._endpoints[i]
                 if endpoint is None or not conn.lock_idle(endpoint):
                     return False
                 locked.append(conn)
-                if not self._ready_for(mm, i):
+                if not self._ready_for(w, i):
                     return False
             for conn, i, call in zip(conns, slots, calls, strict=True):
                 req_id = conn.register(call)
+                registered.append((conn, req_id))
                 if call.sink._source is not None:  # a thread blocked on it reads the sockets: and the answers' slots
                     call.sink._source = (*call.sink._source, (self, i, None))
-                self._write(mm, i, Kind.CALL, req_id, body)
+                self._write(w, i, Kind.CALL, req_id, body)
+                registered.pop()
             fence()
-            sleepy = [c for c, i in zip(conns, slots, strict=True) if not self._awake(mm, i)]
+            sleepy = [c for c, i in zip(conns, slots, strict=True) if not self._awake(w, i)]
             self.sent += 1
         finally:
+            for conn, req_id in registered:  # (Ctrl-C) registered, never written: nobody would answer it
+                conn.unregister(req_id)
             for conn in locked:
                 conn.lock.release()
             self.lock.release()
@@ -195,73 +224,84 @@ class Broadcast:
         if len(body) > BODY_MAX or os.getpid() != self.pid:
             return False
         with self.lock:
-            mm = self._mm
-            if mm is None or self._endpoints[index] is None or not self._ready_for(mm, index):
+            w = self._w
+            if w is None or self._endpoints[index] is None or not self._ready_for(w, index):
                 return False
-            self._write(mm, index, Kind.EVENT, 0, body)
+            self._write(w, index, Kind.EVENT, 0, body)
             fence()
-            sleepy = not self._awake(mm, index)
+            sleepy = not self._awake(w, index)
             self.sent += 1
         if sleepy:
             poke()
         return True
 
-    def _ready_for(self, mm: mmap.mmap, index: int) -> bool:
+    def _ready_for(self, w: memoryview, index: int) -> bool:
         """The worker is awake and has taken what was written last."""
-        base = _HEADER + index * _SLOT
-        return self._awake(mm, index) and _u64.unpack_from(mm, base + _TAKEN)[0] == self._seq[index]
+        return self._awake(w, index) and w[(_HEADER + index * _SLOT + _TAKEN) >> 3] == self._seq[index]
 
-    def _write(self, mm: mmap.mmap, index: int, kind: Kind, req_id: int, body: bytes) -> None:
+    def _write(self, w: memoryview, index: int, kind: Kind, req_id: int, body: bytes) -> None:
         base = _HEADER + index * _SLOT
-        mm[base + _BODY : base + _BODY + len(body)] = body
-        _u64x3.pack_into(mm, base + _REQ, req_id, len(body), int(kind))
+        self._mm[base + _BODY : base + _BODY + len(body)] = body
+        k = base >> 3
+        w[k + (_REQ >> 3)] = req_id
+        w[k + (_LENGTH >> 3)] = len(body)
+        w[k + (_KIND >> 3)] = int(kind)
         self._seq[index] += 1
-        _u64.pack_into(mm, base + _SEQ, self._seq[index])  # last: the worker reads the rest once it sees this
+        w[k] = self._seq[index]  # last: the worker reads the rest once it sees this (stores are ordered on x86-64)
 
     def reading(self, on: bool) -> None:
         """A thread of ours starts (or stops) polling the answers' slots; workers write answers there meanwhile."""
         with self._readers_lock:
-            self._readers += 1 if on else -1
-            if self._mm is not None:
-                _u64.pack_into(self._mm, _READING, 1 if self._readers else 0)
+            self._readers = max(0, self._readers + (1 if on else -1))
+            if self._w is not None:
+                self._w[_READING >> 3] = 1 if self._readers else 0
 
     def replies_ready(self) -> bool:
-        mm = self._mm
-        if mm is None:
+        w = self._w
+        if w is None:
             return False
-        for i, last in enumerate(self._replied):
-            seq = _u64.unpack_from(mm, _HEADER + i * _SLOT + _REPLY_SEQ)[0]
-            if seq != last and not seq & 1:
-                return True
+        try:
+            for i, last in enumerate(self._replied):
+                seq = w[(_HEADER + i * _SLOT + _REPLY_SEQ) >> 3]
+                if seq != last and not seq & 1:
+                    return True
+        except ValueError:  # closed meanwhile (the group shut down): its calls fail on their connections
+            pass
         return False
 
     def take_replies(self) -> None:
         """Hand the answers written since the last look to their calls' sinks (as if read off their sockets)."""
         found = []
         with self._readers_lock:
-            mm = self._mm
-            if mm is None:
+            w = self._w
+            if w is None:
                 return
             for i, last in enumerate(self._replied):
                 base = _HEADER + i * _SLOT
-                seq = _u64.unpack_from(mm, base + _REPLY_SEQ)[0]
+                k = base >> 3
+                seq = w[k + (_REPLY_SEQ >> 3)]
                 if seq == last or seq & 1:
                     continue  # nothing new, or being written: a later look takes it
-                req_id, kind, n = _u64x3.unpack_from(mm, base + _REPLY)
-                body = mm[base + _REPLY_BODY : base + _REPLY_BODY + min(n, BODY_MAX)]
-                if _u64.unpack_from(mm, base + _REPLY_SEQ)[0] != seq:
+                req_id, kind, n = w[k + (_REPLY_REQ >> 3)], w[k + (_REPLY_KIND >> 3)], w[k + (_REPLY_LENGTH >> 3)]
+                body = self._mm[base + _REPLY_BODY : base + _REPLY_BODY + min(n, BODY_MAX)]
+                if w[k + (_REPLY_SEQ >> 3)] != seq:
                     continue  # overwritten while read (an answer taken over ZeroMQ already, and the next call's)
                 self._replied[i] = seq
-                _u64.pack_into(mm, base + _REPLY_TAKEN, seq)  # the worker may write the next one
+                w[k + (_REPLY_TAKEN >> 3)] = seq  # the worker may write the next one
                 if n <= BODY_MAX and kind in _ANSWER_KINDS and self._endpoints[i] is not None:
                     found.append((self._endpoints[i], Message(Kind(kind), req_id, body, [], None)))
-        for endpoint, msg in found:
+        for n, (endpoint, msg) in enumerate(found):
+            try:
+                endpoint.deliver(msg)  # (its second copy, over ZeroMQ if the worker sent one too, finds no call)
+            except BaseException:  # (Ctrl-C) the others are still handed over: nobody else has them
+                for endpoint_, msg_ in found[n + 1 :]:
+                    endpoint_.deliver(msg_)
+                raise
             self.replied += 1
-            endpoint.deliver(msg)  # (its second copy, over ZeroMQ if the worker sent one too, finds no call)
 
     @staticmethod
-    def _awake(mm: mmap.mmap, index: int) -> bool:
-        return bool(_u64.unpack_from(mm, _HEADER + index * _SLOT + _AWAKE)[0])
+    def _awake(w: memoryview, index: int) -> bool:
+        return bool(w[(_HEADER + index * _SLOT + _AWAKE) >> 3])
 
 
 class Slot:
@@ -269,59 +309,61 @@ class Slot:
 
     def __init__(self, mm: mmap.mmap, index: int, peer: bytes | None, graph: str | None = None) -> None:
         self._mm = mm
+        self._w = _words(mm)
         self._base = _HEADER + index * _SLOT
+        self._k = self._base >> 3
         self.peer = peer  # the caller's routing id on the actor's socket: where the answers go
         self.graph = graph  # a compiled graph's (its executions' EVENTs come here), or None: a worker group's calls
         self._last = 0
         self._reply_seq = 0
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
         self._lock = threading.Lock()
-        self.waits = Recent()  # how long the sync thread's waits for the slot took (see actorlib.spin)
 
     def ready(self) -> bool:
-        return _u64.unpack_from(self._mm, self._base)[0] != self._last
+        return self._w[self._k] != self._last
 
-    def take(self) -> Message | None:
-        """The message written since the last take (a CALL, or a graph's EVENT), or None."""
-        base = self._base
-        if _u64.unpack_from(self._mm, base)[0] == self._last:
+    def take(self, req_id: int | None = None) -> Message | None:
+        """The message written since the last take (a CALL, or a graph's EVENT), or None. With ``req_id``: only
+        that call (the loop, cancelling it), else None and it stays."""
+        w, k = self._w, self._k
+        if w[k] == self._last:
             return None
         with self._lock:
-            seq = _u64.unpack_from(self._mm, base)[0]
-            if seq == self._last:
+            seq = w[k]
+            if seq == self._last or (req_id is not None and w[k + (_REQ >> 3)] != req_id):
                 return None
             self._last = seq
-            req_id, n, kind = _u64x3.unpack_from(self._mm, base + _REQ)
-            body = self._mm[base + _BODY : base + _BODY + n] if n <= BODY_MAX else b""
-            _u64.pack_into(self._mm, base + _TAKEN, seq)  # the caller may write the next one
-        if n > BODY_MAX or kind not in _SLOT_KINDS:
-            log.warning("dropped a malformed message in a shared-memory slot (kind %d, %d bytes)", kind, n)
-            return None
-        return Message(Kind(kind), req_id, body, [], self.peer)
+            req, n, kind = w[k + (_REQ >> 3)], w[k + (_LENGTH >> 3)], w[k + (_KIND >> 3)]
+            body = self._mm[self._base + _BODY : self._base + _BODY + n] if n <= BODY_MAX else b""
+            w[k + (_TAKEN >> 3)] = seq  # the caller may write the next one
+        if n > BODY_MAX or kind not in _SLOT_KINDS:  # (our caller never writes such): answered as undecodable
+            log.warning("a malformed message in a shared-memory slot (kind %d, %d bytes)", kind, n)
+            kind, body = Kind.CALL, b""
+        return Message(Kind(kind), req, body, [], self.peer)
 
     def answer(self, kind: Kind, req_id: int, body: bytes) -> bool:
         """Write an answer (a call's, or a graph's output as a stream item) into the slot if the caller polls
         for it and has taken the last one. False: send it over ZeroMQ (as well)."""
-        mm, base = self._mm, self._base
-        if len(body) > BODY_MAX or _u64.unpack_from(mm, base + _REPLY_TAKEN)[0] != self._reply_seq:
-            return False
-        if not self._caller_polls():
+        w, k = self._w, self._k
+        if len(body) > BODY_MAX or w[k + (_REPLY_TAKEN >> 3)] != self._reply_seq or not self._caller_polls():
             return False
         with self._lock:  # (a graph's outputs may be answered from the loop too)
-            seq = self._reply_seq + 1  # odd while written: a reader skips it
-            _u64.pack_into(mm, base + _REPLY_SEQ, seq)
-            _u64x3.pack_into(mm, base + _REPLY, req_id, int(kind), len(body))
-            mm[base + _REPLY_BODY : base + _REPLY_BODY + len(body)] = body
+            seq = self._reply_seq + 1
+            w[k + (_REPLY_SEQ >> 3)] = seq  # odd while written: a reader skips it
+            w[k + (_REPLY_REQ >> 3)] = req_id
+            w[k + (_REPLY_KIND >> 3)] = int(kind)
+            w[k + (_REPLY_LENGTH >> 3)] = len(body)
+            self._mm[self._base + _REPLY_BODY : self._base + _REPLY_BODY + len(body)] = body
             self._reply_seq = seq + 1
-            _u64.pack_into(mm, base + _REPLY_SEQ, seq + 1)
+            w[k + (_REPLY_SEQ >> 3)] = seq + 1
         fence()
-        return bool(_u64.unpack_from(mm, _READING)[0])  # it stopped meanwhile, and may not have looked
+        return bool(w[_READING >> 3])  # it stopped meanwhile, and may not have looked
 
     def _caller_polls(self) -> bool:
         """Whether the caller polls the slots for answers; if not yet, wait a little for it (it is usually still
         writing the other workers' slots), unless it lately did not come within that wait (an asyncio caller)."""
-        mm = self._mm
-        if _u64.unpack_from(mm, _READING)[0]:
+        w = self._w
+        if w[_READING >> 3]:
             return True
         if self._skip:
             self._skip -= 1
@@ -329,14 +371,14 @@ class Slot:
         until = time.monotonic() + _WAIT_FOR_CALLER_S
         while time.monotonic() < until:
             os.sched_yield()
-            if _u64.unpack_from(mm, _READING)[0]:
+            if w[_READING >> 3]:
                 self._backoff = 0
                 return True
         self._backoff = self._skip = min(max(1, 2 * self._backoff), _SKIP_MAX)  # misses in a row: wait ever less often
         return False
 
     def awake(self, on: bool) -> None:
-        _u64.pack_into(self._mm, self._base + _AWAKE, 1 if on else 0)
+        self._w[self._k + (_AWAKE >> 3)] = 1 if on else 0
 
 
 class Slots:
@@ -370,9 +412,14 @@ class ReplyWatch:
 
     def __init__(self, groups: set[Broadcast]) -> None:
         self.groups = list(groups)
-        self.on = True
+        self._counted: list[Broadcast] = []  # whose ``reading`` this one holds a share of
         for group in self.groups:
             group.reading(True)
+            self._counted.append(group)
+
+    @property
+    def on(self) -> bool:
+        return bool(self._counted)
 
     def ready(self) -> bool:
         return any(group.replies_ready() for group in self.groups)
@@ -384,12 +431,12 @@ class ReplyWatch:
     def stop(self) -> None:
         """Done, or about to sleep on the sockets: workers send there from now on. What one wrote before it saw
         this is taken here (for whichever thread's call it answers): the same fenced pair as for the calls."""
-        if self.on:
-            self.on = False
-            for group in self.groups:
-                group.reading(False)
-            fence()
-            self.take()
+        if not self._counted:
+            return
+        while self._counted:  # a share at a time (a Ctrl-C in the middle leaves the rest to the next stop())
+            self._counted.pop().reading(False)
+        fence()
+        self.take()
 
 
 def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:

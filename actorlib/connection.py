@@ -217,6 +217,12 @@ class ActorConnection:
             call.sink._source = ((ep, req_id, False),)  # a thread blocking on it reads the socket itself
         return req_id
 
+    def unregister(self, req_id: int) -> None:
+        """Forget a registered call that was not sent after all (under ``lock``)."""
+        self._inflight.pop(req_id, None)
+        if self.endpoint is not None:
+            self.endpoint.pending.pop(req_id, None)
+
     def lock_idle(self, endpoint: Endpoint) -> bool:
         """From a caller's thread: take ``lock`` if nothing of this process is on its way to the actor over
         ``endpoint`` (sent and unanswered, queued, handed to the loop): a call sent another way now cannot

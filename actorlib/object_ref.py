@@ -381,9 +381,11 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     recent = wakeup.gets if len(futs) == 1 else wakeup.list_gets
     spin = recent.spin_for()
     spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
-    slots = ReplyWatch(groups) if groups and spin_until else None  # answers there only while this thread polls
+    slots = None
     wakeup.blocked = True
     try:
+        if groups and spin_until:
+            slots = ReplyWatch(groups)  # answers come there only while this thread polls
         for fut in futs:
             fut.add_done_callback(wakeup.wake)
         for ep in by_endpoint:

@@ -397,23 +397,25 @@ class ActorHost:
         if self._slots is not None:
             self._slots.all = [s for s in self._slots.all if s.graph != graph]
 
-    def _slot_job(self, *, calls_only: bool = False) -> Callable[[], None] | None:
-        """What came in the slots: a graph's events are handled here (sync thread), a call becomes the job
-        returned (``calls_only``: the loop, for a cancel, takes calls only)."""
+    def _slot_job(self) -> Callable[[], None] | None:
+        """What came in the slots (sync thread): a graph's events are handled here, a call becomes the job
+        returned."""
         assert self._slots is not None
         for slot in self._slots.all:
-            if calls_only and slot.graph is not None:
-                continue
-            msg = slot.take()
-            if msg is None:
-                continue
-            if msg.kind == Kind.EVENT:
-                from . import dag_worker
+            try:
+                msg = slot.take()
+                if msg is None:
+                    continue
+                if msg.kind == Kind.EVENT:
+                    from . import dag_worker
 
-                self._share_reading(False)  # it runs a graph's nodes: the loop reads the actor's socket meanwhile
-                dag_worker.on_event(self, msg)
+                    self._share_reading(False)  # it runs a graph's nodes: the loop reads the actor's socket meanwhile
+                    dag_worker.on_event(self, msg)
+                    continue
+                job = self._slot_call(slot, msg)
+            except Exception:  # never lose the thread (a malformed message, a bug): the rest goes on
+                log.exception("%s: could not handle a message from a shared-memory slot", self.label)
                 continue
-            job = self._slot_call(slot, msg)
             if job is not None:
                 return job
         return None
@@ -713,10 +715,13 @@ class ActorHost:
             self._start_async(key, coro)
 
     def _on_cancel(self, key: tuple[bytes | None, int]) -> None:
-        if self._slots is not None:  # the call may still be in the group's slot: queue it, so it can be cancelled
-            job = self._slot_job(calls_only=True)
-            if job is not None:
-                self.post_sync(job)
+        if self._slots is not None:  # the call may still be in the group's slot: then it never runs
+            for slot in self._slots.all:
+                if slot.graph is None and slot.peer == key[0] and slot.take(req_id=key[1]) is not None:
+                    self.send_value(
+                        Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
+                    )
+                    return
         task = self._tasks.get(key)
         waiting = next((item for item in self._waiting if item[0] == key), None)
         if task is not None:

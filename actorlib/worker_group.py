@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import math
 import threading
 import time
@@ -40,6 +41,8 @@ from .rank_program import RUN_METHOD
 from .sharding import NamedSharding
 from .spmd import RunResult, WorkerFailure, WorkerGroupError, gather
 from .worker import ASYNC_GENERATOR, GENERATOR, SYNC
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MultiWorkerFuture", "WorkerGroup"]
 
@@ -298,6 +301,10 @@ class WorkerGroup:
                 for i, w in enumerate(self._workers)
             ]
             attached = api.get(refs, timeout=60.0)
+        except Exception as exc:  # (a worker died meanwhile ...) the group goes on without: calls go by ZeroMQ
+            log.debug("worker group of %s goes without shared-memory slots: %s", self._cls.__name__, exc)
+            slots.close()
+            return
         except BaseException:
             slots.close()
             raise

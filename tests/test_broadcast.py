@@ -12,7 +12,7 @@ import pytest
 import actorlib
 from actorlib import VirtualCluster, WorkerGroup, broadcast
 from actorlib.exceptions import ActorDiedError, RemoteError, TaskCancelledError
-from transport import Kind
+from transport import Kind, dumps
 
 from .conftest import cpu_seconds, local_cluster, wait_for
 
@@ -158,7 +158,7 @@ def test_a_worker_fallen_asleep_meanwhile_is_poked(group, monkeypatch):
     """The caller saw the workers awake, then they slept before it wrote: the reserved poke wakes them."""
     warm(group)
     slots = group._broadcast
-    mm = slots._mm
+    mm = slots._w
     wait_for(lambda: not any(slots._awake(mm, i) for i in range(3)), what="the workers asleep")
     lies = iter([True, True, True])  # the first look at each: awake
 
@@ -193,6 +193,43 @@ def test_a_call_still_in_its_slot_is_cancelled(group, monkeypatch, tmp_path):
     monkeypatch.undo()
     seen = actorlib.get(group.run_all_workers_single_data("seen_items"), timeout=30)
     assert "cancel me" not in seen[0]
+
+
+def test_a_cancel_of_a_later_call_leaves_the_one_in_the_slot_first(group, tmp_path):
+    """Every worker busy with other callers' calls: X waits in the slots, Y and Z follow over ZeroMQ, and Z is
+    cancelled. Worker 0 still runs X before Y (the cancel takes only the call it cancels out of a slot)."""
+    warm(group)
+    slots = group._broadcast
+    occupiers = [Occupier.remote() for _ in range(3)]
+    try:
+        markers = [str(tmp_path / f"busy{i}") for i in range(3)]
+        held = [o.hold.remote(w, 2.0, m) for o, w, m in zip(occupiers, group.workers, markers, strict=True)]
+        wait_for(lambda: all(os.path.exists(m) for m in markers), timeout=60, what="the workers busy")
+        sent = slots.sent
+        x = group.run_all_workers_single_data("log", "X")
+        assert slots.sent == sent + 1
+        first = group.workers[0]
+        y, z = first.log.remote("Y"), first.log.remote("Z")
+        actorlib.cancel(z)
+        with pytest.raises(TaskCancelledError):
+            actorlib.get(z, timeout=30)
+        assert actorlib.get(x + [y], timeout=30) == [0, 1, 2, 0]
+        actorlib.get(held, timeout=30)
+    finally:
+        for o in occupiers:
+            actorlib.kill(o)
+    seen = actorlib.get(group.workers[0].seen_items.remote(), timeout=30)
+    assert [item for item in seen if item in ("X", "Y", "Z")] == ["X", "Y"]
+
+
+def test_a_malformed_message_in_a_slot_does_not_stop_the_worker(group):
+    warm(group)
+    slots = group._broadcast
+    with slots.lock:  # an event naming an unhashable graph, where the worker expected a call
+        slots._write(slots._w, 0, Kind.EVENT, 0, dumps(["exec", ["not", "a", "graph id"], 1, None])[0])
+    pid = actorlib.get(group.workers[0].pid.remote(), timeout=30)
+    assert actorlib.get(group.run_all_workers_single_data("pid"), timeout=30)[0] == pid
+    warm(group, 5)
 
 
 def test_an_idle_group_uses_no_cpu(group):
@@ -313,7 +350,7 @@ def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeyp
         assert slots.sent > 0 and slots.replied > 0, (slots.sent, slots.replied)
 
         index = compiled._link_slots[0][0]
-        wait_for(lambda: not slots._awake(slots._mm, index), what="the input stage asleep")
+        wait_for(lambda: not slots._awake(slots._w, index), what="the input stage asleep")
         lies = iter([True])
         monkeypatch.setattr(slots, "_awake", lambda mm, i: next(lies, None) or broadcast.Broadcast._awake(mm, i))
         sent = slots.sent
