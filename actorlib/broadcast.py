@@ -58,8 +58,9 @@ Answers: the worker writes one into its slot only if the caller has taken
 the last (``reply_taken``) and ``reading`` is set (it waits up to 100 µs for
 that: the caller is usually still writing the other workers' slots); then
 it fences and reads ``reading`` again, and if the caller stopped meanwhile
-it sends the answer over ZeroMQ as well (the second copy finds no call
-waiting, and is dropped). A polling thread that stops clears its share of
+it sends the answer over ZeroMQ as well: the second copy of a call's answer
+finds no call waiting and is dropped; a graph's outputs, which all come on
+one open call, are counted by output (``dag_compiled._Pending.arrived``). A polling thread that stops clears its share of
 ``reading``, fences, and takes what was written meanwhile, for whichever
 thread's call it answers.
 

@@ -93,6 +93,9 @@ class Call:
             self.sink._set_message(msg)
 
 
+_RUNTIME_METHODS = "__actorlib_"  # the runtime's own methods (a graph's open results call, a poke): run by the
+# actor's loop as they come, never queued with the user's calls, so nothing sent after them can overtake them
+
 _no_arg_calls: dict[tuple[str, Any], tuple[bytes, list[Any]]] = {}
 
 
@@ -232,8 +235,9 @@ class ActorConnection:
         if (
             self.state is ConnState.CONNECTED
             and self.endpoint is endpoint
-            and not (self._inflight or self._queue or self._flushing or self.posted)
+            and not (self._queue or self._flushing or self.posted)
             and not endpoint.has_outbox()
+            and not any(not c.method.startswith(_RUNTIME_METHODS) for c in list(self._inflight.values()))
         ):
             return True
         self.lock.release()

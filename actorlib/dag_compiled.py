@@ -62,13 +62,13 @@ class GraphState(str, enum.Enum):
 
 
 class _Pending:
-    __slots__ = ("ref", "parts", "errors", "remaining")
+    __slots__ = ("ref", "parts", "errors", "arrived")
 
     def __init__(self, ref: ObjectRef, outputs: int) -> None:
         self.ref = ref
         self.parts: list[Any] = [None] * outputs
         self.errors: dict[int, dict[str, Any]] = {}
-        self.remaining = outputs
+        self.arrived = [False] * outputs  # an output can come twice: through a shared-memory slot and over ZeroMQ
 
 
 def compile_graph(root: DAGNode, *, max_inflight: int = 8, timeout: float = 120.0) -> CompiledDAG:
@@ -352,14 +352,14 @@ class CompiledDAG:
             value = uninline(small)
         with self._lock:
             pending = self._pending.get(seq)
-            if pending is None:
-                return
+            if pending is None or pending.arrived[index]:
+                return  # (the second copy of an output that a worker sent both ways: see actorlib.broadcast)
+            pending.arrived[index] = True
             if ok:
                 pending.parts[index] = value
             else:
                 pending.errors[index] = value
-            pending.remaining -= 1
-            if pending.remaining:
+            if not all(pending.arrived):
                 return
             del self._pending[seq]
             self._release_locked()
@@ -514,7 +514,9 @@ class CompiledDAG:
                     raise
                 self._pending[seq] = _Pending(ref, self._outputs)
             body = event("exec", self.graph_id, seq, inner)
-            for link, slot in zip(self._links, self._link_slots or [None] * len(self._links), strict=True):
+            links, link_slots = self._links, self._link_slots  # (torn down meanwhile: links is empty)
+            for n, link in enumerate(links):
+                slot = link_slots[n] if n < len(link_slots) else None
                 if slot is not None and not buffers and self._post(slot, body):
                     continue
                 try:

@@ -324,6 +324,17 @@ class Stage:
     async def aadd(self, x, k=1):
         return x + k
 
+    def answer_both_ways(self):
+        """From now on every answer written into a slot is sent over ZeroMQ as well (as when the caller stops
+        polling right after the worker wrote it)."""
+        answer = broadcast.Slot.answer
+
+        def both(slot, kind, req_id, body):
+            answer(slot, kind, req_id, body)
+            return False
+
+        broadcast.Slot.answer = both
+
 
 def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeypatch):
     """Executions in, outputs out through the slots, several in flight (a slot is written again only once
@@ -386,3 +397,41 @@ def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeyp
     finally:
         compiled.teardown()
         actorlib.kill(c)
+
+
+def test_a_graph_output_that_comes_both_ways_counts_once(al):
+    """A MultiOutputNode's outputs, each sent through the slot and over ZeroMQ: every execution still waits for
+    all of its outputs (a second copy of one must not stand in for another)."""
+    import torch
+
+    from actorlib.dag import InputNode, MultiOutputNode
+
+    a = Stage.remote()
+    actorlib.get(a.answer_both_ways.remote(), timeout=30)
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.add.bind(inp), a.add.bind(inp, k=2)])
+    compiled = dag.compile(max_inflight=2)
+    try:
+        for i in range(300):
+            out = actorlib.get(compiled.execute(torch.tensor([float(i)])), timeout=30)
+            assert [t.item() for t in out] == [i + 1, i + 2]
+        assert compiled._slots.replied > 0
+    finally:
+        compiled.teardown()
+        actorlib.kill(a)
+
+
+def test_a_group_keeps_its_slots_while_its_workers_are_in_a_graph(group):
+    """A compiled graph's open results call to a worker is no call of the caller's on its way there."""
+    from actorlib.dag import InputNode
+
+    with InputNode() as inp:
+        dag = group.workers[1].log.bind(group.workers[0].log.bind(inp))
+    compiled = dag.compile()
+    try:
+        assert actorlib.get(compiled.execute("through the graph"), timeout=30) == 1
+        sent = group._broadcast.sent
+        warm(group, 200)
+        assert group._broadcast.sent > sent
+    finally:
+        compiled.teardown()
