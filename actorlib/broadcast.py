@@ -409,18 +409,24 @@ class Slots:
 
 class ReplyWatch:
     """A blocked ``get()`` polling the answers' slots of the groups its calls went through (see
-    ``object_ref.wait_reading``): workers write the answers there, not on the socket, while it does."""
+    ``object_ref.wait_reading``): workers write the answers there, not on the socket, while it does.
+
+    Made with no share of the groups' ``reading`` flag; :meth:`start` takes them and :meth:`stop` gives them
+    back, one at a time, so a Ctrl-C anywhere in between leaves none behind once ``stop()`` has run."""
 
     def __init__(self, groups: set[Broadcast]) -> None:
         self.groups = list(groups)
         self._counted: list[Broadcast] = []  # whose ``reading`` this one holds a share of
-        for group in self.groups:
-            group.reading(True)
-            self._counted.append(group)
+        self._look_again = False  # shares given back: what was written meanwhile is still to be taken
 
     @property
     def on(self) -> bool:
         return bool(self._counted)
+
+    def start(self) -> None:
+        for group in self.groups:
+            self._counted.append(group)  # first: stop() gives back a share at most once (reading() clamps at 0)
+            group.reading(True)
 
     def ready(self) -> bool:
         return any(group.replies_ready() for group in self.groups)
@@ -432,12 +438,15 @@ class ReplyWatch:
     def stop(self) -> None:
         """Done, or about to sleep on the sockets: workers send there from now on. What one wrote before it saw
         this is taken here (for whichever thread's call it answers): the same fenced pair as for the calls."""
-        if not self._counted:
-            return
-        while self._counted:  # a share at a time (a Ctrl-C in the middle leaves the rest to the next stop())
-            self._counted.pop().reading(False)
-        fence()
-        self.take()
+        if self._counted:
+            self._look_again = True
+        while self._counted:
+            self._counted[-1].reading(False)
+            self._counted.pop()
+        if self._look_again:
+            fence()
+            self.take()
+            self._look_again = False
 
 
 def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:

@@ -93,8 +93,10 @@ class Call:
             self.sink._set_message(msg)
 
 
-_RUNTIME_METHODS = "__actorlib_"  # the runtime's own methods (a graph's open results call, a poke): run by the
-# actor's loop as they come, never queued with the user's calls, so nothing sent after them can overtake them
+# The runtime's own methods that the actor's loop runs as they come (a compiled graph's control calls, among
+# them its open results call; a shared-memory slot's attach and poke), never queued with the user's sync calls:
+# nothing sent after them can overtake them. (WorkerGroup.run's __actorlib_run__ is queued: not one of these.)
+_LOOP_METHODS = frozenset({"__actorlib_dag__", "__actorlib_broadcast__"})
 
 _no_arg_calls: dict[tuple[str, Any], tuple[bytes, list[Any]]] = {}
 
@@ -237,7 +239,7 @@ class ActorConnection:
             and self.endpoint is endpoint
             and not (self._queue or self._flushing or self.posted)
             and not endpoint.has_outbox()
-            and not any(not c.method.startswith(_RUNTIME_METHODS) for c in list(self._inflight.values()))
+            and all(c.method in _LOOP_METHODS for c in list(self._inflight.values()))
         ):
             return True
         self.lock.release()

@@ -385,7 +385,8 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     wakeup.blocked = True
     try:
         if groups and spin_until:
-            slots = ReplyWatch(groups)  # answers come there only while this thread polls
+            slots = ReplyWatch(groups)
+            slots.start()  # answers come there only while this thread polls
         for fut in futs:
             fut.add_done_callback(wakeup.wake)
         for ep in by_endpoint:

@@ -22,10 +22,16 @@ pytestmark = pytest.mark.skipif(not broadcast.ENABLED, reason="the shared-memory
 class Recorder:
     def __init__(self):
         self.seen = []
+        self.stamps = []  # when each ("call", i) ran
 
     def log(self, item):
         self.seen.append(item)
+        if isinstance(item, tuple) and item[0] == "call":
+            self.stamps.append(time.monotonic_ns())
         return int(os.environ["RANK"])
+
+    def call_stamps(self):
+        return list(self.stamps)
 
     def seen_items(self):
         return list(self.seen)
@@ -268,6 +274,7 @@ def test_an_answer_written_as_the_caller_stops_polling_is_taken_by_it():
     slots, slot, endpoint = _pair()
     try:
         watch = broadcast.ReplyWatch({slots})
+        watch.start()
         assert slot.answer(Kind.RESULT, 7, b"\x01")
         watch.stop()
         assert endpoint.delivered == [(Kind.RESULT, 7, b"\x01")]
@@ -288,6 +295,7 @@ def test_a_worker_waits_briefly_for_a_caller_that_does_not_poll_and_then_less_of
         assert not slot.answer(Kind.RESULT, 2, b"\x01")  # the one after waits again, and the next two do not
         assert (slot._skip, slot._backoff) == (2, 2)
         watch = broadcast.ReplyWatch({slots})
+        watch.start()
         assert slot.answer(Kind.ERROR, 3, b"\x02")  # polled: through the slot
         assert not slot.answer(Kind.RESULT, 4, b"x" * (broadcast.BODY_MAX + 1))  # too big for it
         watch.stop()
@@ -300,6 +308,7 @@ def test_an_answer_being_written_is_not_taken():
     slots, slot, endpoint = _pair()
     try:
         watch = broadcast.ReplyWatch({slots})
+        watch.start()
         assert slot.answer(Kind.RESULT, 1, b"\x01")
         base = broadcast._HEADER + broadcast._REPLY_SEQ
         seq = struct.unpack_from("<Q", slot._mm, base)[0]
@@ -435,3 +444,56 @@ def test_a_group_keeps_its_slots_while_its_workers_are_in_a_graph(group):
         assert group._broadcast.sent > sent
     finally:
         compiled.teardown()
+
+
+def test_a_ctrl_c_as_a_get_starts_polling_leaves_no_flag_set():
+    """Interrupted between taking its share of two groups' 'reading' flags, a get() that then stops (its
+    finally) leaves both flags down: a flag left up would keep workers answering into slots nobody reads."""
+    (first, _, _), (second, _, _) = _pair(), _pair()
+    try:
+        watch = broadcast.ReplyWatch({first, second})
+        late = watch.groups[1]
+        real = late.reading
+
+        def interrupted(on):
+            if on:
+                raise KeyboardInterrupt
+            real(on)
+
+        late.reading = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            watch.start()
+        watch.stop()
+        for group in (first, second):
+            assert group._readers == 0 and group._w[broadcast._READING >> 3] == 0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_group_call_does_not_overtake_a_run_sent_before_it(group, tmp_path):
+    """WorkerGroup.run's calls are queued with the user's: one still on its way keeps the next group call off
+    the slots (only the runtime's loop-run calls, a graph's or a slot's, do not count)."""
+    from actorlib import runtime
+    from actorlib.rank_program import RUN_METHOD
+
+    warm(group)
+    targets = [(w._actor_id, w._class_name) for w in group.workers]
+    for i in range(100):
+        refs = runtime.current().submit_many(targets, RUN_METHOD, (_note_run, str(tmp_path), i), {})
+        refs += group.run_all_workers_single_data("log", ("call", i))
+        actorlib.get(refs, timeout=30)
+    for rank in range(3):
+        seen = actorlib.get(group.workers[rank].seen_items.remote(), timeout=30)
+        calls = [item[1] for item in seen if isinstance(item, tuple) and item[0] == "call"]
+        with open(tmp_path / f"runs.{rank}") as f:
+            runs = [tuple(map(int, line.split())) for line in f]
+        assert calls == [i for i, _ in runs] == list(range(100))
+        stamps = [stamp for _, stamp in runs]
+        called = actorlib.get(group.workers[rank].call_stamps.remote(), timeout=30)
+        assert all(run_at < call_at for run_at, call_at in zip(stamps, called, strict=True)), rank
+
+
+def _note_run(directory, i):
+    with open(os.path.join(directory, f"runs.{os.environ['RANK']}"), "a") as f:
+        f.write(f"{i} {time.monotonic_ns()}\n")
