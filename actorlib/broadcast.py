@@ -72,6 +72,7 @@ it off.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 import os
@@ -79,7 +80,7 @@ import platform
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from transport import Kind, Message
@@ -88,9 +89,10 @@ from .spin import SPIN_S, Recent
 
 if TYPE_CHECKING:
     from .connection import ActorConnection, Call
+    from .runtime import Runtime
     from .worker import ActorHost
 
-__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "Broadcast", "Slot", "reserved_method"]
+__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "Broadcast", "ReplyWatch", "Slot", "Slots", "poke", "reserved_method"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,24 @@ class Broadcast:
         self._mm[: len(_MAGIC) + 16] = _MAGIC + self.token
         self._w: memoryview | None = _words(self._mm)
 
+    async def offer(self, rt: Runtime, actors: Sequence[tuple[str, str, int]], timeout: float, graph: str | None = None) -> bool:
+        """Offer each actor ``(actor_id, class_name, slot index)`` its slot (for ``graph``'s events, or a worker
+        group's calls); the file's name goes after. True if any took it; False (and then nothing to undo) if none
+        did or something failed (an actor died meanwhile ...): their messages go by ZeroMQ."""
+        try:
+            refs = [rt.submit(aid, cls, CONTROL, ("attach", self.path, self.token, i, graph), {}) for aid, cls, i in actors]
+            attached = await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout)
+        except Exception as exc:
+            log.debug("going without shared-memory slots: %s", exc)
+            return False
+        finally:
+            self.unlink()
+        for (_, _, i), ref, yes in zip(actors, refs, attached, strict=True):
+            source = getattr(ref, "_source", None)
+            if yes and source is not None:
+                self.attached(i, source[0][0])
+        return any(e is not None for e in self._endpoints)
+
     def attached(self, index: int, endpoint: Any) -> None:
         """Worker ``index`` has mapped its slot; its answers come on ``endpoint`` (the connection at that time)."""
         self._endpoints[index] = endpoint
@@ -216,12 +236,12 @@ class Broadcast:
                 conn.lock.release()
             self.lock.release()
         for conn in sleepy:  # it fell asleep after we looked, and may not have seen its slot: wake it
-            conn.rt.submit(conn.actor_id, conn.class_name, CONTROL, ("poke",), {})
+            poke(conn.rt, conn.actor_id, conn.class_name)
         return True
 
-    def try_post(self, index: int, body: bytes, poke: Callable[[], Any]) -> bool:
-        """Write a compiled graph's one-way EVENT into slot ``index`` (its actor takes those in any order, by
-        execution number); False (nothing written) if the actor is not ready for it. ``poke()`` wakes it."""
+    def try_post(self, index: int, body: bytes, rt: Runtime, actor_id: str, class_name: str) -> bool:
+        """Write a compiled graph's one-way EVENT into slot ``index``, the actor's (it takes those in any order,
+        by execution number); False (nothing written) if the actor is not ready for it."""
         if len(body) > BODY_MAX or os.getpid() != self.pid:
             return False
         with self.lock:
@@ -233,7 +253,7 @@ class Broadcast:
             sleepy = not self._awake(w, index)
             self.sent += 1
         if sleepy:
-            poke()
+            poke(rt, actor_id, class_name)
         return True
 
     def _ready_for(self, w: memoryview, index: int) -> bool:
@@ -449,6 +469,15 @@ class ReplyWatch:
             self._look_again = False
 
 
+async def _answer(ref: Any) -> Any:
+    return await ref
+
+
+def poke(rt: Runtime, actor_id: str, class_name: str) -> None:
+    """Wake the actor's sync thread, which then looks at its slots (a reserved call, answered and dropped)."""
+    rt.submit(actor_id, class_name, CONTROL, ("poke",), {})
+
+
 def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
     if name != CONTROL:
         return None
@@ -459,8 +488,7 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
             host.wake_sync()
             return None
         if op == "attach":
-            path, token, index = args[:3]
-            graph = args[3] if len(args) > 3 else None
+            path, token, index, graph = args
             return host.attach_slot(_map(path, token, index), index, key[0], graph)
         raise ValueError(f"unknown broadcast operation {op!r}")
 
@@ -470,6 +498,8 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
 def _map(path: str, token: bytes, index: int) -> mmap.mmap | None:
     """The caller's file, if it is on this machine and is the one meant (its token)."""
     if not ENABLED or not isinstance(path, str) or not path.startswith("/dev/shm/actorlib-") or "/" in path[9:]:
+        return None
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         return None
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

@@ -32,7 +32,7 @@ import itertools
 import logging
 import threading
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from transport import DecodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
 
@@ -311,23 +311,8 @@ class CompiledDAG:
             return
         self._slots = slots  # closed by _teardown_actors, whatever happens
         index = {aid: i for i, aid in enumerate(aids)}
-        try:
-            offer = ("attach", slots.path, slots.token)
-            refs = [
-                cast(
-                    ObjectRef, self._rt.submit(aid, self._actors[aid], broadcast.CONTROL, (*offer, index[aid], self.graph_id), {})
-                )
-                for aid in users
-            ]
-            attached = await asyncio.wait_for(asyncio.gather(*(_await(ref) for ref in refs)), timeout)
-        except Exception as exc:  # (an actor died meanwhile: its results call fails the graph) messages go by ZeroMQ
-            log.debug("compiled graph %s goes without shared-memory slots: %s", self.graph_id[:8], exc)
+        if not await slots.offer(self._rt, [(aid, self._actors[aid], index[aid]) for aid in users], timeout, self.graph_id):
             return
-        finally:
-            slots.unlink()
-        for aid, ref, yes in zip(users, refs, attached, strict=True):
-            if yes and ref._source is not None:
-                slots.attached(index[aid], ref._source[0][0])  # the connection its outputs' stream is on
         self._link_slots = [(index[aid], aid) if slots.is_attached(index[aid]) else None for aid in input_actors]
         self._output_slots = [index[aid] for aid, _ in self._result_calls if slots.is_attached(index[aid])]
 
@@ -533,7 +518,7 @@ class CompiledDAG:
         if slots is None:
             return False
         index, aid = slot
-        return slots.try_post(index, body, lambda: self._rt.submit(aid, self._actors[aid], broadcast.CONTROL, ("poke",), {}))
+        return slots.try_post(index, body, self._rt, aid, self._actors[aid])
 
     def _find_sources(self) -> tuple[tuple[Any, int, bool | None], ...] | None:
         """The output actors' streams of results, once every ``results`` call is on its socket: a thread

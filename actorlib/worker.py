@@ -211,6 +211,9 @@ class _Producer:
             self.on_close()
 
 
+_NOT_STARTED = {"type": "cancelled", "message": "the call was cancelled before it started"}  # its error record
+
+
 def _NO_JOB() -> None:
     """The sync thread's job queue was empty."""
 
@@ -719,7 +722,7 @@ class ActorHost:
             for slot in self._slots.all:
                 if slot.graph is None and slot.peer == key[0] and slot.take(req_id=key[1]) is not None:
                     self.send_value(
-                        Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
+                        Kind.ERROR, key[1], _NOT_STARTED, key[0]
                     )
                     return
         task = self._tasks.get(key)
@@ -733,12 +736,12 @@ class ActorHost:
             self._waiting.remove(waiting)
             waiting[1].close()
             self.send_value(
-                Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
+                Kind.ERROR, key[1], _NOT_STARTED, key[0]
             )
             self._producers.pop(key, None)
         elif self._unqueue(key):  # the sync thread has not started it, and now never will
             self.send_value(
-                Kind.ERROR, key[1], {"type": "cancelled", "message": "the call was cancelled before it started"}, key[0]
+                Kind.ERROR, key[1], _NOT_STARTED, key[0]
             )
             producer = self._producers.pop(key, None)
             if producer is not None:

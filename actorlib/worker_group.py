@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from . import api, broadcast, runtime
 from .actor import ActorClass, ActorHandle, remote
@@ -292,28 +292,13 @@ class WorkerGroup:
         except OSError:
             return  # no room in /dev/shm: the calls go over ZeroMQ
         rt = runtime.current()
+        actors = [(w._actor_id, w._class_name, i) for i, w in enumerate(self._workers)]
         try:
-            refs = [
-                cast(
-                    ObjectRef,
-                    rt.submit(w._actor_id, w._class_name, broadcast.CONTROL, ("attach", slots.path, slots.token, i), {}),
-                )
-                for i, w in enumerate(self._workers)
-            ]
-            attached = api.get(refs, timeout=60.0)
-        except Exception as exc:  # (a worker died meanwhile ...) the group goes on without: calls go by ZeroMQ
-            log.debug("worker group of %s goes without shared-memory slots: %s", self._cls.__name__, exc)
-            slots.close()
-            return
+            taken = rt.run(slots.offer(rt, actors, timeout=60.0))
         except BaseException:
             slots.close()
             raise
-        finally:
-            slots.unlink()
-        for i, (ref, yes) in enumerate(zip(refs, attached, strict=True)):
-            if yes and ref._source is not None:
-                slots.attached(i, ref._source[0][0])  # the connection the worker will answer on
-        if any(attached):
+        if taken:
             self._broadcast = slots
         else:
             slots.close()
