@@ -12,7 +12,7 @@ from scheduler.resources import normalize_demand
 from . import runtime
 from .object_ref import ObjectRef
 from .placement_group import PlacementGroup
-from .worker import ASYNC_GENERATOR, GENERATOR, method_kind
+from .worker import ASYNC_GENERATOR, GENERATOR, SYNC, method_kind
 
 __all__ = ["ActorClass", "ActorHandle", "ActorMethod", "remote"]
 
@@ -221,7 +221,8 @@ class ActorMethod:
         h = self._handle
         stream = self._kind in (GENERATOR, ASYNC_GENERATOR)
         window = (self._window or runtime.DEFAULT_STREAM_WINDOW) if stream else None
-        return runtime.current().submit(h._actor_id, h._class_name, self._name, args, kwargs, stream_window=window)
+        rt = runtime.current()
+        return rt.submit(h._actor_id, h._class_name, self._name, args, kwargs, stream_window=window, sync=self._kind == SYNC)
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         """A node of a compiled graph (:mod:`actorlib.dag`): this method, called with these arguments on each execution."""

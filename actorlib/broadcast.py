@@ -73,6 +73,7 @@ it off.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import mmap
 import os
@@ -80,19 +81,20 @@ import platform
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from transport import Kind, Message
 
-from .spin import SPIN_S, Recent
+from .spin import SLOT_TOLERANCE, SPIN_S, Recent
 
 if TYPE_CHECKING:
     from .connection import ActorConnection, Call
     from .runtime import Runtime
     from .worker import ActorHost
 
-__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "Broadcast", "ReplyWatch", "Slot", "Slots", "poke", "reserved_method"]
+__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "MAX_DIRECT_SLOTS", "Broadcast", "ReplyWatch", "Slot", "Slots", "poke", "reserved_method"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ ENABLED = (
     and os.path.isdir("/dev/shm")
 )
 BODY_MAX = 64 << 10
+MAX_DIRECT_SLOTS = 16  # callers' own slots a worker looks at; later callers' calls go over ZeroMQ
 _MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
 _READING = 48  # in the header
 _HEADER = 64
@@ -150,20 +153,25 @@ class Broadcast:
         try:
             os.ftruncate(fd, _HEADER + workers * _SLOT)
             self._mm = mmap.mmap(fd, _HEADER + workers * _SLOT)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while this is open: a worker sees us gone (Slot.caller_gone)
         except BaseException:
+            os.close(fd)
             os.unlink(self.path)
             raise
-        finally:
-            os.close(fd)
+        self._release = weakref.finalize(self, os.close, fd)  # (also if never closed: nothing of ours holds it)
         self._mm[: len(_MAGIC) + 16] = _MAGIC + self.token
         self._w: memoryview | None = _words(self._mm)
 
-    async def offer(self, rt: Runtime, actors: Sequence[tuple[str, str, int]], timeout: float, graph: str | None = None) -> bool:
-        """Offer each actor ``(actor_id, class_name, slot index)`` its slot (for ``graph``'s events, or a worker
-        group's calls); the file's name goes after. True if any took it; False (and then nothing to undo) if none
-        did or something failed (an actor died meanwhile ...): their messages go by ZeroMQ."""
+    async def offer(
+        self, rt: Runtime, actors: Sequence[tuple[str, str, int]], timeout: float, graph: str | None = None, direct: bool = False
+    ) -> bool:
+        """Offer each actor ``(actor_id, class_name, slot index)`` its slot: for ``graph``'s events, for this
+        process's ``direct`` calls to it (one actor), else for a worker group's calls. The file's name goes
+        after. True if any took it; False (and then nothing to undo) if none did or something failed (an actor
+        died meanwhile ...): their messages go by ZeroMQ."""
         try:
-            refs = [rt.submit(aid, cls, CONTROL, ("attach", self.path, self.token, i, graph), {}) for aid, cls, i in actors]
+            attach = ("attach", self.path, self.token)
+            refs = [rt.submit(aid, cls, CONTROL, (*attach, i, graph, direct), {}) for aid, cls, i in actors]
             attached = await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout)
         except Exception as exc:
             log.debug("going without shared-memory slots: %s", exc)
@@ -198,6 +206,7 @@ class Broadcast:
         if w is not None:
             w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
             self._mm.close()
+        self._release()  # the lock goes with the fd: the workers may drop their slots
 
     def try_send(self, conns: Sequence[ActorConnection], slots: Sequence[int], calls: Sequence[Call]) -> bool:
         """Write each call (already encoded, buffer-less) into its worker's slot; False (nothing written) if any
@@ -328,13 +337,18 @@ class Broadcast:
 class Slot:
     """A worker's side: its slot of the caller's file, read by its sync thread (and by the loop, for a cancel)."""
 
-    def __init__(self, mm: mmap.mmap, index: int, peer: bytes | None, graph: str | None = None) -> None:
-        self._mm = mm
-        self._w = _words(mm)
+    def __init__(
+        self, mapped: tuple[mmap.mmap, int], index: int, peer: bytes | None, graph: str | None = None, direct: bool = False
+    ) -> None:
+        self._mm, self._fd = mapped
+        self._w = _words(self._mm)
         self._base = _HEADER + index * _SLOT
         self._k = self._base >> 3
         self.peer = peer  # the caller's routing id on the actor's socket: where the answers go
-        self.graph = graph  # a compiled graph's (its executions' EVENTs come here), or None: a worker group's calls
+        self.graph = graph  # a compiled graph's (its executions' EVENTs come here), or None: calls
+        self.direct = direct  # the caller's own calls to this actor (else a worker group's)
+        # which slot a new one replaces: a graph's, the caller's own, or the one worker group's this is in
+        self.owner: tuple[Any, ...] = ("graph", graph) if graph is not None else ("direct", peer) if direct else ("group",)
         self._last = 0
         self._reply_seq = 0
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
@@ -401,13 +415,30 @@ class Slot:
     def awake(self, on: bool) -> None:
         self._w[self._k + (_AWAKE >> 3)] = 1 if on else 0
 
+    def caller_gone(self) -> bool:
+        """The caller closed the file, or exited: it holds a shared lock on it until then (see Broadcast)."""
+        if self._fd < 0:
+            return True
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return True
+
+    def close(self) -> None:
+        """No longer looked at (the mapping goes with the last reference: the loop may be reading it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
 
 class Slots:
     """The slots a worker's sync thread looks at (a group's, compiled graphs'), as one."""
 
     def __init__(self) -> None:
         self.all: list[Slot] = []
-        self.waits = Recent()  # how long the sync thread's waits for them took (see actorlib.spin)
+        self.waits = Recent(SLOT_TOLERANCE)  # how long the sync thread's waits for them took (see actorlib.spin)
 
     def ready(self) -> bool:
         return any(slot.ready() for slot in self.all)
@@ -488,15 +519,18 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
             host.wake_sync()
             return None
         if op == "attach":
-            path, token, index, graph = args
-            return host.attach_slot(_map(path, token, index), index, key[0], graph)
+            path, token, index, graph, direct = args
+            if graph is not None and not isinstance(graph, str):
+                raise TypeError(f"a graph's id is a str, not {type(graph).__name__}")
+            return host.attach_slot(_map(path, token, index), index, key[0], graph, bool(direct))
         raise ValueError(f"unknown broadcast operation {op!r}")
 
     return control, ASYNC
 
 
-def _map(path: str, token: bytes, index: int) -> mmap.mmap | None:
-    """The caller's file, if it is on this machine and is the one meant (its token)."""
+def _map(path: str, token: bytes, index: int) -> tuple[mmap.mmap, int] | None:
+    """The caller's file, mapped, and an fd of it (see Slot.caller_gone), if it is on this machine and is the
+    one meant (its token)."""
     if not ENABLED or not isinstance(path, str) or not path.startswith("/dev/shm/actorlib-") or "/" in path[9:]:
         return None
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
@@ -507,14 +541,12 @@ def _map(path: str, token: bytes, index: int) -> mmap.mmap | None:
         return None  # another machine's
     try:
         size = os.fstat(fd).st_size
-        if size < _HEADER + (index + 1) * _SLOT:
-            return None
-        mm = mmap.mmap(fd, size)
+        mm = mmap.mmap(fd, size) if size >= _HEADER + (index + 1) * _SLOT else None
     except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if mm[: len(_MAGIC) + 16] != _MAGIC + token:
+        mm = None
+    if mm is not None and mm[: len(_MAGIC) + 16] == _MAGIC + token:
+        return mm, fd
+    if mm is not None:
         mm.close()
-        return None
-    return mm
+    os.close(fd)
+    return None

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from transport import EncodeError, Endpoint, EndpointBusy, Kind, TransportError, dumps, wait_sent
 
+from . import broadcast
+from .broadcast import Broadcast
 from .exceptions import ActorDiedError, ActorLibError, SerializationError, TaskCancelledError
 from .object_ref import ObjectRef, StreamState
 
@@ -96,6 +98,7 @@ class Call:
 # The runtime's own methods that the actor's loop runs as they come (a compiled graph's control calls, among
 # them its open results call; a shared-memory slot's attach and poke), never queued with the user's sync calls:
 # nothing sent after them can overtake them. (WorkerGroup.run's __actorlib_run__ is queued: not one of these.)
+OFFER_SLOT_AFTER = 3
 _LOOP_METHODS = frozenset({"__actorlib_dag__", "__actorlib_broadcast__"})
 
 _no_arg_calls: dict[tuple[str, Any], tuple[bytes, list[Any]]] = {}
@@ -132,6 +135,8 @@ class ActorConnection:
         self.max_task_retries = 0  # the actor's, learnt when resolving it
         self._resolving = 0  # bumped by each restart: only the latest resolve connects
         self._awaiting_args: tuple[Call, asyncio.Task[None]] | None = None  # the call _flush waits on the arguments of
+        self.slot: Broadcast | None = None  # a shared-memory slot for sync calls from threads (see try_slot)
+        self._slot_calls = 0  # such calls made (to this worker) until the slot is offered
         rt.loop.create_task(self._resolve(0))
 
     # -- on the loop thread ------------------------------------------------
@@ -157,6 +162,45 @@ class ActorConnection:
             self.lock.release()
         wait_sent(tracker, lambda: self.state is not ConnState.DEAD)
         return True
+
+    def try_slot(self, call: Call) -> bool:
+        """From a caller's thread with no event loop, a sync method's call: write it into this connection's
+        shared-memory slot if the worker is polling it and nothing is ahead of the call (see
+        ``actorlib.broadcast``); else False. The :data:`OFFER_SLOT_AFTER`-th such call to a worker has the
+        loop offer it the slot: an actor called back to back from a thread."""
+        slot = self.slot
+        if slot is None:
+            self._slot_calls += 1
+            if self._slot_calls == OFFER_SLOT_AFTER and broadcast.ENABLED and self.rt.direct_answers:
+                self.rt.call_soon(self._offer_slot)
+            return False
+        return call.frames is not None and not call.frames[1] and slot.try_send((self,), (0,), (call,))
+
+    def _offer_slot(self) -> None:
+        endpoint = self.endpoint
+        if self.state is not ConnState.CONNECTED or self.slot is not None or endpoint is None:
+            return
+        try:
+            slot = Broadcast(1)
+        except OSError as exc:  # /dev/shm full ...: ZeroMQ it is
+            log.debug("no shared-memory slot for %s: %s", self.class_name, exc)
+            return
+
+        async def offer() -> None:
+            taken = await slot.offer(self.rt, [(self.actor_id, self.class_name, 0)], timeout=60.0, direct=True)
+            if taken and self.endpoint is endpoint and self.state is ConnState.CONNECTED and self.slot is None:
+                self.slot = slot
+            else:  # refused (another machine's worker ...), or the worker was lost meanwhile
+                slot.close()
+
+        self.rt.loop.create_task(offer())
+
+    def _drop_slot(self) -> None:
+        """The worker was lost: its slot goes (loop thread)."""
+        slot, self.slot = self.slot, None
+        self._slot_calls = 0  # a restarted one is offered a new one once called back to back again
+        if slot is not None:
+            slot.close()
 
     def post(self) -> None:
         """A caller's thread is about to hand a call to the loop (after :meth:`try_direct` said no)."""
@@ -370,6 +414,7 @@ class ActorConnection:
                     call.req_id = 0
                     again.append(call)
             self._queue.extendleft(reversed(again))
+        self._drop_slot()
         if old is not None:
             old.pending.clear()
             old.close()
@@ -387,6 +432,7 @@ class ActorConnection:
             self.state = ConnState.DEAD
             self._death = death
             inflight, self._inflight = self._inflight, {}
+        self._drop_slot()
         err = self._died()
         for call in list(inflight.values()):  # a thread reading its answer may pop from it meanwhile
             call.fail(err)

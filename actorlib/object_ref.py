@@ -29,7 +29,7 @@ from transport import DecodeError, Kind, Message, loads
 from .broadcast import ReplyWatch
 from .completion import Completion
 from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
-from .spin import Recent, poll_until
+from .spin import SLOT_TOLERANCE, Recent, poll_until
 
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
 
@@ -322,6 +322,7 @@ class _Wakeup:
         self.blocked = False  # the thread waits in wait_reading: a loop it runs is not running now
         self.gets = Recent()  # this thread's blocking gets of one ref (see actorlib.spin)
         self.list_gets = Recent()  # and of several: they take longer, and must not stop the others' polling
+        self.slot_gets = Recent(SLOT_TOLERANCE)  # and of calls that went through shared-memory slots
 
     def wake(self, _: Completion) -> None:
         if threading.get_ident() != self.thread:
@@ -378,7 +379,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     # readable, or was seen by a send's look at the socket, which then had the loop read it.
     to_read: list[Any] = []
     start = time.monotonic()
-    recent = wakeup.gets if len(futs) == 1 else wakeup.list_gets
+    recent = wakeup.slot_gets if groups else wakeup.gets if len(futs) == 1 else wakeup.list_gets
     spin = recent.spin_for()
     spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
     slots = None

@@ -320,13 +320,15 @@ class Runtime:
         kwargs: dict[str, Any],
         *,
         stream_window: int | None = None,
+        sync: bool = False,
     ) -> ObjectRef | ObjectRefGenerator:
-        """Call ``method`` on one actor; returns its ObjectRef (or ObjectRefGenerator)."""
+        """Call ``method`` on one actor; returns its ObjectRef (or ObjectRefGenerator). ``sync``: a sync method,
+        which may go through the connection's shared-memory slot (see ``ActorConnection.try_slot``)."""
         deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
         options = None if stream_window is None else {"window": stream_window}
         call = Call(method, args, kwargs, options, None if deps else encode_call(method, args, kwargs, options), None, deps)
         result = self._sink(actor_id, class_name, call, stream_window)
-        self._dispatch(actor_id, class_name, call)
+        self._dispatch(actor_id, class_name, call, sync)
         return result
 
     def submit_many(
@@ -373,7 +375,7 @@ class Runtime:
         )
         return ObjectRefGenerator(call.sink, self.check_can_block)
 
-    def _dispatch(self, actor_id: str, class_name: str, call: Call) -> None:
+    def _dispatch(self, actor_id: str, class_name: str, call: Call, sync: bool = False) -> None:
         if self.in_loop():
             _own_buffers(call)  # sent later, from the loop: the caller must be free to change its arrays
             self.connection(actor_id, class_name).submit(call)
@@ -381,6 +383,8 @@ class Runtime:
         conn = self._conns.get(actor_id)
         if conn is not None:
             caller_loop = asyncio._get_running_loop()
+            if caller_loop is None and sync and conn.try_slot(call):
+                return
             if caller_loop is None or caller_loop not in self._bursting:
                 if conn.try_direct(call):
                     if caller_loop is not None:  # later calls in this step of the caller's loop: batched

@@ -15,6 +15,8 @@ costs over the wire's own time. Two waits do this:
 Each polls for about twice as long as its recent waits took (:class:`Recent`),
 at most ``ACTORLIB_GET_SPIN_US`` (:data:`SPIN_S`), and not at all while they
 take longer than that: a wait that ends in a sleep anyway would only burn CPU.
+Waits for shared-memory slots are let take up to four times as long: see
+:class:`Recent`.
 """
 
 from __future__ import annotations
@@ -43,18 +45,29 @@ SPIN_S = _spin_s()
 
 
 class Recent:
-    """A moving average of how long one thread's waits of one kind took, and so how long the next polls."""
+    """A moving average of how long one thread's waits of one kind took, and so how long the next polls.
 
-    def __init__(self) -> None:
+    ``tolerance``: poll while the waits take up to that many times :data:`SPIN_S`. Above 1 for the waits
+    that shared-memory slots end (see :mod:`actorlib.broadcast`): a message comes through a slot only while
+    its reader polls, and then far sooner than over ZeroMQ; waits that went over ZeroMQ (on a machine slow to
+    wake a thread, a group's round takes about 1 ms) would otherwise keep the polling, and the slots, off.
+    """
+
+    def __init__(self, tolerance: float = 1.0) -> None:
+        self.limit = tolerance * SPIN_S
         self.typical = SPIN_S / 2  # seconds
 
     def spin_for(self) -> float:
-        """About twice what such waits took lately, at most :data:`SPIN_S`; 0 while they take longer."""
-        return 0.0 if self.typical > SPIN_S else min(SPIN_S, 2 * self.typical)
+        """About twice what such waits took lately, at most :data:`SPIN_S`; 0 while they take longer than the
+        limit."""
+        return 0.0 if self.typical > self.limit else min(SPIN_S, 2 * self.typical)
 
     def took(self, seconds: float) -> None:
         # one long wait (an idle spell) counts as just too long, so a few short ones bring the polling back
-        self.typical += (min(seconds, 2 * SPIN_S) - self.typical) / 8
+        self.typical += (min(seconds, 2 * self.limit) - self.typical) / 8
+
+
+SLOT_TOLERANCE = 4.0  # see Recent
 
 
 def poll_until(poller: Any, until: float, also: Any = None) -> list[Any]:

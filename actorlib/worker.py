@@ -57,7 +57,7 @@ from transport.endpoint import BATCH_BYTES
 from transport.protocol import decode
 
 from . import broadcast, runtime as runtime_mod
-from .broadcast import Slot, Slots
+from .broadcast import MAX_DIRECT_SLOTS, Slot, Slots
 from .rank_program import RUN_METHOD, run_in_worker
 from .runtime import Runtime
 from .spin import Recent, poll_until
@@ -241,6 +241,7 @@ class ActorHost:
         self._after_inbox = False  # the last wake-up ran a graph's messages: the next wait may poll first
         self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
         self._slots: Slots | None = None  # shared-memory slots for calls and graphs' events (actorlib.broadcast)
+        self._held: collections.deque[Any] = collections.deque()  # a job taken from the queue, run after a slot's
         self._max_concurrency = int(config.get("max_concurrency") or 1000)
         self._running = 0  # async calls running on the loop
         self._waiting: collections.deque[tuple[tuple[bytes | None, int], Any]] = collections.deque()
@@ -264,15 +265,7 @@ class ActorHost:
         """
         while True:
             if self._polling:
-                # a call in the group's slot goes first: it was written after this caller's earlier calls were
-                # answered, and before any later one was sent (see actorlib.broadcast)
-                job = self._slot_job() if self._slots is not None else None
-                if job is None:
-                    try:
-                        job = self._sync_jobs.get_nowait()
-                    except queue.Empty:
-                        job = _NO_JOB  # waited for below, out of the handler: a graph's node that raises while
-                        # this thread waits must not show the queue's Empty as its context in the user's traceback
+                job = self._next_job()
                 if job is _NO_JOB:
                     if self._reading_calls:
                         self._share_reading(True)
@@ -292,12 +285,9 @@ class ActorHost:
     def run_queued_jobs(self) -> None:
         """Run the jobs queued now (sync thread, from inside one that waits: see ``GraphRuntime._wait_serving``)."""
         while True:
-            job = self._slot_job() if self._slots is not None else None  # first, as in _sync_loop
-            if job is None:
-                try:
-                    job = self._sync_jobs.get_nowait()
-                except queue.Empty:
-                    return
+            job = self._next_job()
+            if job is _NO_JOB:
+                return
             if job is None:  # the end: left for the thread's own loop (no wake-up: this waiter would take it again)
                 self._sync_jobs.put(None)
                 return
@@ -306,6 +296,27 @@ class ActorHost:
                 job()
             except BaseException:  # never lose the thread
                 traceback.print_exc()
+
+    def _next_job(self) -> Any:
+        """The sync thread's next job without waiting, or ``_NO_JOB``. A call in a slot goes first: it was
+        written after its caller's earlier calls were answered, and before any later one was sent (see
+        actorlib.broadcast); so the slots are looked at again after a job is taken from the queue, which the
+        loop may have filled just after the first look."""
+        if self._held:
+            return self._held.popleft()
+        job = self._slot_job() if self._slots is not None else None
+        if job is not None:
+            return job
+        try:
+            job = self._sync_jobs.get_nowait()
+        except queue.Empty:
+            return _NO_JOB  # (waited for by the caller, out of this handler: a graph's node that raises while the
+            # thread waits must not show the queue's Empty as its context in the user's traceback)
+        earlier = self._slot_job() if self._slots is not None else None
+        if earlier is None:
+            return job
+        self._held.append(job)
+        return earlier
 
     def wake_sync(self) -> None:
         """End the sync thread's :meth:`poll_sync_once` (any thread)."""
@@ -368,22 +379,23 @@ class ActorHost:
             except BaseException:  # never lose the thread
                 traceback.print_exc()
 
-    def attach_slot(self, mapped: mmap.mmap | None, index: int, peer: bytes | None, graph: str | None) -> bool:
-        """A caller offers slot ``index`` of its shared-memory file: a worker group's, or a compiled ``graph``'s
-        whose nodes here are all sync (loop; see actorlib.broadcast)."""
+    def attach_slot(self, mapped: tuple[mmap.mmap, int] | None, index: int, peer: bytes | None, graph: str | None, direct: bool) -> bool:
+        """A caller offers slot ``index`` of its shared-memory file: a worker group's, the caller's own for its
+        calls to this actor (``direct``), or a compiled ``graph``'s whose nodes here are all sync (loop; see
+        actorlib.broadcast). The sync thread may still leave it (too many callers): the caller then never finds
+        it awake, and never writes to it."""
         if mapped is None:
             return False  # not on this machine: its messages keep coming over ZeroMQ
+        slot = Slot(mapped, index, peer, graph, direct)
         if graph is not None:
             from . import dag_worker
 
             runtime = dag_worker.graph_runtime(graph)
             if runtime is None or not runtime.threaded:
-                mapped.close()
+                slot.close()
                 return False  # its events are the loop's to take
-            runtime.slot = Slot(mapped, index, peer, graph)
-            self.post_sync(functools.partial(self._attach_slot, runtime.slot))
-        else:
-            self.post_sync(functools.partial(self._attach_slot, Slot(mapped, index, peer)))
+            runtime.slot = slot
+        self.post_sync(functools.partial(self._attach_slot, slot))
         return True
 
     def _attach_slot(self, slot: Slot) -> None:
@@ -391,13 +403,25 @@ class ActorHost:
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         if self._slots is None:
             self._slots = Slots()
-        self._slots.all = [s for s in self._slots.all if s.graph != slot.graph] + [slot]  # (one group's at a time)
+        kept = []
+        for s in self._slots.all:
+            if s.owner == slot.owner or (s.direct and s.caller_gone()):  # (one group's at a time)
+                s.close()
+            else:
+                kept.append(s)
+        if slot.direct and sum(s.direct for s in kept) >= MAX_DIRECT_SLOTS:
+            slot.close()  # never awake: its caller's calls keep coming over ZeroMQ
+            return
+        self._slots.all = [*kept, slot]
         self._remake_poller()
         slot.awake(True)
 
     def detach_slot(self, graph: str) -> None:
         """A compiled graph's slot goes with the graph (sync thread)."""
         if self._slots is not None:
+            for s in self._slots.all:
+                if s.graph == graph:
+                    s.close()
             self._slots.all = [s for s in self._slots.all if s.graph != graph]
 
     def _slot_job(self) -> Callable[[], None] | None:

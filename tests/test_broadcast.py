@@ -141,7 +141,14 @@ def test_answers_too_big_for_a_slot_and_to_asyncio_callers(group):
     assert not other.is_alive() and not failures
 
 
-def test_an_error_and_a_death_through_the_slots(group):
+def _first_looks_awake(monkeypatch, slots, n):
+    """The caller's next ``n`` looks at whether a worker is awake say it is (it writes the slot); later ones,
+    as the one after writing, are true (a worker asleep is poked)."""
+    lies = iter([True] * n)
+    monkeypatch.setattr(slots, "_awake", lambda mm, i: next(lies, None) or broadcast.Broadcast._awake(mm, i))
+
+
+def test_an_error_and_a_death_through_the_slots(group, monkeypatch):
     warm(group)
     sent = group._broadcast.sent
     refs = group.run_all_workers_single_data("refuse")
@@ -152,6 +159,7 @@ def test_an_error_and_a_death_through_the_slots(group):
     assert group._broadcast.sent > sent
     pids = actorlib.get(group.run_all_workers_single_data("pid"), timeout=30)
     sent = group._broadcast.sent
+    _first_looks_awake(monkeypatch, group._broadcast, 3)  # (and one asleep is poked)
     refs = group.run_all_workers_single_data("exit")
     for ref in refs:
         with pytest.raises(ActorDiedError):
@@ -166,12 +174,7 @@ def test_a_worker_fallen_asleep_meanwhile_is_poked(group, monkeypatch):
     slots = group._broadcast
     mm = slots._w
     wait_for(lambda: not any(slots._awake(mm, i) for i in range(3)), what="the workers asleep")
-    lies = iter([True, True, True])  # the first look at each: awake
-
-    def awake(mm_, index):
-        return next(lies, None) or broadcast.Broadcast._awake(mm_, index)
-
-    monkeypatch.setattr(slots, "_awake", awake)
+    _first_looks_awake(monkeypatch, slots, 3)
     sent = slots.sent
     assert actorlib.get(group.run_all_workers_single_data("log", "poked"), timeout=30) == [0, 1, 2]
     assert slots.sent == sent + 1
@@ -371,8 +374,7 @@ def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeyp
 
         index = compiled._link_slots[0][0]
         wait_for(lambda: not slots._awake(slots._w, index), what="the input stage asleep")
-        lies = iter([True])
-        monkeypatch.setattr(slots, "_awake", lambda mm, i: next(lies, None) or broadcast.Broadcast._awake(mm, i))
+        _first_looks_awake(monkeypatch, slots, 1)
         sent = slots.sent
         assert actorlib.get(compiled.execute(torch.tensor([5.0])), timeout=30).item() == 7.0
         assert slots.sent == sent + 1
@@ -388,8 +390,11 @@ def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeyp
     try:
         for _ in range(3):
             actorlib.get(compiled.execute(torch.tensor([0.0])), timeout=30)
-        sent = compiled._slots.sent
-        refs = [compiled.execute(torch.tensor([float(i)])) for i in range(4)]
+        slots = compiled._slots
+        sent = slots.sent
+        refs = [compiled.execute(torch.tensor([0.0]))]
+        wait_for(lambda: slots._awake(slots._w, compiled._link_slots[0][0]), interval=0.001, what="the stage running")
+        refs += [compiled.execute(torch.tensor([float(i)])) for i in range(1, 4)]
         assert [r.item() for r in actorlib.get(refs, timeout=30)] == [1.0, 2.0, 3.0, 4.0]
         assert compiled._slots.sent > sent
     finally:
@@ -497,3 +502,130 @@ def test_a_group_call_does_not_overtake_a_run_sent_before_it(group, tmp_path):
 def _note_run(directory, i):
     with open(os.path.join(directory, f"runs.{os.environ['RANK']}"), "a") as f:
         f.write(f"{i} {time.monotonic_ns()}\n")
+
+
+@actorlib.remote(max_restarts=1)
+class Counter:
+    """An actor of its own (no group): a thread's calls to it go through the connection's slot."""
+
+    def __init__(self):
+        self.seen = []
+
+    def log(self, item):
+        self.seen.append(item)
+        return item
+
+    async def alog(self, item):
+        self.seen.append(item)
+        return item
+
+    def seen_items(self):
+        return list(self.seen)
+
+    def pid(self):
+        return os.getpid()
+
+    def exit(self):
+        os._exit(3)
+
+
+def _own_slot(actor):
+    from actorlib import runtime
+
+    return runtime.current()._conns[actor._actor_id].slot
+
+
+def _through_own_slot(actor, start, n=100):
+    """Call ``actor.log`` back to back; True if some of those calls and answers went through its slot."""
+    for i in range(start, start + n):
+        assert actorlib.get(actor.log.remote(i), timeout=30) == i
+        slot = _own_slot(actor)
+        if slot is not None and slot.sent > 2 and slot.replied > 2:
+            return True
+    return False
+
+
+def test_a_thread_calling_an_actor_back_to_back_goes_through_its_own_slot(al):
+    """After a few sync calls from a thread, the next go through the connection's own slot; and they keep
+    their order with calls that cannot (several in flight, an ObjectRef argument, an async method)."""
+    a = Counter.remote()
+    try:
+        assert actorlib.get(a.log.remote("first"), timeout=30) == "first"
+        assert _own_slot(a) is None  # not for an actor called once or twice
+        assert _through_own_slot(a, 0, 500)
+        expected = actorlib.get(a.seen_items.remote(), timeout=30)
+        for i in range(200):
+            item = ("mixed", i)
+            if i % 4 == 0:
+                refs = [a.log.remote(item)]
+            elif i % 4 == 1:  # the first may go through the slot, the second (one in flight) cannot
+                refs = [a.log.remote(item), a.log.remote((item, "second"))]
+            elif i % 4 == 2:  # the third waits for the second's answer, and for nothing else
+                refs = [a.log.remote(item), a.log.remote(a.log.remote((item, "by ref")))]
+            else:
+                refs = [a.alog.remote(item)]
+            expected += {1: [item, (item, "second")], 2: [item, (item, "by ref"), (item, "by ref")]}.get(i % 4, [item])
+            actorlib.get(refs, timeout=30)
+        assert actorlib.get(a.seen_items.remote(), timeout=30) == expected
+    finally:
+        actorlib.kill(a)
+
+
+def test_an_actor_restarted_gets_a_new_slot_and_a_dead_one_fails_the_call_in_it(al):
+    from actorlib import runtime
+
+    a = Counter.remote()
+    try:
+        assert _through_own_slot(a, 0, 500)
+        conn = runtime.current()._conns[a._actor_id]
+        first, pid = conn.slot, actorlib.get(a.pid.remote(), timeout=30)
+        with pytest.raises(ActorDiedError):
+            actorlib.get(a.exit.remote(), timeout=30)
+        wait_for(lambda: actorlib.get(a.pid.remote(), timeout=30) != pid, what="the actor restarted")
+        assert first._w is None  # closed with the lost worker
+        assert _through_own_slot(a, 1000, 500)
+        assert _own_slot(a) is not first
+        sent = _own_slot(a).sent
+        with pytest.raises(ActorDiedError):  # out of restarts: the call fails, wherever it went
+            actorlib.get(a.exit.remote(), timeout=30)
+        assert conn.slot is None and sent > 0
+    finally:
+        actorlib.kill(a)
+
+
+def test_a_worker_keeps_a_bounded_number_of_callers_slots_and_drops_those_of_callers_gone():
+    """Unit test of the worker's side (``ActorHost._attach_slot`` on a bare host): each caller's file is real,
+    and so is its lock, which tells the worker the caller closed it (or exited)."""
+    import types
+
+    from actorlib.worker import ActorHost
+
+    host = types.SimpleNamespace(_wake=-1, _slots=None, _remake_poller=lambda: None)
+    callers, slots = [], []
+    try:
+        for n in range(broadcast.MAX_DIRECT_SLOTS + 1):
+            caller = broadcast.Broadcast(1)
+            callers.append(caller)
+            mapped = broadcast._map(caller.path, caller.token, 0)
+            caller.unlink()
+            slots.append(broadcast.Slot(mapped, 0, b"peer%d" % n, None, True))
+            ActorHost._attach_slot(host, slots[-1])
+        awake = [caller._awake(caller._w, 0) for caller in callers]
+        assert awake == [True] * broadcast.MAX_DIRECT_SLOTS + [False]  # the last caller's calls go over ZeroMQ
+        assert not any(slot.caller_gone() for slot in slots[:-1])
+        callers[3].close()  # that caller is done with it
+        assert slots[3].caller_gone()
+        again = broadcast.Broadcast(1)
+        callers.append(again)
+        mapped = broadcast._map(again.path, again.token, 0)
+        again.unlink()
+        ActorHost._attach_slot(host, broadcast.Slot(mapped, 0, b"peer-again", None, True))
+        assert again._awake(again._w, 0) and slots[3] not in host._slots.all
+        assert sum(s.direct for s in host._slots.all) == broadcast.MAX_DIRECT_SLOTS
+    finally:
+        for caller in callers:
+            caller.close()
+        for slot in slots:
+            slot.close()
+        if host._wake >= 0:
+            os.close(host._wake)
