@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any
 
 from transport import Kind, Message
 
-from .spin import SLOT_TOLERANCE, SPIN_S, Recent
+from .spin import SPIN_S, Recent
 
 if TYPE_CHECKING:
     from .connection import ActorConnection, Call
@@ -299,13 +299,14 @@ class Broadcast:
             pass
         return False
 
-    def take_replies(self) -> None:
-        """Hand the answers written since the last look to their calls' sinks (as if read off their sockets)."""
+    def take_replies(self) -> int:
+        """Hand the answers written since the last look to their calls' sinks (as if read off their sockets);
+        how many."""
         found = []
         with self._readers_lock:
             w = self._w
             if w is None:
-                return
+                return 0
             for i, last in enumerate(self._replied):
                 base = _HEADER + i * _SLOT
                 k = base >> 3
@@ -328,6 +329,7 @@ class Broadcast:
                     endpoint_.deliver(msg_)
                 raise
             self.replied += 1
+        return len(found)
 
     @staticmethod
     def _awake(w: memoryview, index: int) -> bool:
@@ -438,7 +440,7 @@ class Slots:
 
     def __init__(self) -> None:
         self.all: list[Slot] = []
-        self.waits = Recent(SLOT_TOLERANCE)  # how long the sync thread's waits for them took (see actorlib.spin)
+        self.waits = Recent(slots=True)  # how long the sync thread's waits for them took (see actorlib.spin)
 
     def ready(self) -> bool:
         return any(slot.ready() for slot in self.all)
@@ -469,6 +471,7 @@ class ReplyWatch:
         self.groups = list(groups)
         self._counted: list[Broadcast] = []  # whose ``reading`` this one holds a share of
         self._look_again = False  # shares given back: what was written meanwhile is still to be taken
+        self.taken = 0  # answers taken out of the slots
 
     @property
     def on(self) -> bool:
@@ -484,7 +487,7 @@ class ReplyWatch:
 
     def take(self) -> None:
         for group in self.groups:
-            group.take_replies()
+            self.taken += group.take_replies()
 
     def stop(self) -> None:
         """Done, or about to sleep on the sockets: workers send there from now on. What one wrote before it saw

@@ -137,6 +137,7 @@ class ActorConnection:
         self._awaiting_args: tuple[Call, asyncio.Task[None]] | None = None  # the call _flush waits on the arguments of
         self.slot: Broadcast | None = None  # a shared-memory slot for sync calls from threads (see try_slot)
         self._slot_calls = 0  # such calls made (to this worker) until the slot is offered
+        self._slot_offered: Endpoint | None = None  # the connection to the worker last offered one
         rt.loop.create_task(self._resolve(0))
 
     # -- on the loop thread ------------------------------------------------
@@ -170,16 +171,18 @@ class ActorConnection:
         loop offer it the slot: an actor called back to back from a thread."""
         slot = self.slot
         if slot is None:
-            self._slot_calls += 1
-            if self._slot_calls == OFFER_SLOT_AFTER and broadcast.ENABLED and self.rt.direct_answers:
-                self.rt.call_soon(self._offer_slot)
+            if self.state is ConnState.CONNECTED:
+                self._slot_calls += 1  # (threads racing here may count one call less: it is offered later)
+                if self._slot_calls == OFFER_SLOT_AFTER and broadcast.ENABLED and self.rt.direct_answers:
+                    self.rt.call_soon(self._offer_slot)
             return False
         return call.frames is not None and not call.frames[1] and slot.try_send((self,), (0,), (call,))
 
     def _offer_slot(self) -> None:
         endpoint = self.endpoint
-        if self.state is not ConnState.CONNECTED or self.slot is not None or endpoint is None:
+        if self.state is not ConnState.CONNECTED or endpoint is None or self._slot_offered is endpoint:
             return
+        self._slot_offered = endpoint  # once per worker: a second offer would replace the first in the worker
         try:
             slot = Broadcast(1)
         except OSError as exc:  # /dev/shm full ...: ZeroMQ it is

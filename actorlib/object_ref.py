@@ -29,7 +29,7 @@ from transport import DecodeError, Kind, Message, loads
 from .broadcast import ReplyWatch
 from .completion import Completion
 from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
-from .spin import SLOT_TOLERANCE, Recent, poll_until
+from .spin import Recent, poll_until
 
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
 
@@ -322,7 +322,7 @@ class _Wakeup:
         self.blocked = False  # the thread waits in wait_reading: a loop it runs is not running now
         self.gets = Recent()  # this thread's blocking gets of one ref (see actorlib.spin)
         self.list_gets = Recent()  # and of several: they take longer, and must not stop the others' polling
-        self.slot_gets = Recent(SLOT_TOLERANCE)  # and of calls that went through shared-memory slots
+        self.slot_gets = Recent(slots=True)  # and of calls that went through shared-memory slots
 
     def wake(self, _: Completion) -> None:
         if threading.get_ident() != self.thread:
@@ -436,7 +436,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                 elif fd in by_fd:
                     to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
         if all(f.done() for f in futs):
-            recent.took(time.monotonic() - start)
+            recent.took(time.monotonic() - start, hit=slots is not None and slots.taken > 0)
     finally:
         if slots is not None:
             slots.stop()

@@ -15,8 +15,19 @@ costs over the wire's own time. Two waits do this:
 Each polls for about twice as long as its recent waits took (:class:`Recent`),
 at most ``ACTORLIB_GET_SPIN_US`` (:data:`SPIN_S`), and not at all while they
 take longer than that: a wait that ends in a sleep anyway would only burn CPU.
-Waits for shared-memory slots are let take up to four times as long: see
-:class:`Recent`.
+
+Waits for shared-memory slots (a worker's, and a ``get()``'s of calls that
+went through one) also poll, for twice as long, while a slot ended one of
+their last :data:`HITS_KEPT` waits, and during a probe window
+(:data:`PROBE_WINDOW_S` of every :data:`PROBE_PERIOD_S` of the machine's
+monotonic clock, the same for every process). A message comes through a slot
+only while its reader polls, and then far sooner than over ZeroMQ: waits
+measured over ZeroMQ (on a machine slow to wake threads, a group's round takes
+about 1 ms) would otherwise keep the polling, and the slots, off for good. The
+windows line up across the workers of a group, whose caller writes their slots
+only when all of them poll; where the slots do not end the waits, the polling
+is back to what it was after :data:`HITS_KEPT` waits, but for an eighth of
+the time.
 """
 
 from __future__ import annotations
@@ -44,30 +55,35 @@ def _spin_s() -> float:
 SPIN_S = _spin_s()
 
 
+PROBE_PERIOD_S = 0.4
+PROBE_WINDOW_S = 0.05
+HITS_KEPT = 8
+
+
 class Recent:
     """A moving average of how long one thread's waits of one kind took, and so how long the next polls.
 
-    ``tolerance``: poll while the waits take up to that many times :data:`SPIN_S`. Above 1 for the waits
-    that shared-memory slots end (see :mod:`actorlib.broadcast`): a message comes through a slot only while
-    its reader polls, and then far sooner than over ZeroMQ; waits that went over ZeroMQ (on a machine slow to
-    wake a thread, a group's round takes about 1 ms) would otherwise keep the polling, and the slots, off.
-    """
+    ``slots``: waits that shared-memory slots may end (see the module)."""
 
-    def __init__(self, tolerance: float = 1.0) -> None:
-        self.limit = tolerance * SPIN_S
+    def __init__(self, slots: bool = False) -> None:
         self.typical = SPIN_S / 2  # seconds
+        self.slots = slots
+        self.hits = HITS_KEPT if slots else 0  # counts down at each wait a slot did not end; back up at one it did
 
     def spin_for(self) -> float:
-        """About twice what such waits took lately, at most :data:`SPIN_S`; 0 while they take longer than the
-        limit."""
-        return 0.0 if self.typical > self.limit else min(SPIN_S, 2 * self.typical)
+        """About twice what such waits took lately, at most :data:`SPIN_S`; 0 while they take longer (but
+        for slots' waits: see the module)."""
+        if self.typical <= SPIN_S:
+            return min(SPIN_S, 2 * self.typical)
+        if self.slots and (self.hits or time.monotonic() % PROBE_PERIOD_S < PROBE_WINDOW_S):
+            return 2 * SPIN_S  # long enough for a round over ZeroMQ, after which the slots may be used
+        return 0.0
 
-    def took(self, seconds: float) -> None:
+    def took(self, seconds: float, hit: bool = False) -> None:
+        """A wait took ``seconds``; ``hit``: a slot ended it."""
+        self.hits = HITS_KEPT if hit else max(0, self.hits - 1)
         # one long wait (an idle spell) counts as just too long, so a few short ones bring the polling back
-        self.typical += (min(seconds, 2 * self.limit) - self.typical) / 8
-
-
-SLOT_TOLERANCE = 4.0  # see Recent
+        self.typical += (min(seconds, 2 * SPIN_S) - self.typical) / 8
 
 
 def poll_until(poller: Any, until: float, also: Any = None) -> list[Any]:

@@ -341,7 +341,7 @@ class ActorHost:
         try:
             ready = poll_until(poller, start + spin, slots) if spin else []
             if not ready and slots is not None and (slots.ready() or not slots.asleep_unless_ready()):
-                slots.waits.took(time.monotonic() - start)
+                slots.waits.took(time.monotonic() - start, hit=True)
                 return  # taken by _sync_loop
             if not ready:
                 ready = poller.poll()
@@ -406,6 +406,7 @@ class ActorHost:
         kept = []
         for s in self._slots.all:
             if s.owner == slot.owner or (s.direct and s.caller_gone()):  # (one group's at a time)
+                s.awake(False)  # (its caller writes no more there)
                 s.close()
             else:
                 kept.append(s)
