@@ -1,8 +1,9 @@
 """Calls and graph executions through shared memory, to the workers on the caller's machine that are awake.
 
 A worker group's call to several workers (``run_all_workers_single_data``
-and the like) sends one message per worker over ZeroMQ, and a compiled
-graph's execution one per input actor. Each costs the caller a send (Python,
+and the like) sends one message per worker over ZeroMQ, a compiled graph's
+execution one per input actor, a stage one per output it hands on, and a
+thread calling an actor back to back one per call. Each costs the caller a send (Python,
 a system call, a wake-up of ZeroMQ's I/O thread) and the worker two
 wake-ups (its I/O thread, then the thread that runs the call); the answer
 the same again. Workers called back to back are usually awake already,
@@ -13,6 +14,19 @@ worker's sync thread looks at between its polls; and while the caller's
 or error, a graph's output) into the slot too. Everything else (a message
 too big for a slot, cancelling, a worker's death, a restart) goes as over
 ZeroMQ.
+
+Who writes which slots, and whose answers come back through them:
+
+- a worker group's caller: one file, a slot per worker; answers too.
+- a compiled graph's driver: one file, a slot per input or output actor
+  (executions in, outputs out); and one file with a slot per pair of stages
+  on this machine, which the sending stage writes (:meth:`Broadcast.link`,
+  :meth:`Broadcast.adopt`) and the driver only makes.
+- a connection from a thread to one actor (``ActorConnection.try_slot``):
+  a one-slot file of its own (``direct``); answers too. A worker looks at
+  no more than :data:`MAX_DIRECT_SLOTS` of those, and drops one whose
+  caller has closed it or exited: the caller holds a shared ``flock`` on the
+  file as long as it has it open (:meth:`Slot.caller_gone`).
 
 The file (``/dev/shm/actorlib-<pid>-<random>``, mode 0600, unlinked as soon
 as every worker has mapped it) holds a header (magic, a random token which a
@@ -82,7 +96,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from transport import Kind, Message
@@ -138,8 +152,24 @@ class Broadcast:
     """The caller's side: the file, writing messages into the slots, taking answers out (see the module)."""
 
     def __init__(self, workers: int) -> None:
-        self.token = secrets.token_bytes(16)
-        self.path = f"/dev/shm/actorlib-{os.getpid()}-{secrets.token_hex(8)}"  # shm.sweep_orphans' pattern
+        token = secrets.token_bytes(16)
+        path = f"/dev/shm/actorlib-{os.getpid()}-{secrets.token_hex(8)}"  # shm.sweep_orphans' pattern
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            # its memory now: a page first written through the mapping when /dev/shm is full would be a SIGBUS
+            os.posix_fallocate(fd, 0, _HEADER + workers * _SLOT)
+            mm = mmap.mmap(fd, _HEADER + workers * _SLOT)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while this is open: a worker sees us gone (Slot.caller_gone)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        mm[: len(_MAGIC) + 16] = _MAGIC + token
+        self._init(path, token, mm, workers, weakref.finalize(self, os.close, fd))  # (closed even if we are not)
+
+    def _init(self, path: str, token: bytes, mm: mmap.mmap, workers: int, release: Callable[[], Any]) -> None:
+        self.token = token
+        self.path = path
         self.pid = os.getpid()
         self.lock = threading.Lock()  # writing messages
         self._readers_lock = threading.Lock()  # taking answers, and the count of threads polling for them
@@ -149,18 +179,9 @@ class Broadcast:
         self.replied = 0  # answers that came back through them
         self._replied = [0] * workers  # the last answer taken from each slot (its reply seq)
         self._readers = 0  # threads of ours polling the answers' slots (see ReplyWatch)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, _HEADER + workers * _SLOT)
-            self._mm = mmap.mmap(fd, _HEADER + workers * _SLOT)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # held while this is open: a worker sees us gone (Slot.caller_gone)
-        except BaseException:
-            os.close(fd)
-            os.unlink(self.path)
-            raise
-        self._release = weakref.finalize(self, os.close, fd)  # (also if never closed: nothing of ours holds it)
-        self._mm[: len(_MAGIC) + 16] = _MAGIC + self.token
-        self._w: memoryview | None = _words(self._mm)
+        self._mm = mm
+        self._release = release
+        self._w: memoryview | None = _words(mm)
 
     async def offer(
         self, rt: Runtime, actors: Sequence[tuple[str, str, int]], timeout: float, graph: str | None = None, direct: bool = False
@@ -171,7 +192,7 @@ class Broadcast:
         died meanwhile ...): their messages go by ZeroMQ."""
         try:
             attach = ("attach", self.path, self.token)
-            refs = [rt.submit(aid, cls, CONTROL, (*attach, i, graph, direct), {}) for aid, cls, i in actors]
+            refs = [rt.submit(aid, cls, CONTROL, (*attach, i, graph, direct, None), {}) for aid, cls, i in actors]
             attached = await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout)
         except Exception as exc:
             log.debug("going without shared-memory slots: %s", exc)
@@ -248,9 +269,10 @@ class Broadcast:
             poke(conn.rt, conn.actor_id, conn.class_name)
         return True
 
-    def try_post(self, index: int, body: bytes, rt: Runtime, actor_id: str, class_name: str) -> bool:
+    def try_post(self, index: int, body: bytes, wake: Callable[[], Any]) -> bool:
         """Write a compiled graph's one-way EVENT into slot ``index``, the actor's (it takes those in any order,
-        by execution number); False (nothing written) if the actor is not ready for it."""
+        by execution number); False (nothing written) if the actor is not ready for it. ``wake``: pokes it, if
+        it fell asleep as this was written."""
         if len(body) > BODY_MAX or os.getpid() != self.pid:
             return False
         with self.lock:
@@ -262,8 +284,43 @@ class Broadcast:
             sleepy = not self._awake(w, index)
             self.sent += 1
         if sleepy:
-            poke(rt, actor_id, class_name)
+            wake()
         return True
+
+    async def link(self, rt: Runtime, edges: Sequence[tuple[tuple[str, str], tuple[str, str]]], timeout: float, graph: str) -> int:
+        """Slot ``i`` for edge ``i`` of a compiled graph, ``((sender id, class), (receiver id, class))``: the
+        receiver looks at it, the sender writes the outputs it hands on into it (``adopt``). The file's name
+        goes after; this side writes nothing. How many edges took theirs."""
+        taken = 0
+        try:
+            attach = ("attach", self.path, self.token)
+            refs = [rt.submit(b, b_cls, CONTROL, (*attach, i, graph, False, a), {}) for i, ((a, _), (b, b_cls)) in enumerate(edges)]
+            read = await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout)
+            refs = [
+                rt.submit(a, a_cls, CONTROL, ("write", self.path, self.token, i, graph, b), {})
+                for i, ((a, a_cls), (b, _)) in enumerate(edges)
+                if read[i]
+            ]
+            taken = sum(bool(x) for x in await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout))
+        except Exception as exc:  # (a stage that took its slot and has no writer only looks at it in vain)
+            log.debug("stages of graph %s go without shared-memory slots between them: %s", graph[:8], exc)
+        finally:
+            self.unlink()
+        return taken
+
+    @classmethod
+    def adopt(cls, path: str, token: bytes, index: int) -> Broadcast | None:
+        """Write into slot ``index`` of a file another process made (see :meth:`link`), or None if it is not
+        on this machine."""
+        mapped = _map(path, token, index)
+        if mapped is None:
+            return None
+        mm, fd = mapped
+        os.close(fd)
+        self = cls.__new__(cls)
+        self._init(path, token, mm, (len(mm) - _HEADER) // _SLOT, lambda: None)
+        self._endpoints[index] = True  # (answers never come back this way)
+        return self
 
     def _ready_for(self, w: memoryview, index: int) -> bool:
         """The worker is awake and has taken what was written last."""
@@ -340,7 +397,13 @@ class Slot:
     """A worker's side: its slot of the caller's file, read by its sync thread (and by the loop, for a cancel)."""
 
     def __init__(
-        self, mapped: tuple[mmap.mmap, int], index: int, peer: bytes | None, graph: str | None = None, direct: bool = False
+        self,
+        mapped: tuple[mmap.mmap, int],
+        index: int,
+        peer: bytes | None,
+        graph: str | None = None,
+        direct: bool = False,
+        source: str | None = None,
     ) -> None:
         self._mm, self._fd = mapped
         self._w = _words(self._mm)
@@ -349,8 +412,10 @@ class Slot:
         self.peer = peer  # the caller's routing id on the actor's socket: where the answers go
         self.graph = graph  # a compiled graph's (its executions' EVENTs come here), or None: calls
         self.direct = direct  # the caller's own calls to this actor (else a worker group's)
+        self.source = source  # the graph's stage that writes its outputs here (None: the caller, its executions)
         # which slot a new one replaces: a graph's, the caller's own, or the one worker group's this is in
-        self.owner: tuple[Any, ...] = ("graph", graph) if graph is not None else ("direct", peer) if direct else ("group",)
+        owner = ("graph", graph, source) if graph is not None else ("direct", peer) if direct else ("group",)
+        self.owner: tuple[Any, ...] = owner
         self._last = 0
         self._reply_seq = 0
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
@@ -522,10 +587,20 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
             host.wake_sync()
             return None
         if op == "attach":
-            path, token, index, graph, direct = args
-            if graph is not None and not isinstance(graph, str):
-                raise TypeError(f"a graph's id is a str, not {type(graph).__name__}")
-            return host.attach_slot(_map(path, token, index), index, key[0], graph, bool(direct))
+            path, token, index, graph, direct, source = args
+            if graph is not None and not isinstance(graph, str) or source is not None and not isinstance(source, str):
+                raise TypeError(f"a graph's id and an actor's are str, not {type(graph).__name__}, {type(source).__name__}")
+            return host.attach_slot(_map(path, token, index), index, key[0], graph, bool(direct), source)
+        if op == "write":
+            path, token, index, graph, peer = args
+            from . import dag_worker
+
+            runtime = dag_worker.graph_runtime(graph) if isinstance(graph, str) else None
+            writer = Broadcast.adopt(path, token, index) if runtime is not None and peer in runtime.peers else None
+            if runtime is None or writer is None:
+                return False
+            runtime.link_slots[peer] = (writer, index)
+            return True
         raise ValueError(f"unknown broadcast operation {op!r}")
 
     return control, ASYNC

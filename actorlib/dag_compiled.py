@@ -229,6 +229,7 @@ class CompiledDAG:
         self._actors = {aid: h._class_name for aid, h in graph.actors.items()}
         self._links: list[Endpoint] = []  # this graph's own sockets to its input actors
         self._link_slots: list[tuple[int, str] | None] = []  # each input actor's slot in _slots, and its id
+        self._linked = 0  # pairs of stages with a slot between them
         self._slots: broadcast.Broadcast | None = None  # executions in, outputs out, while both ends poll
         self._output_slots: list[int] = []
         self._outputs = len(graph.outputs)
@@ -298,6 +299,7 @@ class CompiledDAG:
             if aid in outputs:
                 self._result_calls.append((aid, call))
         await self._offer_slots(aids, input_actors, outputs, timeout)
+        await self._link_stages(plans, timeout)
 
     async def _offer_slots(self, aids: list[str], input_actors: list[str], outputs: set[str], timeout: float) -> None:
         """Shared-memory slots (actorlib.broadcast) to the input and output actors on this machine whose nodes
@@ -315,6 +317,22 @@ class CompiledDAG:
             return
         self._link_slots = [(index[aid], aid) if slots.is_attached(index[aid]) else None for aid in input_actors]
         self._output_slots = [index[aid] for aid, _ in self._result_calls if slots.is_attached(index[aid])]
+
+    async def _link_stages(self, plans: dict[str, dict[str, Any]], timeout: float) -> None:
+        """A shared-memory slot for each pair of stages on this machine, the receiver's nodes all sync: the
+        outputs the sender hands on without a transfer (small tensors inside) go through it (see
+        ``GraphRuntime._deliver``)."""
+        edges = [((a, self._actors[a]), (b, self._actors[b])) for a, plan in plans.items() for b in plan["peers"]]
+        if not broadcast.ENABLED or not edges:
+            return
+        try:
+            slots = broadcast.Broadcast(len(edges))
+        except OSError:
+            return
+        try:
+            self._linked = await slots.link(self._rt, edges, timeout, self.graph_id)
+        finally:
+            slots.close()  # (the stages keep their mappings)
 
     # -- results (on the I/O loop) --------------------------------------------------
 
@@ -518,7 +536,7 @@ class CompiledDAG:
         if slots is None:
             return False
         index, aid = slot
-        return slots.try_post(index, body, self._rt, aid, self._actors[aid])
+        return slots.try_post(index, body, functools.partial(broadcast.poke, self._rt, aid, self._actors[aid]))
 
     def _find_sources(self) -> tuple[tuple[Any, int, bool | None], ...] | None:
         """The output actors' streams of results, once every ``results`` call is on its socket: a thread

@@ -67,7 +67,7 @@ from .exceptions import ActorLibError
 from .worker import ASYNC, error_record, method_kind
 
 if TYPE_CHECKING:
-    from .broadcast import Slot
+    from .broadcast import Broadcast, Slot
     from .worker import ActorHost
 
 __all__ = ["CONTROL", "INPUT", "event", "on_event", "reserved_method", "stats"]
@@ -258,7 +258,8 @@ async def _control(host: ActorHost, key: tuple[bytes | None, int], op: str, *arg
 def stats() -> dict[str, Any]:
     """What this actor's compiled graphs have done, by graph id: messages taken (``exec`` from the driver,
     ``deliver`` from other actors) and, per channel, values moved and their tensors' bytes. Tensors that
-    travelled inside the messages themselves (``auto``, small CPU values) count under ``(zmq)``."""
+    travelled inside the messages themselves (``auto``, small CPU values) count under ``(zmq)``, and
+    ``through_slots`` counts, by peer, the outputs handed on through its shared-memory slot."""
 
     def name(peer: str, role: str, backend: str) -> str:
         return f"{role} {'to' if role == 'send' else 'from'} {peer} ({backend})"
@@ -268,7 +269,8 @@ def stats() -> dict[str, Any]:
         channels = {name(*key): {"transfers": ch.transfers, "bytes": ch.nbytes} for key, ch in graph.channels.items()}
         for (peer, role), (values, nbytes) in list(graph.inlined.items()):  # the sync thread may add one meanwhile
             channels[name(peer, role, "zmq")] = {"transfers": values, "bytes": nbytes}
-        out[gid] = {"events": dict(graph.events), "channels": channels}
+        slots = {peer: writer.sent for peer, (writer, _) in list(graph.link_slots.items())}
+        out[gid] = {"events": dict(graph.events), "channels": channels, "through_slots": slots}
     return out
 
 
@@ -341,6 +343,7 @@ class GraphRuntime:
         self.inlined: dict[tuple[str, str], list[int]] = {}  # (peer, role) -> [values, bytes] sent inside messages
         self.cuda_device: Any = None  # set by start() on an actor with a GPU
         self.slot: Slot | None = None  # the driver's shared-memory slot for this actor (threaded graphs: see attach_slot)
+        self.link_slots: dict[str, tuple[Broadcast, int]] = {}  # peers' slots this one writes its outputs into
 
     # -- set up and torn down ---------------------------------------------------
 
@@ -436,6 +439,8 @@ class GraphRuntime:
         self.channels.clear()  # a transfer still being waited for keeps its own channel alive
         for link in self.links.values():
             link.close()
+        for writer, _ in self.link_slots.values():
+            writer.close()
         self.pool.clear()
         if self.threaded:  # the sync thread owns the inbox and the inputs: it lets them go
             self.host.post_sync(self._close_on_thread)
@@ -752,11 +757,11 @@ class GraphRuntime:
         works: list[Any] = []
         if isinstance(out, _Failed):
             for peer in node.remote:
-                self._deliver(peer, seq, node.id, None, None, out.record)
+                self._deliver(peer, seq, node.id, None, None, out.record, alone=True)
         else:
             for peer, metas, by_backend in plans:
                 with self.send_locks[peer]:  # the message and its transfers, in one order at both ends
-                    self._deliver(peer, seq, node.id, metas, skeleton, None)
+                    self._deliver(peer, seq, node.id, metas, skeleton, None, alone=not by_backend)
                     try:
                         for channel, outgoing in by_backend.values():
                             works.extend(channel.post_send(outgoing, seq))
@@ -771,11 +776,25 @@ class GraphRuntime:
             self._result(seq, index, out, on_loop=on_loop)
         return works
 
-    def _deliver(self, peer: str, seq: int, src: int, metas: Any, skeleton: Any, record: Any) -> None:
+    def _deliver(self, peer: str, seq: int, src: int, metas: Any, skeleton: Any, record: Any, *, alone: bool) -> None:
+        """Hand an output on to ``peer``. ``alone``: no transfer goes with it (its tensors, if any, are inside):
+        it may go through the peer's slot (see actorlib.broadcast), overtaking those sent before it, which
+        the peer sorts by execution; one with transfers goes over ZeroMQ, in the transfers' order."""
+        body = event("deliver", self.gid, seq, [src, metas, skeleton, record, self.me])
+        link = self.link_slots.get(peer) if alone else None
+        if link is not None and link[0].try_post(link[1], body, functools.partial(self._poke, peer)):
+            return
         try:
-            self.links[peer].send(Kind.EVENT, 0, event("deliver", self.gid, seq, [src, metas, skeleton, record, self.me]))
+            self.links[peer].send(Kind.EVENT, 0, body)
         except TransportError as exc:
             log.warning("%s: could not hand an output on: %s", self.label, exc)  # torn down, or the peer is gone
+
+    def _poke(self, peer: str) -> None:
+        """Wake ``peer``, asleep as an output was written into its slot: any message on its inbox does."""
+        try:
+            self.links[peer].send(Kind.EVENT, 0, event("poke", self.gid, 0, None))
+        except TransportError:
+            pass  # torn down, or the peer is gone
 
     def _result(self, seq: int, index: int, out: Any, *, on_loop: bool) -> None:
         """One output for the driver, as a stream item of the results call (any thread)."""

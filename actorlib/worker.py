@@ -379,14 +379,17 @@ class ActorHost:
             except BaseException:  # never lose the thread
                 traceback.print_exc()
 
-    def attach_slot(self, mapped: tuple[mmap.mmap, int] | None, index: int, peer: bytes | None, graph: str | None, direct: bool) -> bool:
+    def attach_slot(
+        self, mapped: tuple[mmap.mmap, int] | None, index: int, peer: bytes | None, graph: str | None, direct: bool, source: str | None
+    ) -> bool:
         """A caller offers slot ``index`` of its shared-memory file: a worker group's, the caller's own for its
-        calls to this actor (``direct``), or a compiled ``graph``'s whose nodes here are all sync (loop; see
-        actorlib.broadcast). The sync thread may still leave it (too many callers): the caller then never finds
-        it awake, and never writes to it."""
+        calls to this actor (``direct``), or a compiled ``graph``'s whose nodes here are all sync, for its
+        executions or (``source``) for what that stage hands on to this one (loop; see actorlib.broadcast). The
+        sync thread may still leave it (too many callers): the caller then never finds it awake, and never
+        writes to it."""
         if mapped is None:
             return False  # not on this machine: its messages keep coming over ZeroMQ
-        slot = Slot(mapped, index, peer, graph, direct)
+        slot = Slot(mapped, index, peer, graph, direct, source)
         if graph is not None:
             from . import dag_worker
 
@@ -394,7 +397,8 @@ class ActorHost:
             if runtime is None or not runtime.threaded:
                 slot.close()
                 return False  # its events are the loop's to take
-            runtime.slot = slot
+            if source is None:
+                runtime.slot = slot  # (its outputs go back to the driver through it)
         self.post_sync(functools.partial(self._attach_slot, slot))
         return True
 
