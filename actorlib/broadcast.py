@@ -159,15 +159,18 @@ class Broadcast:
             # its memory now: a page first written through the mapping when /dev/shm is full would be a SIGBUS
             os.posix_fallocate(fd, 0, _HEADER + workers * _SLOT)
             mm = mmap.mmap(fd, _HEADER + workers * _SLOT)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # held while this is open: a worker sees us gone (Slot.caller_gone)
+            # held while the mapping is (its fd, a dup of this one, shares the lock): a worker sees us gone when
+            # we close it or exit (Slot.caller_gone)
+            fcntl.flock(fd, fcntl.LOCK_SH)
         except BaseException:
-            os.close(fd)
             os.unlink(path)
             raise
+        finally:
+            os.close(fd)
         mm[: len(_MAGIC) + 16] = _MAGIC + token
-        self._init(path, token, mm, workers, weakref.finalize(self, os.close, fd))  # (closed even if we are not)
+        self._init(path, token, mm, workers)
 
-    def _init(self, path: str, token: bytes, mm: mmap.mmap, workers: int, release: Callable[[], Any]) -> None:
+    def _init(self, path: str, token: bytes, mm: mmap.mmap, workers: int) -> None:
         self.token = token
         self.path = path
         self.pid = os.getpid()
@@ -180,7 +183,6 @@ class Broadcast:
         self._replied = [0] * workers  # the last answer taken from each slot (its reply seq)
         self._readers = 0  # threads of ours polling the answers' slots (see ReplyWatch)
         self._mm = mm
-        self._release = release
         self._w: memoryview | None = _words(mm)
 
     async def offer(
@@ -226,8 +228,7 @@ class Broadcast:
             self._endpoints = [None] * len(self._endpoints)
         if w is not None:
             w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
-            self._mm.close()
-        self._release()  # the lock goes with the fd: the workers may drop their slots
+            self._mm.close()  # (and with it our lock on the file: the workers may drop their slots)
 
     def try_send(self, conns: Sequence[ActorConnection], slots: Sequence[int], calls: Sequence[Call]) -> bool:
         """Write each call (already encoded, buffer-less) into its worker's slot; False (nothing written) if any
@@ -316,9 +317,9 @@ class Broadcast:
         if mapped is None:
             return None
         mm, fd = mapped
-        os.close(fd)
+        os.close(fd)  # (the mapping keeps a dup of it)
         self = cls.__new__(cls)
-        self._init(path, token, mm, (len(mm) - _HEADER) // _SLOT, lambda: None)
+        self._init(path, token, mm, (len(mm) - _HEADER) // _SLOT)
         self._endpoints[index] = True  # (answers never come back this way)
         return self
 
@@ -406,6 +407,7 @@ class Slot:
         source: str | None = None,
     ) -> None:
         self._mm, self._fd = mapped
+        weakref.finalize(self, os.close, self._fd)  # (the slot goes with its last reference: the loop may read it)
         self._w = _words(self._mm)
         self._base = _HEADER + index * _SLOT
         self._k = self._base >> 3
@@ -418,6 +420,7 @@ class Slot:
         self.owner: tuple[Any, ...] = owner
         self._last = 0
         self._reply_seq = 0
+        self._gone = False  # the caller is known to be gone (see caller_gone)
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
         self._lock = threading.Lock()
 
@@ -483,21 +486,17 @@ class Slot:
         self._w[self._k + (_AWAKE >> 3)] = 1 if on else 0
 
     def caller_gone(self) -> bool:
-        """The caller closed the file, or exited: it holds a shared lock on it until then (see Broadcast)."""
-        if self._fd < 0:
+        """The caller closed the file, or exited: it holds a shared lock on it until then (see Broadcast).
+        (Tried on our own open of the file, whose exclusive lock only the caller's shared one can stop.)"""
+        if self._gone:
             return True
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._gone = True
         return True
-
-    def close(self) -> None:
-        """No longer looked at (the mapping goes with the last reference: the loop may be reading it)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class Slots:
@@ -611,7 +610,7 @@ def _map(path: str, token: bytes, index: int) -> tuple[mmap.mmap, int] | None:
     one meant (its token)."""
     if not ENABLED or not isinstance(path, str) or not path.startswith("/dev/shm/actorlib-") or "/" in path[9:]:
         return None
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0 or not isinstance(token, bytes):
         return None
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

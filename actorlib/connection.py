@@ -99,6 +99,7 @@ class Call:
 # them its open results call; a shared-memory slot's attach and poke), never queued with the user's sync calls:
 # nothing sent after them can overtake them. (WorkerGroup.run's __actorlib_run__ is queued: not one of these.)
 OFFER_SLOT_AFTER = 3
+MAX_SLOTS_PER_PROCESS = 64  # connections of one process with a slot of their own
 _LOOP_METHODS = frozenset({"__actorlib_dag__", "__actorlib_broadcast__"})
 
 _no_arg_calls: dict[tuple[str, Any], tuple[bytes, list[Any]]] = {}
@@ -138,6 +139,7 @@ class ActorConnection:
         self.slot: Broadcast | None = None  # a shared-memory slot for sync calls from threads (see try_slot)
         self._slot_calls = 0  # such calls made (to this worker) until the slot is offered
         self._slot_offered: Endpoint | None = None  # the connection to the worker last offered one
+        self._close_barrier = 0  # a stream was closed: no slot until an answer to a call after it (send_close)
         rt.loop.create_task(self._resolve(0))
 
     # -- on the loop thread ------------------------------------------------
@@ -182,6 +184,8 @@ class ActorConnection:
         endpoint = self.endpoint
         if self.state is not ConnState.CONNECTED or endpoint is None or self._slot_offered is endpoint:
             return
+        if sum(c.slot is not None for c in list(self.rt._conns.values())) >= MAX_SLOTS_PER_PROCESS:
+            return  # (each takes 128 KiB of /dev/shm and a file descriptor)
         self._slot_offered = endpoint  # once per worker: a second offer would replace the first in the worker
         try:
             slot = Broadcast(1)
@@ -286,6 +290,7 @@ class ActorConnection:
             and self.endpoint is endpoint
             and not (self._queue or self._flushing or self.posted)
             and not endpoint.has_outbox()
+            and not self._close_barrier
             and all(c.method in _LOOP_METHODS for c in list(self._inflight.values()))
         ):
             return True
@@ -300,6 +305,8 @@ class ActorConnection:
         def sink(msg: Any) -> None:
             if msg.kind != Kind.STREAM_ITEM:
                 inflight.pop(msg.req_id, None)
+                if self._close_barrier and msg.req_id > self._close_barrier:
+                    self._close_barrier = 0
             if drain is not None and rt.in_loop():
                 try:
                     drain(actor_id)  # what the worker printed before this answer shows first
@@ -396,6 +403,9 @@ class ActorConnection:
     def send_close(self, req_id: int) -> None:
         if self.endpoint is not None and not self.endpoint.closed and self._inflight.pop(req_id, None) is not None:
             self.endpoint.pending.pop(req_id, None)
+            # no answer will say when the worker took the close: until one of a later call's does, the stream's
+            # job may still be queued on its sync thread, and a call through the slot would overtake it
+            self._close_barrier = self.endpoint.next_id()
             self.endpoint.send(Kind.STREAM_CLOSE, req_id, b"\xc0")
 
     def _died(self) -> ActorDiedError:
@@ -409,6 +419,7 @@ class ActorConnection:
             self.state = ConnState.RESOLVING
             inflight, self._inflight = self._inflight, {}
             old, self.endpoint = self.endpoint, None
+            self._close_barrier = 0  # (request ids start again on the next connection)
             again = []
             for _, call in sorted(inflight.items()):  # a copy: a thread reading its answer may pop from it
                 retry = self.max_task_retries == -1 or call.retries < self.max_task_retries

@@ -185,8 +185,8 @@ def on_event(host: ActorHost, msg: Message) -> None:
         log.warning("%s: dropped a malformed message: %s", host.label, exc)
         return
     graph = _graphs.get(gid)
-    if graph is None:
-        return  # torn down: what was still on its way is dropped
+    if graph is None or topic == "poke":
+        return  # torn down: what was still on its way is dropped; or only there to wake this thread
     graph.events[topic] = graph.events.get(topic, 0) + 1
     if topic == "exec":
         try:

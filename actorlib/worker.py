@@ -312,7 +312,7 @@ class ActorHost:
         except queue.Empty:
             return _NO_JOB  # (waited for by the caller, out of this handler: a graph's node that raises while the
             # thread waits must not show the queue's Empty as its context in the user's traceback)
-        earlier = self._slot_job() if self._slots is not None else None
+        earlier = self._slot_job(calls_only=True) if self._slots is not None else None
         if earlier is None:
             return job
         self._held.append(job)
@@ -390,13 +390,16 @@ class ActorHost:
         if mapped is None:
             return False  # not on this machine: its messages keep coming over ZeroMQ
         slot = Slot(mapped, index, peer, graph, direct, source)
+        if direct and self._slots is not None:
+            live = [s for s in self._slots.all if s.direct and s.peer != peer and not s.caller_gone()]
+            if len(live) >= MAX_DIRECT_SLOTS:
+                return False  # too many callers: theirs keep coming over ZeroMQ
         if graph is not None:
             from . import dag_worker
 
             runtime = dag_worker.graph_runtime(graph)
             if runtime is None or not runtime.threaded:
-                slot.close()
-                return False  # its events are the loop's to take
+                return False  # its events are the loop's to take (the mapping goes with the slot)
             if source is None:
                 runtime.slot = slot  # (its outputs go back to the driver through it)
         self.post_sync(functools.partial(self._attach_slot, slot))
@@ -410,13 +413,12 @@ class ActorHost:
         kept = []
         for s in self._slots.all:
             if s.owner == slot.owner or (s.direct and s.caller_gone()):  # (one group's at a time)
-                s.awake(False)  # (its caller writes no more there)
-                s.close()
+                s.awake(False)  # (its caller writes no more there; the mapping goes with the slot)
             else:
                 kept.append(s)
-        if slot.direct and sum(s.direct for s in kept) >= MAX_DIRECT_SLOTS:
-            slot.close()  # never awake: its caller's calls keep coming over ZeroMQ
-            return
+        if slot.direct and sum(s.direct for s in kept) >= MAX_DIRECT_SLOTS:  # (attach_slot mostly refused it)
+            self._slots.all = kept
+            return  # never awake: its caller's calls keep coming over ZeroMQ
         self._slots.all = [*kept, slot]
         self._remake_poller()
         slot.awake(True)
@@ -424,19 +426,22 @@ class ActorHost:
     def detach_slot(self, graph: str) -> None:
         """A compiled graph's slot goes with the graph (sync thread)."""
         if self._slots is not None:
-            for s in self._slots.all:
-                if s.graph == graph:
-                    s.close()
             self._slots.all = [s for s in self._slots.all if s.graph != graph]
 
-    def _slot_job(self) -> Callable[[], None] | None:
+    def _slot_job(self, calls_only: bool = False) -> Callable[[], None] | None:
         """What came in the slots (sync thread): a graph's events are handled here, a call becomes the job
-        returned."""
+        returned. ``calls_only``: the graphs' slots are left for later (handling an event may run a node,
+        and one waiting for its last transfers runs the queued jobs meanwhile: see ``_next_job``)."""
         assert self._slots is not None
         for slot in self._slots.all:
+            if calls_only and slot.graph is not None:
+                continue
             try:
                 msg = slot.take()
                 if msg is None:
+                    continue
+                if msg.kind == Kind.EVENT and slot.graph is None:  # (our callers write none there)
+                    log.warning("%s: dropped an event that came in a caller's shared-memory slot", self.label)
                     continue
                 if msg.kind == Kind.EVENT:
                     from . import dag_worker

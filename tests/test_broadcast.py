@@ -94,9 +94,10 @@ def test_back_to_back_calls_go_through_the_slots(group):
     assert seen == [[("warm", i) for i in range(300)]] * 3
 
 
-def test_calls_keep_their_order_both_ways(group):
+def test_calls_keep_their_order_both_ways(group, monkeypatch):
     """A call in a slot is never overtaken by a later one over ZeroMQ, nor overtakes an earlier one."""
     first = group.workers[0]
+    _ready_if_taken(monkeypatch, group._broadcast)  # every group call that can goes through the slots
     sent = group._broadcast.sent
     refs, expected = [], []
     for i in range(300):
@@ -146,6 +147,13 @@ def _first_looks_awake(monkeypatch, slots, n):
     as the one after writing, are true (a worker asleep is poked)."""
     lies = iter([True] * n)
     monkeypatch.setattr(slots, "_awake", lambda mm, i: next(lies, None) or broadcast.Broadcast._awake(mm, i))
+
+
+def _ready_if_taken(monkeypatch, slots):
+    """The caller writes a slot whenever its worker has taken what was there, awake or not (a worker asleep
+    is poked, as the caller's look after writing is true)."""
+    taken = broadcast._HEADER + broadcast._TAKEN
+    monkeypatch.setattr(slots, "_ready_for", lambda w, i: w[(taken + i * broadcast._SLOT) >> 3] == slots._seq[i])
 
 
 def test_an_error_and_a_death_through_the_slots(group, monkeypatch):
@@ -440,9 +448,11 @@ def test_a_graph_output_that_comes_both_ways_counts_once(al):
         actorlib.kill(a)
 
 
-def test_a_group_keeps_its_slots_while_its_workers_are_in_a_graph(group):
+def test_a_group_keeps_its_slots_while_its_workers_are_in_a_graph(group, monkeypatch):
     """A compiled graph's open results call to a worker is no call of the caller's on its way there."""
     from actorlib.dag import InputNode
+
+    _ready_if_taken(monkeypatch, group._broadcast)  # (whether the workers poll is not what is tested here)
 
     with InputNode() as inp:
         dag = group.workers[1].log.bind(group.workers[0].log.bind(inp))
@@ -532,6 +542,11 @@ class Counter:
 
     def exit(self):
         os._exit(3)
+
+    def gen(self, n):
+        for i in range(n):
+            self.seen.append(("gen", i))
+            yield i
 
 
 def _own_slot(actor):
@@ -630,8 +645,6 @@ def test_a_worker_keeps_a_bounded_number_of_callers_slots_and_drops_those_of_cal
     finally:
         for caller in callers:
             caller.close()
-        for slot in slots:
-            slot.close()
         if host._wake >= 0:
             os.close(host._wake)
 
@@ -669,3 +682,33 @@ def test_stages_hand_small_outputs_on_through_a_slot_and_transfers_over_zeromq_i
         compiled.teardown()
         for actor in (a, b):
             actorlib.kill(actor)
+
+
+def test_a_call_after_a_closed_stream_waits_for_zeromq_to_say_the_close_was_taken(al, monkeypatch):
+    """A stream closed by its consumer gets no last answer; until a later call's answer comes back over
+    ZeroMQ, the stream's job may still be queued on the worker's sync thread: no call goes through the slot
+    meanwhile (it would run first)."""
+    a = Counter.remote()
+    try:
+        assert _through_own_slot(a, 0, 500)
+        slot = _own_slot(a)
+        from actorlib import runtime
+
+        conn = runtime.current()._conns[a._actor_id]
+        stream = a.gen.remote(3)
+        stream.close()
+        wait_for(lambda: all(c.method != "gen" for c in list(conn._inflight.values())), interval=0.001, what="closed")
+        _ready_if_taken(monkeypatch, slot)
+        sent = slot.sent
+        assert actorlib.get(a.log.remote("after the close"), timeout=30) == "after the close"
+        assert slot.sent == sent  # over ZeroMQ, behind the stream
+        for i in range(3):  # (the close leaves from the loop: the answer to a call after it says it was taken)
+            assert actorlib.get(a.log.remote(("later", i)), timeout=30) == ("later", i)
+            if slot.sent > sent:
+                break
+        assert slot.sent == sent + 1  # the slot again
+        seen = actorlib.get(a.seen_items.remote(), timeout=30)
+        assert seen.index("after the close") < seen.index(("later", 0))
+        assert all(seen.index(item) < seen.index("after the close") for item in seen if isinstance(item, tuple) and item[0] == "gen")
+    finally:
+        actorlib.kill(a)
