@@ -108,7 +108,7 @@ if TYPE_CHECKING:
     from .runtime import Runtime
     from .worker import ActorHost
 
-__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "MAX_DIRECT_SLOTS", "Broadcast", "ReplyWatch", "Slot", "Slots", "poke", "reserved_method"]
+__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "MAX_DIRECT_SLOTS", "Broadcast", "make", "ReplyWatch", "Slot", "Slots", "poke", "reserved_method"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,18 @@ def fence() -> None:
     """A full memory barrier on x86-64: acquiring a lock is an atomic read-modify-write."""
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+def make(workers: int) -> Broadcast | None:
+    """A file of ``workers`` slots, or None: the path is off here, or /dev/shm has no room (then everything
+    goes over ZeroMQ)."""
+    if not ENABLED:
+        return None
+    try:
+        return Broadcast(workers)
+    except OSError as exc:
+        log.debug("no shared-memory slots: %s", exc)
+        return None
 
 
 def _words(mm: mmap.mmap) -> memoryview:
@@ -194,8 +206,7 @@ class Broadcast:
         died meanwhile ...): their messages go by ZeroMQ."""
         try:
             attach = ("attach", self.path, self.token)
-            refs = [rt.submit(aid, cls, CONTROL, (*attach, i, graph, direct, None), {}) for aid, cls, i in actors]
-            attached = await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout)
+            refs, attached = await _ask(rt, [(aid, cls, (*attach, i, graph, direct, None)) for aid, cls, i in actors], timeout)
         except Exception as exc:
             log.debug("going without shared-memory slots: %s", exc)
             return False
@@ -295,14 +306,10 @@ class Broadcast:
         taken = 0
         try:
             attach = ("attach", self.path, self.token)
-            refs = [rt.submit(b, b_cls, CONTROL, (*attach, i, graph, False, a), {}) for i, ((a, _), (b, b_cls)) in enumerate(edges)]
-            read = await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout)
-            refs = [
-                rt.submit(a, a_cls, CONTROL, ("write", self.path, self.token, i, graph, b), {})
-                for i, ((a, a_cls), (b, _)) in enumerate(edges)
-                if read[i]
-            ]
-            taken = sum(bool(x) for x in await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout))
+            _, read = await _ask(rt, [(b, b_cls, (*attach, i, graph, False, a)) for i, ((a, _), (b, b_cls)) in enumerate(edges)], timeout)
+            write = ("write", self.path, self.token)
+            writers = [(a, a_cls, (*write, i, graph, b)) for i, ((a, a_cls), (b, _)) in enumerate(edges) if read[i]]
+            taken = sum(bool(x) for x in (await _ask(rt, writers, timeout))[1])
         except Exception as exc:  # (a stage that took its slot and has no writer only looks at it in vain)
             log.debug("stages of graph %s go without shared-memory slots between them: %s", graph[:8], exc)
         finally:
@@ -416,8 +423,7 @@ class Slot:
         self.direct = direct  # the caller's own calls to this actor (else a worker group's)
         self.source = source  # the graph's stage that writes its outputs here (None: the caller, its executions)
         # which slot a new one replaces: a graph's, the caller's own, or the one worker group's this is in
-        owner = ("graph", graph, source) if graph is not None else ("direct", peer) if direct else ("group",)
-        self.owner: tuple[Any, ...] = owner
+        self.owner: tuple[Any, ...] = ("graph", graph, source) if graph is not None else ("direct", peer) if direct else ("group",)
         self._last = 0
         self._reply_seq = 0
         self._gone = False  # the caller is known to be gone (see caller_gone)
@@ -565,6 +571,13 @@ class ReplyWatch:
             fence()
             self.take()
             self._look_again = False
+
+
+async def _ask(rt: Runtime, requests: Sequence[tuple[str, str, tuple[Any, ...]]], timeout: float) -> tuple[list[Any], list[Any]]:
+    """Send each actor ``(actor_id, class_name, args)`` of ``requests`` a reserved call; their refs and
+    answers (all of them within ``timeout``)."""
+    refs = [rt.submit(aid, cls, CONTROL, args, {}) for aid, cls, args in requests]
+    return refs, list(await asyncio.wait_for(asyncio.gather(*(_answer(ref) for ref in refs)), timeout))
 
 
 async def _answer(ref: Any) -> Any:

@@ -95,11 +95,12 @@ class Call:
             self.sink._set_message(msg)
 
 
+OFFER_SLOT_AFTER = 3  # the sync call from a thread that has the connection offer its slot (try_slot)
+MAX_SLOTS_PER_PROCESS = 64  # connections of one process with a slot of their own
+
 # The runtime's own methods that the actor's loop runs as they come (a compiled graph's control calls, among
 # them its open results call; a shared-memory slot's attach and poke), never queued with the user's sync calls:
 # nothing sent after them can overtake them. (WorkerGroup.run's __actorlib_run__ is queued: not one of these.)
-OFFER_SLOT_AFTER = 3
-MAX_SLOTS_PER_PROCESS = 64  # connections of one process with a slot of their own
 _LOOP_METHODS = frozenset({"__actorlib_dag__", "__actorlib_broadcast__"})
 
 _no_arg_calls: dict[tuple[str, Any], tuple[bytes, list[Any]]] = {}
@@ -174,7 +175,7 @@ class ActorConnection:
         slot = self.slot
         if slot is None:
             if self.state is ConnState.CONNECTED:
-                self._slot_calls += 1  # (threads racing here may count one call less: it is offered later)
+                self._slot_calls += 1  # (threads racing here may skip the count: that connection goes without)
                 if self._slot_calls == OFFER_SLOT_AFTER and broadcast.ENABLED and self.rt.direct_answers:
                     self.rt.call_soon(self._offer_slot)
             return False
@@ -187,10 +188,8 @@ class ActorConnection:
         if sum(c.slot is not None for c in list(self.rt._conns.values())) >= MAX_SLOTS_PER_PROCESS:
             return  # (each takes 128 KiB of /dev/shm and a file descriptor)
         self._slot_offered = endpoint  # once per worker: a second offer would replace the first in the worker
-        try:
-            slot = Broadcast(1)
-        except OSError as exc:  # /dev/shm full ...: ZeroMQ it is
-            log.debug("no shared-memory slot for %s: %s", self.class_name, exc)
+        slot = broadcast.make(1)
+        if slot is None:
             return
 
         async def offer() -> None:

@@ -305,11 +305,8 @@ class CompiledDAG:
         """Shared-memory slots (actorlib.broadcast) to the input and output actors on this machine whose nodes
         are all sync: an execution's message goes in by one, its outputs come back by the other."""
         users = [aid for aid in aids if aid in outputs or aid in input_actors]
-        if not broadcast.ENABLED or not users:
-            return
-        try:
-            slots = broadcast.Broadcast(len(aids))
-        except OSError:
+        slots = broadcast.make(len(aids)) if users else None
+        if slots is None:
             return
         self._slots = slots  # closed by _teardown_actors, whatever happens
         index = {aid: i for i, aid in enumerate(aids)}
@@ -323,11 +320,8 @@ class CompiledDAG:
         outputs the sender hands on without a transfer (small tensors inside) go through it (see
         ``GraphRuntime._deliver``)."""
         edges = [((a, self._actors[a]), (b, self._actors[b])) for a, plan in plans.items() for b in plan["peers"]]
-        if not broadcast.ENABLED or not edges:
-            return
-        try:
-            slots = broadcast.Broadcast(len(edges))
-        except OSError:
+        slots = broadcast.make(len(edges)) if edges else None
+        if slots is None:
             return
         try:
             self._linked = await slots.link(self._rt, edges, timeout, self.graph_id)

@@ -285,12 +285,9 @@ class WorkerGroup:
 
     def _offer_broadcast(self) -> None:
         """Give each worker on this machine a slot of a shared-memory file for the group's calls."""
-        if not broadcast.ENABLED or len(self._workers) < 2:
-            return
-        try:
-            slots = broadcast.Broadcast(len(self._workers))
-        except OSError:
-            return  # no room in /dev/shm: the calls go over ZeroMQ
+        slots = broadcast.make(len(self._workers)) if len(self._workers) > 1 else None
+        if slots is None:
+            return  # (off here, or no room in /dev/shm): the calls go over ZeroMQ
         rt = runtime.current()
         actors = [(w._actor_id, w._class_name, i) for i, w in enumerate(self._workers)]
         try:
