@@ -9,8 +9,9 @@ direction of one pair of actors, built from a ``PrefixStore`` over the
 graph's ``TCPStore`` (so no default group and no collective ``new_group``).
 
 Transfers are posted without blocking, in the same order at both ends (the
-sender posts them together with the message announcing them, the receiver
-when that message arrives), so sends and receives match by order alone; the
+sender posts them together with the message announcing them, or for big gloo
+ones once the receiver says its receives are posted; the receiver when that
+message arrives), so sends and receives match by order alone; the
 thread that needs the data waits for it (an actor's sync-method thread, or a
 helper thread for async methods), never the event loop. Each tensor travels as its raw bytes (a ``uint8``
 view), so every dtype goes over gloo. Receive buffers of 1 MiB or more come
@@ -32,6 +33,7 @@ import io
 import logging
 import math
 import pickle
+import queue
 import sys
 import threading
 from collections.abc import Callable
@@ -64,6 +66,7 @@ TensorMeta = list
 POOL_MIN_BYTES = 1 << 20
 SLOT_BYTES = 64 << 10  # values whose tensors fit travel packed, into a receive posted ahead
 SLOT_TAG = 1 << 20  # packed transfers' tag; tensors sent one by one are tagged by their position
+READY_TAG = SLOT_TAG + 1  # a gloo receiver's word that a value's receives are posted (see Channel)
 _ALIGN = 64
 
 
@@ -295,6 +298,16 @@ class Channel:
     a receive already waiting for it (so the bytes are there before the
     message announcing them is read). Bigger ones are sent tensor by tensor,
     into buffers the receiver posts when the message arrives.
+
+    Over gloo those wait for the receiver's word (a one-byte send on
+    ``READY_TAG``, made once its receives are posted): gloo's TCP pair writes
+    a send that finds the receive already posted from the sending thread at
+    once, and one posted first only once the receive's notice comes back, on
+    its device thread, which moved 64 MiB at about half the speed on a 2-vCPU
+    VM (1.2-1.4 against 2.1-2.6 GiB/s). The word travels on the same TCP
+    connection as the receives' notices, after them, so when it arrives the
+    sender's gloo knows they are posted. A thread of the channel's own
+    (:class:`_Poster`) waits for each word and posts the sends, in order.
     """
 
     def __init__(
@@ -330,6 +343,9 @@ class Channel:
         self._ahead = slots if role == "recv" and self._packs else 0
         self.transfers = 0  # values sent or received on this channel (for stats())
         self.nbytes = 0  # their tensors' bytes
+        self._handshakes = backend == "gloo"  # big sends wait for the receiver's word (see above)
+        self._poster: _Poster | None = None
+        self._ready_word = torch.ones(1, dtype=torch.uint8)  # what a receiver sends on READY_TAG
         for _ in range(self._ahead):
             self._post_slot()
 
@@ -381,7 +397,17 @@ class Channel:
                     pass  # it failed, and so did its execution
             self._outgoing.append((seq, self._start(self.group.send, out.packed, SLOT_TAG)))  # kept: a dropped send is never made
             return []
+        if self._handshakes and out.flats:
+            word = self._start(self.group.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG)
+            if self._poster is None:
+                self._poster = _Poster(self)
+            return [self._poster.post(word, out.flats)]
         return [self._start(self.group.send, flat, i) for i, flat in out.flats]
+
+    def close(self) -> None:
+        """Let the poster thread end once the sends queued for it are posted (a torn-down graph)."""
+        if self._poster is not None:
+            self._poster.close()
 
     def _bytes(self, t: Any) -> Any:
         if self.backend == "gloo" and t.device.type != "cpu":
@@ -430,6 +456,8 @@ class Channel:
             if t.numel():
                 works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
             tensors.append(t)
+        if self._handshakes and works:  # the sender waits for this before it sends (see the class)
+            works.append(self._start(self.group.send, self._ready_word, READY_TAG))
         return tensors, works
 
     def finish_recv(self, metas: list[TensorMeta], received: Any) -> list[Any]:
@@ -453,6 +481,57 @@ class Channel:
             return op([flat], self.peer, tag)
         except Exception as exc:
             raise ConnectionError(f"tensor channel {self.name} ({self.backend}) failed: {exc}") from exc
+
+
+class _Poster:
+    """A gloo channel's thread that posts each value's sends once its receiver's word has come, in order."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._queue: queue.SimpleQueue[_Handshake | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"actorlib-dag-{channel.name}", daemon=True)
+        self._thread.start()
+
+    def post(self, word: Any, flats: list[tuple[int, Any]]) -> _Handshake:
+        shake = _Handshake(word, flats)
+        self._queue.put(shake)
+        return shake
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (shake := self._queue.get()) is not None:
+            try:
+                wait_all([shake.word], self._channel.name)
+                shake.sends = [self._channel._start(self._channel.group.send, flat, i) for i, flat in shake.flats]
+            except ConnectionError as exc:
+                shake.error = exc
+            shake.flats = []
+            shake.posted.set()
+
+
+class _Handshake:
+    """One value's sends waiting for the receiver's word; waited for like the transfer it stands for."""
+
+    __slots__ = ("error", "flats", "posted", "sends", "word")
+
+    def __init__(self, word: Any, flats: list[tuple[int, Any]]) -> None:
+        self.word = word
+        self.flats = flats
+        self.posted = threading.Event()
+        self.sends: list[Any] = []
+        self.error: ConnectionError | None = None
+
+    def is_completed(self) -> bool:
+        return self.posted.is_set() and (self.error is not None or all(w.is_completed() for w in self.sends))
+
+    def wait(self) -> None:
+        self.posted.wait()
+        if self.error is not None:
+            raise self.error
+        for work in self.sends:
+            work.wait()
 
 
 class Outgoing:

@@ -436,6 +436,8 @@ class GraphRuntime:
         self.done.set()
         for task in self.tasks:
             task.cancel()
+        for channel in self.channels.values():
+            channel.close()
         self.channels.clear()  # a transfer still being waited for keeps its own channel alive
         for link in self.links.values():
             link.close()

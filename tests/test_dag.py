@@ -190,6 +190,10 @@ class Stage:
         dag_worker._first_failure = fail_once
         return True
 
+    def posters(self):
+        """The names of this actor's threads that post gloo sends once their receiver is ready."""
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("actorlib-dag-send-"))
+
     def packed_sends_held(self):
         """How many packed sends each of this actor's channels still holds (they must not pile up)."""
         from actorlib import dag_worker
@@ -450,8 +454,19 @@ def test_tensors_both_ways_between_two_actors_pipelined(env):
         assert [float(v[0]) for v in actorlib.get(refs, timeout=60)] == [(i + 1) * 2.0 for i in range(16)]
         backend = "nccl" if transport == "nccl" else "gloo"
         assert channel_bytes(b, compiled)[f"send to {a._actor_id} ({backend})"] == {"transfers": 16, "bytes": 16 * 4 * n}
+        if transport == "gloo":  # each end's sends waited for the other's word that its receives were posted
+            assert actorlib.get([a.posters.remote(), b.posters.remote()], timeout=30) == [
+                [f"actorlib-dag-send-{b._actor_id[:8]}-gloo"],
+                [f"actorlib-dag-send-{a._actor_id[:8]}-gloo"],
+            ]
     finally:
         compiled.teardown()
+    # and those threads end with the graph
+    wait_for(
+        lambda: actorlib.get([a.posters.remote(), b.posters.remote()], timeout=30) == [[], []],
+        timeout=30,
+        what="the posters to end",
+    )
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["sync", "with-an-async-node"])
