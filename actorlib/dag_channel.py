@@ -264,7 +264,10 @@ class BufferPool:
 
 
 def make_group(backend: str, store: Any, rank: int, address: str, timeout_s: float) -> Any:
-    """A two-rank process group on ``store`` (a PrefixStore of its own); blocks until the peer joins."""
+    """A two-rank process group on ``store`` (a PrefixStore of its own); blocks until the peer joins.
+
+    A gloo group has one device, so one TCP connection to its peer: a channel's handshake relies on
+    that (see :class:`Channel`)."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -287,10 +290,10 @@ class Channel:
     """One direction between two actors on one backend.
 
     Transfers are posted without blocking, by whichever thread has the data
-    (torch's send/recv return at once); the sender posts them together with
-    the message that announces them (under its lock for that peer), so both
-    ends post in the same order. Whoever needs the data waits with
-    :func:`wait_all`.
+    (torch's send/recv return at once); the sender posts them (or queues
+    them, see below) together with the message that announces them, under
+    its lock for that peer, so both ends post in the same order. Whoever
+    needs the data waits with :func:`wait_all`.
 
     Small transfers skip gloo's rendezvous: the receiving end of a gloo
     channel keeps ``slots`` receives of ``SLOT_BYTES`` posted ahead, and a
@@ -300,14 +303,17 @@ class Channel:
     into buffers the receiver posts when the message arrives.
 
     Over gloo those wait for the receiver's word (a one-byte send on
-    ``READY_TAG``, made once its receives are posted): gloo's TCP pair writes
-    a send that finds the receive already posted from the sending thread at
-    once, and one posted first only once the receive's notice comes back, on
-    its device thread, which moved 64 MiB at about half the speed on a 2-vCPU
-    VM (1.2-1.4 against 2.1-2.6 GiB/s). The word travels on the same TCP
-    connection as the receives' notices, after them, so when it arrives the
-    sender's gloo knows they are posted. A thread of the channel's own
-    (:class:`_Poster`) waits for each word and posts the sends, in order.
+    ``READY_TAG``, made once its receives are posted). Posted before its
+    receive, a gloo send of 64 MiB ran at about half the speed on a 2-vCPU VM
+    (1.2-1.4 against 2.1-2.6 GiB/s, raw gloo, receive posted just after the
+    send against well before it): measured, not explained. gloo's TCP pair
+    starts writing a send at once only if the receive's notice is already
+    there; otherwise its network thread starts once the notice arrives. The
+    word travels on the same TCP connection as the receives' notices, after
+    them (one gloo context per group: :func:`make_group`), so when it arrives
+    the sender's gloo knows they are posted. A thread of the channel's own
+    (:class:`_Poster`) waits for each word and posts that value's sends, in
+    order. It ends when the channel is closed.
     """
 
     def __init__(
@@ -345,6 +351,8 @@ class Channel:
         self.nbytes = 0  # their tensors' bytes
         self._handshakes = backend == "gloo"  # big sends wait for the receiver's word (see above)
         self._poster: _Poster | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()  # a teardown (the loop) against a send being queued (the sync thread)
         self._ready_word = torch.ones(1, dtype=torch.uint8)  # what a receiver sends on READY_TAG
         for _ in range(self._ahead):
             self._post_slot()
@@ -380,8 +388,9 @@ class Channel:
         return Outgoing(nbytes, None, [(i, self._bytes(t)) for i, t in enumerate(tensors) if t.numel()])
 
     def post_send(self, out: Outgoing, seq: int) -> list[Any]:
-        """Start sending what :meth:`prepare_send` made for execution ``seq`` (in order); returns the transfers to
-        wait for before the tensors' memory may change. Raises only ``ConnectionError``.
+        """Send what :meth:`prepare_send` made for execution ``seq`` (in order): post it, or queue it for the
+        poster (big values over gloo); returns the transfers to wait for before the tensors' memory may
+        change. Raises only ``ConnectionError`` (a closed channel too).
 
         Packed: nothing of the caller's needs waiting for. The channel keeps the send until it is done:
         execution ``seq`` started only once every execution up to ``seq - max_inflight`` had completed,
@@ -398,16 +407,25 @@ class Channel:
             self._outgoing.append((seq, self._start(self.group.send, out.packed, SLOT_TAG)))  # kept: a dropped send is never made
             return []
         if self._handshakes and out.flats:
-            word = self._start(self.group.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG)
-            if self._poster is None:
-                self._poster = _Poster(self)
-            return [self._poster.post(word, out.flats)]
+            with self._close_lock:  # nothing is queued for a poster that was told to end, nor one made after
+                if self._closed:
+                    raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
+                if self._poster is None:
+                    try:
+                        self._poster = _Poster(self)
+                    except RuntimeError as exc:  # no thread to be had: nothing was posted yet
+                        raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
+                word = self._start(self.group.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG)
+                return [self._poster.post(word, out.flats)]
         return [self._start(self.group.send, flat, i) for i, flat in out.flats]
 
     def close(self) -> None:
-        """Let the poster thread end once the sends queued for it are posted (a torn-down graph)."""
-        if self._poster is not None:
-            self._poster.close()
+        """A torn-down graph: sends are refused from now on, and the poster thread ends once each value queued
+        for it has had its word or failed (a word that never comes fails at the group's timeout)."""
+        with self._close_lock:
+            self._closed = True
+            if self._poster is not None:
+                self._poster.close()
 
     def _bytes(self, t: Any) -> Any:
         if self.backend == "gloo" and t.device.type != "cpu":
@@ -507,8 +525,11 @@ class _Poster:
                 shake.sends = [self._channel._start(self._channel.group.send, flat, i) for i, flat in shake.flats]
             except ConnectionError as exc:
                 shake.error = exc
-            shake.flats = []
-            shake.posted.set()
+            except Exception as exc:  # a bug of ours: that value fails, and whoever waits for it is told
+                shake.error = ConnectionError(f"tensor channel {self._channel.name}: {exc!r}")
+            finally:
+                shake.flats = []
+                shake.posted.set()
 
 
 class _Handshake:
@@ -524,7 +545,8 @@ class _Handshake:
         self.error: ConnectionError | None = None
 
     def is_completed(self) -> bool:
-        return self.posted.is_set() and (self.error is not None or all(w.is_completed() for w in self.sends))
+        """Done and sent (a failed one is not: its waiter reports the failure)."""
+        return self.posted.is_set() and self.error is None and all(w.is_completed() for w in self.sends)
 
     def wait(self) -> None:
         self.posted.wait()

@@ -26,8 +26,9 @@ which waits there for the tensors still on their way, calls the
 method and hands the output on from that thread; an async method in the
 node's task on the loop (tensor waits on a helper thread). Handing on means:
 to this actor's nodes directly; to another actor a ``deliver`` message over
-ZeroMQ and the tensors on the channel to it, posted together under one lock
-per peer (so both ends post transfers in the same order); to the driver a
+ZeroMQ and the tensors on the channel to it, posted (or, for big ones over
+gloo, queued until the receiver is ready) together under one lock per peer
+(so both ends post transfers in the same order); to the driver a
 stream item on the ``results`` call. A stage that raised hands on its error
 record instead; the nodes after it skip their call and pass it on, so that
 execution fails at the driver and the next one runs normally. Nothing polls:

@@ -455,10 +455,9 @@ def test_tensors_both_ways_between_two_actors_pipelined(env):
         backend = "nccl" if transport == "nccl" else "gloo"
         assert channel_bytes(b, compiled)[f"send to {a._actor_id} ({backend})"] == {"transfers": 16, "bytes": 16 * 4 * n}
         if transport == "gloo":  # each end's sends waited for the other's word that its receives were posted
-            assert actorlib.get([a.posters.remote(), b.posters.remote()], timeout=30) == [
-                [f"actorlib-dag-send-{b._actor_id[:8]}-gloo"],
-                [f"actorlib-dag-send-{a._actor_id[:8]}-gloo"],
-            ]
+            on_a, on_b = actorlib.get([a.posters.remote(), b.posters.remote()], timeout=30)
+            assert f"actorlib-dag-send-{b._actor_id[:8]}-gloo" in on_a
+            assert f"actorlib-dag-send-{a._actor_id[:8]}-gloo" in on_b
     finally:
         compiled.teardown()
     # and those threads end with the graph

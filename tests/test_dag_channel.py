@@ -1,0 +1,83 @@
+"""A compiled graph's tensor channel on its own: two real gloo groups in this process, one per end.
+
+What the graph tests cannot see from outside: a big value's sends wait for
+the receiver's word that its receives are posted, in order, and a closed
+channel takes no more sends and lets its poster thread end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from actorlib.dag_channel import SLOT_BYTES, BufferPool, Channel, make_group, meta_of, wait_all
+
+from .conftest import wait_for
+
+TIMEOUT_S = 60.0  # every gloo wait here fails after this, instead of hanging
+
+
+@pytest.fixture
+def ends():
+    """A gloo channel's two ends: (sender, receiver), on a two-rank group made for this test."""
+    store = dist.HashStore()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each rank's group waits for the other's
+        made = [pool.submit(make_group, "gloo", dist.PrefixStore("t/", store), rank, "127.0.0.1", TIMEOUT_S) for rank in (0, 1)]
+        g0, g1 = (f.result(timeout=TIMEOUT_S) for f in made)
+    buffers = BufferPool(per_size=4)
+    sender = Channel(g0, "gloo", 1, "send-test-gloo", buffers, role="send", slots=0, max_inflight=4)
+    receiver = Channel(g1, "gloo", 0, "recv-test-gloo", buffers, role="recv", slots=2, max_inflight=4)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def posters() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "actorlib-dag-send-test-gloo"]
+
+
+def test_big_values_are_sent_once_the_receiver_says_its_receives_are_posted(ends):
+    sender, receiver = ends
+    n = SLOT_BYTES // 4 + 1  # float32: past a packed slot, so sent tensor by tensor
+    values = [
+        [torch.arange(n, dtype=torch.float32), torch.full((3, n), 2.0)],
+        [torch.arange(2 * n, dtype=torch.float32).reshape(2, n)],  # another shape, then an empty tensor among them
+        [torch.ones(n, dtype=torch.float64), torch.empty(0), torch.full((n,), 7, dtype=torch.int32)],
+    ]
+    sent = []
+    for seq, tensors in enumerate(values):  # three values in flight before the receiver posts anything
+        assert sender.offsets(tensors) is None
+        (shake,) = sender.post_send(sender.prepare_send(tensors, None), seq)
+        sent.append(shake)
+    # nothing can have told the sender to go: its sends are queued, not posted
+    assert not any(s.posted.is_set() or s.sends for s in sent)
+    assert not any(s.is_completed() for s in sent)
+    for seq, tensors in enumerate(values):
+        metas = [meta_of(t, "gloo") for t in tensors]
+        received, works = receiver.post_recv(metas)
+        wait_for(lambda s=sent[seq]: s.posted.is_set(), timeout=TIMEOUT_S, what=f"value {seq}'s sends to be posted")
+        wait_all(works, receiver.name)
+        got = receiver.finish_recv(metas, received)
+        assert [(g.shape, g.dtype) for g in got] == [(t.shape, t.dtype) for t in tensors]
+        assert all(torch.equal(g, t) for g, t in zip(got, tensors, strict=True))
+    wait_all(sent, sender.name)
+    assert all(s.is_completed() for s in sent)
+
+
+def test_a_closed_channel_takes_no_more_sends_and_its_poster_ends(ends):
+    sender, receiver = ends
+    tensors = [torch.ones(SLOT_BYTES // 4 + 1)]
+    shakes = sender.post_send(sender.prepare_send(tensors, None), 0)
+    assert len(posters()) == 1
+    metas = [meta_of(t, "gloo") for t in tensors]
+    received, works = receiver.post_recv(metas)
+    wait_all(works + shakes)
+    sender.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        sender.post_send(sender.prepare_send(tensors, None), 1)
+    wait_for(lambda: not posters(), timeout=TIMEOUT_S, what="the poster thread to end")
+    assert torch.equal(receiver.finish_recv(metas, received)[0], tensors[0])
