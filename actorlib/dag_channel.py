@@ -67,6 +67,8 @@ POOL_MIN_BYTES = 1 << 20
 SLOT_BYTES = 64 << 10  # values whose tensors fit travel packed, into a receive posted ahead
 SLOT_TAG = 1 << 20  # packed transfers' tag; tensors sent one by one are tagged by their position
 READY_TAG = SLOT_TAG + 1  # a gloo receiver's word that a value's receives are posted (see Channel)
+HANDSHAKE_MIN_BYTES = 1 << 20  # a value at least this big over gloo waits for that word
+HANDSHAKE_TAG = 1 << 21  # added to the position of such a value's tensors: they never match one sent at once
 _ALIGN = 64
 
 
@@ -302,11 +304,16 @@ class Channel:
     message announcing them is read). Bigger ones are sent tensor by tensor,
     into buffers the receiver posts when the message arrives.
 
-    Over gloo those wait for the receiver's word (a one-byte send on
-    ``READY_TAG``, made once its receives are posted). Posted before its
-    receive, a gloo send of 64 MiB ran at about half the speed on a 2-vCPU VM
-    (1.2-1.4 against 2.1-2.6 GiB/s, raw gloo, receive posted just after the
-    send against well before it): measured, not explained. gloo's TCP pair
+    Over gloo, a value of ``HANDSHAKE_MIN_BYTES`` or more waits for the
+    receiver's word (a one-byte send on ``READY_TAG``, made once its receives
+    are posted), and its tensors are tagged apart (``HANDSHAKE_TAG`` + their
+    position), so smaller values sent at once meanwhile never take its
+    receives. Posted before its receive, a gloo send of 64 MiB ran at about
+    half the speed on a 2-vCPU VM (1.2-1.4 against 2.1-2.6 GiB/s, raw gloo,
+    receive posted just after the send against well before it; in a graph,
+    8 MiB took 7.3-8.3 ms without the word, 3.6-4.9 with it): measured, not
+    explained. Under 1 MiB the word's wait costs more than it saves (256 KiB:
+    ~0.9 ms without, ~1.1 with; 1 MiB: even). gloo's TCP pair
     starts writing a send at once only if the receive's notice is already
     there; otherwise its network thread starts once the notice arrives. The
     word travels on the same TCP connection as the receives' notices, after
@@ -406,7 +413,7 @@ class Channel:
                     pass  # it failed, and so did its execution
             self._outgoing.append((seq, self._start(self.group.send, out.packed, SLOT_TAG)))  # kept: a dropped send is never made
             return []
-        if self._handshakes and out.flats:
+        if self._handshakes and out.nbytes >= HANDSHAKE_MIN_BYTES and out.flats:
             with self._close_lock:  # nothing is queued for a poster that was told to end, nor one made after
                 if self._closed:
                     raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
@@ -455,8 +462,9 @@ class Channel:
         """
         torch = self._torch
         dtypes = [_dtype(torch, meta[1]) for meta in metas]
+        nbytes = sum(dtype.itemsize * math.prod(meta[0]) for meta, dtype in zip(metas, dtypes, strict=True))
         self.transfers += 1
-        self.nbytes += sum(dtype.itemsize * math.prod(meta[0]) for meta, dtype in zip(metas, dtypes, strict=True))
+        self.nbytes += nbytes
         if metas and metas[0][4] >= 0:
             with self._slot_lock:
                 if not self._slots:  # all taken (many executions in flight): the next in order, posted now
@@ -464,6 +472,8 @@ class Channel:
                 buf, work = self._slots.popleft()
             return _Packed(buf), [work]
         tensors, works = [], []
+        shake = self._handshakes and nbytes >= HANDSHAKE_MIN_BYTES  # as the sender decides (see the class)
+        tag = HANDSHAKE_TAG if shake else 0
         for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
             shape = meta[0]
             t = (
@@ -472,9 +482,9 @@ class Channel:
                 else self._pool.empty(shape, dtype)
             )
             if t.numel():
-                works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
+                works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), tag + i))
             tensors.append(t)
-        if self._handshakes and works:  # the sender waits for this before it sends (see the class)
+        if shake and works:  # the sender waits for this before it sends (see the class)
             works.append(self._start(self.group.send, self._ready_word, READY_TAG))
         return tensors, works
 
@@ -522,7 +532,8 @@ class _Poster:
         while (shake := self._queue.get()) is not None:
             try:
                 wait_all([shake.word], self._channel.name)
-                shake.sends = [self._channel._start(self._channel.group.send, flat, i) for i, flat in shake.flats]
+                send = self._channel.group.send
+                shake.sends = [self._channel._start(send, flat, HANDSHAKE_TAG + i) for i, flat in shake.flats]
             except ConnectionError as exc:
                 shake.error = exc
             except Exception as exc:  # a bug of ours: that value fails, and whoever waits for it is told

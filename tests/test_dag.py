@@ -454,18 +454,29 @@ def test_tensors_both_ways_between_two_actors_pipelined(env):
         assert [float(v[0]) for v in actorlib.get(refs, timeout=60)] == [(i + 1) * 2.0 for i in range(16)]
         backend = "nccl" if transport == "nccl" else "gloo"
         assert channel_bytes(b, compiled)[f"send to {a._actor_id} ({backend})"] == {"transfers": 16, "bytes": 16 * 4 * n}
-        if transport == "gloo":  # each end's sends waited for the other's word that its receives were posted
-            on_a, on_b = actorlib.get([a.posters.remote(), b.posters.remote()], timeout=30)
-            assert f"actorlib-dag-send-{b._actor_id[:8]}-gloo" in on_a
-            assert f"actorlib-dag-send-{a._actor_id[:8]}-gloo" in on_b
     finally:
         compiled.teardown()
-    # and those threads end with the graph
-    wait_for(
-        lambda: actorlib.get([a.posters.remote(), b.posters.remote()], timeout=30) == [[], []],
-        timeout=30,
-        what="the posters to end",
-    )
+
+
+def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_graph(al):
+    """A value of 1 MiB or more over gloo is sent once its receiver says the receives are posted: by a thread of
+    the sending channel's own, which ends at teardown."""
+    a, b = StageActor.remote("a", "cpu"), StageActor.remote("b", "cpu")
+    try:
+        with InputNode() as inp:
+            dag = b.check.bind(a.make.bind(inp).with_tensor_transport("gloo"))
+        compiled = dag.compile(max_inflight=2)
+        try:
+            specs = [[[1 << 18], "float32", i] for i in range(4)] + [[[3, 1 << 17], "float64"]]
+            got = actorlib.get([compiled.execute(spec) for spec in specs], timeout=60)
+            assert [list(g[:2]) for g in got] == [[[1 << 18], "float32"]] * 4 + [[[3, 1 << 17], "float64"]]
+            assert actorlib.get(a.posters.remote(), timeout=30) == [f"actorlib-dag-send-{b._actor_id[:8]}-gloo"]
+        finally:
+            compiled.teardown()
+        wait_for(lambda: actorlib.get(a.posters.remote(), timeout=30) == [], timeout=30, what="the poster to end")
+    finally:
+        for actor in (a, b):
+            al.kill(actor)
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["sync", "with-an-async-node"])

@@ -1,8 +1,9 @@
 """A compiled graph's tensor channel on its own: two real gloo groups in this process, one per end.
 
 What the graph tests cannot see from outside: a big value's sends wait for
-the receiver's word that its receives are posted, in order, and a closed
-channel takes no more sends and lets its poster thread end.
+the receiver's word that its receives are posted, in order, while smaller
+ones go at once and never take a big one's receives; and a closed channel
+takes no more sends and lets its poster thread end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from actorlib.dag_channel import SLOT_BYTES, BufferPool, Channel, make_group, meta_of, wait_all
+from actorlib.dag_channel import HANDSHAKE_MIN_BYTES, SLOT_BYTES, BufferPool, Channel, make_group, meta_of, wait_all
 
 from .conftest import wait_for
 
@@ -42,35 +43,40 @@ def posters() -> list[threading.Thread]:
 
 def test_big_values_are_sent_once_the_receiver_says_its_receives_are_posted(ends):
     sender, receiver = ends
-    n = SLOT_BYTES // 4 + 1  # float32: past a packed slot, so sent tensor by tensor
+    n = HANDSHAKE_MIN_BYTES // 4  # float32
+    small = SLOT_BYTES // 4 + 1  # past a packed slot, so sent tensor by tensor, but under the handshake's size
     values = [
-        [torch.arange(n, dtype=torch.float32), torch.full((3, n), 2.0)],
-        [torch.arange(2 * n, dtype=torch.float32).reshape(2, n)],  # another shape, then an empty tensor among them
-        [torch.ones(n, dtype=torch.float64), torch.empty(0), torch.full((n,), 7, dtype=torch.int32)],
+        [torch.arange(n, dtype=torch.float32), torch.full((3, small), 2.0)],
+        [torch.arange(small, dtype=torch.float32)],  # sent at once, while the big one before it waits
+        [torch.arange(2 * n, dtype=torch.float32).reshape(2, n)],  # another shape
+        [torch.full((small,), 5.0), torch.empty(0)],
+        [torch.ones(n, dtype=torch.float64), torch.empty(0), torch.full((small,), 7, dtype=torch.int32)],
     ]
+    big = [sum(t.nbytes for t in tensors) >= HANDSHAKE_MIN_BYTES for tensors in values]
+    assert big == [True, False, True, False, True]
     sent = []
-    for seq, tensors in enumerate(values):  # three values in flight before the receiver posts anything
+    for seq, tensors in enumerate(values):  # all in flight before the receiver posts anything
         assert sender.offsets(tensors) is None
-        (shake,) = sender.post_send(sender.prepare_send(tensors, None), seq)
-        sent.append(shake)
-    # nothing can have told the sender to go: its sends are queued, not posted
-    assert not any(s.posted.is_set() or s.sends for s in sent)
-    assert not any(s.is_completed() for s in sent)
-    for seq, tensors in enumerate(values):
+        sent.append(sender.post_send(sender.prepare_send(tensors, None), seq))
+    shakes = [works[0] for works, b in zip(sent, big, strict=True) if b]
+    assert all(len(works) == 1 for works, b in zip(sent, big, strict=True) if b)
+    # nothing can have told the sender to go: the big ones' sends are queued, not posted
+    assert not any(s.posted.is_set() or s.sends or s.is_completed() for s in shakes)
+    for tensors in values:
         metas = [meta_of(t, "gloo") for t in tensors]
         received, works = receiver.post_recv(metas)
-        wait_for(lambda s=sent[seq]: s.posted.is_set(), timeout=TIMEOUT_S, what=f"value {seq}'s sends to be posted")
         wait_all(works, receiver.name)
         got = receiver.finish_recv(metas, received)
         assert [(g.shape, g.dtype) for g in got] == [(t.shape, t.dtype) for t in tensors]
         assert all(torch.equal(g, t) for g, t in zip(got, tensors, strict=True))
-    wait_all(sent, sender.name)
-    assert all(s.is_completed() for s in sent)
+    for works in sent:
+        wait_all(works, sender.name)
+    assert all(s.is_completed() for s in shakes)
 
 
 def test_a_closed_channel_takes_no_more_sends_and_its_poster_ends(ends):
     sender, receiver = ends
-    tensors = [torch.ones(SLOT_BYTES // 4 + 1)]
+    tensors = [torch.ones(HANDSHAKE_MIN_BYTES // 4)]
     shakes = sender.post_send(sender.prepare_send(tensors, None), 0)
     assert len(posters()) == 1
     metas = [meta_of(t, "gloo") for t in tensors]
