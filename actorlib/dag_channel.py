@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # plain data, inside the ZeroMQ message that announces a value
 TensorMeta = list
 POOL_MIN_BYTES = 1 << 20
+POOL_MAX_BYTES = 1 << 30  # a pool forgets its least recently used sizes past this
 SLOT_BYTES = 64 << 10  # values whose tensors fit travel packed, into a receive posted ahead
 SLOT_TAG = 1 << 20  # packed transfers' tag; tensors sent one by one are tagged by their position
 READY_TAG = SLOT_TAG + 1  # a gloo receiver's word that a value's receives are posted (see Channel)
@@ -233,14 +234,22 @@ def small_value(tensors: list[Any]) -> bool:
 
 
 class BufferPool:
-    """Receive buffers for CPU tensors, reused once no tensor refers to them (1 MiB and up)."""
+    """Receive buffers for CPU tensors, reused once no tensor refers to them (1 MiB and up).
 
-    def __init__(self, per_size: int) -> None:
+    It keeps up to ``per_size`` buffers of each size, and forgets the sizes used
+    longest ago once it holds more than ``max_bytes`` (values whose shapes change
+    at every execution would otherwise each leave their buffers behind). A
+    forgotten buffer that a tensor still uses lives on with that tensor.
+    """
+
+    def __init__(self, per_size: int, max_bytes: int = POOL_MAX_BYTES) -> None:
         import torch
 
         self._torch = torch
         self._per_size = per_size
-        self._free: dict[int, list[Any]] = {}
+        self._max_bytes = max_bytes
+        self._free: collections.OrderedDict[int, list[Any]] = collections.OrderedDict()  # by size, last used last
+        self._held = 0  # bytes of every buffer in _free
         self._lock = threading.Lock()
         self._use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -252,17 +261,30 @@ class BufferPool:
         if nbytes < POOL_MIN_BYTES or self._use_count is None:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            storages = self._free.setdefault(nbytes, [])
+            storages = self._free.get(nbytes)
+            if storages is None:
+                storages = self._free[nbytes] = []
+            else:
+                self._free.move_to_end(nbytes)
             storage = next((s for s in storages if self._use_count(s._cdata) == 1), None)
             if storage is None:
                 storage = torch.UntypedStorage(nbytes)
                 if len(storages) < self._per_size:
                     storages.append(storage)
+                    self._held += nbytes
+                    while self._held > self._max_bytes and next(iter(self._free)) != nbytes:
+                        size, dropped = self._free.popitem(last=False)
+                        self._held -= size * len(dropped)
             return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def held(self) -> int:
+        """Bytes of the buffers the pool keeps (in use or not)."""
+        return self._held
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._held = 0
 
 
 def make_group(backend: str, store: Any, rank: int, address: str, timeout_s: float) -> Any:

@@ -87,3 +87,30 @@ def test_a_closed_channel_takes_no_more_sends_and_its_poster_ends(ends):
         sender.post_send(sender.prepare_send(tensors, None), 1)
     wait_for(lambda: not posters(), timeout=TIMEOUT_S, what="the poster thread to end")
     assert torch.equal(receiver.finish_recv(metas, received)[0], tensors[0])
+
+
+def test_the_buffer_pool_reuses_free_buffers_only_and_stays_bounded_when_shapes_keep_changing():
+    pool = BufferPool(per_size=2, max_bytes=8 << 20)
+    mib = (1 << 20) // 4  # float32 elements in 1 MiB
+    first = pool.empty([mib], torch.float32)
+    ptr = first.data_ptr()
+    second = pool.empty([mib], torch.float32)
+    assert second.data_ptr() != ptr  # the first is still used
+    view = first[10:]
+    del first
+    assert pool.empty([mib], torch.float32).data_ptr() not in (ptr, second.data_ptr())  # a view keeps it used
+    del view
+    again = pool.empty([2, mib // 2], torch.float32)  # free now: the same memory, in another shape
+    assert again.data_ptr() == ptr and again.shape == (2, mib // 2)
+    assert pool.held() == 2 << 20
+    for k in range(1, 100):  # a new size at every execution, as when the number of tokens changes
+        t = pool.empty([mib + k * 4096], torch.float32)
+        assert pool.held() <= 8 << 20  # the sizes used longest ago are forgotten
+    last = t.data_ptr()
+    del t
+    assert pool.empty([mib + 99 * 4096], torch.float32).data_ptr() == last  # the newest size is kept, and free
+    big = pool.empty([9 * mib], torch.float32)  # one size past the cap: the pool keeps it alone
+    assert pool.held() == big.nbytes
+    assert pool.empty([mib // 4], torch.float32).nbytes == 1 << 18  # under 1 MiB: never pooled
+    pool.clear()
+    assert pool.held() == 0
