@@ -326,23 +326,31 @@ class Channel:
     message announcing them is read). Bigger ones are sent tensor by tensor,
     into buffers the receiver posts when the message arrives.
 
-    Over gloo, a value of ``HANDSHAKE_MIN_BYTES`` or more waits for the
-    receiver's word (a one-byte send on ``READY_TAG``, made once its receives
-    are posted), and its tensors are tagged apart (``HANDSHAKE_TAG`` + their
-    position), so smaller values sent at once meanwhile never take its
-    receives. Posted before its receive, a gloo send of 64 MiB ran at about
-    half the speed on a 2-vCPU VM (1.2-1.4 against 2.1-2.6 GiB/s, raw gloo,
-    receive posted just after the send against well before it; in a graph,
-    8 MiB took 7.3-8.3 ms without the word, 3.6-4.9 with it): measured, not
-    explained. Under 1 MiB the word's wait costs more than it saves (256 KiB:
-    ~0.9 ms without, ~1.1 with; 1 MiB: even). gloo's TCP pair
-    starts writing a send at once only if the receive's notice is already
-    there; otherwise its network thread starts once the notice arrives. The
-    word travels on the same TCP connection as the receives' notices, after
-    them (one gloo context per group: :func:`make_group`), so when it arrives
-    the sender's gloo knows they are posted. A thread of the channel's own
-    (:class:`_Poster`) waits for each word and posts that value's sends, in
-    order. It ends when the channel is closed.
+    Over gloo, a value of ``HANDSHAKE_MIN_BYTES`` or more ("big") is sent
+    only into receives already posted. Posted before its receive, a gloo send
+    of 64 MiB ran at about half the speed on a 2-vCPU VM (1.2-1.4 against
+    2.1-2.6 GiB/s, raw gloo, receive posted just after the send against well
+    before it; in a graph, 8 MiB took 7.3-8.3 ms without waiting, 3.6-4.9
+    with): measured, not explained. gloo's TCP pair starts writing a send at
+    once only if the receive's notice is already there; otherwise its network
+    thread starts once the notice arrives. Under 1 MiB waiting costs more
+    than it saves (256 KiB: ~0.9 ms without, ~1.1 with; 1 MiB: even).
+
+    Both ends follow the same rule, value by value (:meth:`_fits`,
+    :func:`capacity`): after each big value the receiver posts receives
+    *ahead* for the next one, as large as this one's tensors rounded up.
+    The next big value whose tensors fit them goes straight into them: the
+    sender posts its sends at once (steady state: no wait at all). One that
+    does not fit gets zero-byte sends into them first, then waits for the
+    receiver's word (a one-byte send on ``READY_TAG``) that it posted
+    receives for it. The word travels on the same TCP connection as the
+    receives' notices, after them (one gloo context per group:
+    :func:`make_group`), so when it arrives the sender's gloo knows they are
+    posted. Big values' tensors are tagged apart (``HANDSHAKE_TAG`` + their
+    position), so smaller values sent at once meanwhile never take their
+    receives. A thread of the channel's own (:class:`_Poster`) waits for the
+    words and posts the sends queued behind them, in order; sends are posted
+    at once only while nothing is queued. It ends when the channel is closed.
     """
 
     def __init__(
@@ -378,11 +386,15 @@ class Channel:
         self._ahead = slots if role == "recv" and self._packs else 0
         self.transfers = 0  # values sent or received on this channel (for stats())
         self.nbytes = 0  # their tensors' bytes
-        self._handshakes = backend == "gloo"  # big sends wait for the receiver's word (see above)
+        self._handshakes = backend == "gloo"  # big values go into receives posted already (see above)
+        # Both ends: [(position, bytes)] of the receives posted ahead for the next big value, or None.
+        self._ahead_sizes: list[tuple[int, int]] | None = None
+        self._ahead_recvs: list[tuple[Any, Any]] = []  # receiver: (buffer, transfer) of each of them
         self._poster: _Poster | None = None
         self._closed = False
-        self._close_lock = threading.Lock()  # a teardown (the loop) against a send being queued (the sync thread)
+        self._post_lock = threading.Lock()  # sends posted at once or queued, the poster, a teardown
         self._ready_word = torch.ones(1, dtype=torch.uint8)  # what a receiver sends on READY_TAG
+        self._nothing = torch.empty(0, dtype=torch.uint8)  # what a sender sends into receives its value does not fit
         for _ in range(self._ahead):
             self._post_slot()
 
@@ -436,22 +448,40 @@ class Channel:
             self._outgoing.append((seq, self._start(self.group.send, out.packed, SLOT_TAG)))  # kept: a dropped send is never made
             return []
         if self._handshakes and out.nbytes >= HANDSHAKE_MIN_BYTES and out.flats:
-            with self._close_lock:  # nothing is queued for a poster that was told to end, nor one made after
-                if self._closed:
-                    raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
-                if self._poster is None:
-                    try:
-                        self._poster = _Poster(self)
-                    except RuntimeError as exc:  # no thread to be had: nothing was posted yet
-                        raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
-                word = self._start(self.group.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG)
-                return [self._poster.post(word, out.flats)]
+            return self._post_big(out.flats)
         return [self._start(self.group.send, flat, i) for i, flat in out.flats]
+
+    def _post_big(self, flats: list[tuple[int, Any]]) -> list[Any]:
+        """A big value's sends: into the receives posted ahead if it fits them, else after the receiver's word
+        (see the class). Nothing is queued for a poster told to end, nor for one made after."""
+        sizes = [(i, flat.numel()) for i, flat in flats]
+        with self._post_lock:
+            if self._closed:
+                raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
+            ahead, self._ahead_sizes = self._ahead_sizes, [(i, capacity(n)) for i, n in sizes]
+            if _fits(sizes, ahead):
+                return self._send_or_queue(None, flats)
+            works = self._send_or_queue(None, [(i, self._nothing) for i, _ in ahead]) if ahead else []
+            word = self._start(self.group.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG)
+            return works + self._send_or_queue(word, flats)
+
+    def _send_or_queue(self, word: Any, flats: list[tuple[int, Any]]) -> list[Any]:
+        """Post these sends now if nothing is queued before them and no word is awaited; else queue them
+        (under ``_post_lock``)."""
+        if word is None and (self._poster is None or not self._poster.pending):
+            send = self.group.send
+            return [self._start(send, flat, HANDSHAKE_TAG + i) for i, flat in flats]
+        if self._poster is None:
+            try:
+                self._poster = _Poster(self)
+            except RuntimeError as exc:  # no thread to be had
+                raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
+        return [self._poster.post(word, flats)]
 
     def close(self) -> None:
         """A torn-down graph: sends are refused from now on, and the poster thread ends once each value queued
         for it has had its word or failed (a word that never comes fails at the group's timeout)."""
-        with self._close_lock:
+        with self._post_lock:
             self._closed = True
             if self._poster is not None:
                 self._poster.close()
@@ -493,9 +523,9 @@ class Channel:
                     self._post_slot()
                 buf, work = self._slots.popleft()
             return _Packed(buf), [work]
+        if self._handshakes and nbytes >= HANDSHAKE_MIN_BYTES:
+            return self._post_recv_big(metas, dtypes)
         tensors, works = [], []
-        shake = self._handshakes and nbytes >= HANDSHAKE_MIN_BYTES  # as the sender decides (see the class)
-        tag = HANDSHAKE_TAG if shake else 0
         for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
             shape = meta[0]
             t = (
@@ -504,10 +534,39 @@ class Channel:
                 else self._pool.empty(shape, dtype)
             )
             if t.numel():
-                works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), tag + i))
+                works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
             tensors.append(t)
-        if shake and works:  # the sender waits for this before it sends (see the class)
+        return tensors, works
+
+    def _post_recv_big(self, metas: list[TensorMeta], dtypes: list[Any]) -> tuple[Any, list[Any]]:
+        """A big value: into the receives posted ahead if it fits them; else into new ones, after which the
+        word goes (the ones ahead get nothing: their transfers are waited for with this value's). Then the
+        receives ahead for the next one. See the class."""
+        torch = self._torch
+        sizes = [(i, dtype.itemsize * math.prod(meta[0])) for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True))]
+        sizes = [(i, n) for i, n in sizes if n]
+        ahead, recvs = self._ahead_sizes, self._ahead_recvs
+        self._ahead_sizes, self._ahead_recvs = None, []
+        tensors, works = [], []
+        if _fits(sizes, ahead):
+            bufs = {i: buf for (i, _), (buf, _) in zip(ahead or [], recvs, strict=True)}
+            works = [work for _, work in recvs]
+            for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
+                buf = bufs.get(i)
+                n = dtype.itemsize * math.prod(meta[0])
+                tensors.append(buf[:n].view(dtype).reshape(meta[0]) if buf is not None and n else torch.empty(meta[0], dtype=dtype))
+        else:
+            works = [work for _, work in recvs]  # they get zero-byte sends first
+            for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
+                t = self._pool.empty(meta[0], dtype)
+                if t.numel():
+                    works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), HANDSHAKE_TAG + i))
+                tensors.append(t)
             works.append(self._start(self.group.send, self._ready_word, READY_TAG))
+        self._ahead_sizes = [(i, capacity(n)) for i, n in sizes]
+        for i, n in self._ahead_sizes:
+            buf = self._pool.empty([n], torch.uint8)
+            self._ahead_recvs.append((buf, self._start(self.group.recv, buf, HANDSHAKE_TAG + i)))
         return tensors, works
 
     def finish_recv(self, metas: list[TensorMeta], received: Any) -> list[Any]:
@@ -533,17 +592,34 @@ class Channel:
             raise ConnectionError(f"tensor channel {self.name} ({self.backend}) failed: {exc}") from exc
 
 
+def capacity(nbytes: int) -> int:
+    """The size of a receive posted ahead for a tensor of ``nbytes`` (both ends compute it): rounded up to an
+    eighth of its power of two, so that sizes which vary a little (a batch's number of tokens) still fit."""
+    step = max(1, 1 << max(0, nbytes.bit_length() - 4))
+    return -(-nbytes // step) * step
+
+
+def _fits(sizes: list[tuple[int, int]], ahead: list[tuple[int, int]] | None) -> bool:
+    """A big value's ``[(position, bytes)]`` of non-empty tensors fits the receives posted ahead."""
+    return ahead is not None and len(sizes) == len(ahead) and all(
+        i == j and n <= cap for (i, n), (j, cap) in zip(sizes, ahead, strict=True)
+    )
+
+
 class _Poster:
-    """A gloo channel's thread that posts each value's sends once its receiver's word has come, in order."""
+    """A gloo channel's thread that posts sends queued behind a receiver's word, in order."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._queue: queue.SimpleQueue[_Handshake | None] = queue.SimpleQueue()
+        self.pending = 0  # queued and not posted yet (under the channel's _post_lock)
         self._thread = threading.Thread(target=self._run, name=f"actorlib-dag-{channel.name}", daemon=True)
         self._thread.start()
 
     def post(self, word: Any, flats: list[tuple[int, Any]]) -> _Handshake:
+        """Queue sends, after ``word`` (None: right after those queued before). Under ``_post_lock``."""
         shake = _Handshake(word, flats)
+        self.pending += 1
         self._queue.put(shake)
         return shake
 
@@ -551,16 +627,20 @@ class _Poster:
         self._queue.put(None)
 
     def _run(self) -> None:
+        channel = self._channel
         while (shake := self._queue.get()) is not None:
             try:
-                wait_all([shake.word], self._channel.name)
-                send = self._channel.group.send
-                shake.sends = [self._channel._start(send, flat, HANDSHAKE_TAG + i) for i, flat in shake.flats]
+                if shake.word is not None:
+                    wait_all([shake.word], channel.name)
+                # (nothing is posted at once meanwhile: pending counts this one until it is posted)
+                shake.sends = [channel._start(channel.group.send, flat, HANDSHAKE_TAG + i) for i, flat in shake.flats]
             except ConnectionError as exc:
                 shake.error = exc
             except Exception as exc:  # a bug of ours: that value fails, and whoever waits for it is told
-                shake.error = ConnectionError(f"tensor channel {self._channel.name}: {exc!r}")
+                shake.error = ConnectionError(f"tensor channel {channel.name}: {exc!r}")
             finally:
+                with channel._post_lock:
+                    self.pending -= 1
                 shake.flats = []
                 shake.posted.set()
 

@@ -459,8 +459,9 @@ def test_tensors_both_ways_between_two_actors_pipelined(env):
 
 
 def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_graph(al):
-    """A value of 1 MiB or more over gloo is sent once its receiver says the receives are posted: by a thread of
-    the sending channel's own, which ends at teardown."""
+    """A value of 1 MiB or more over gloo goes only into receives posted already: the first one after its
+    receiver's word, waited for by a thread of the sending channel's own, which ends at teardown; the next ones
+    into receives posted ahead for them (shapes that change too)."""
     a, b = StageActor.remote("a", "cpu"), StageActor.remote("b", "cpu")
     try:
         with InputNode() as inp:
@@ -474,6 +475,8 @@ def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_grap
         finally:
             compiled.teardown()
         wait_for(lambda: actorlib.get(a.posters.remote(), timeout=30) == [], timeout=30, what="the poster to end")
+        # b let go of the receives it had posted ahead for the next value, and serves on
+        assert actorlib.get([a.ping.remote(), b.ping.remote()], timeout=30) == ["a", "b"]
     finally:
         for actor in (a, b):
             al.kill(actor)

@@ -1,9 +1,9 @@
 """A compiled graph's tensor channel on its own: two real gloo groups in this process, one per end.
 
-What the graph tests cannot see from outside: a big value's sends wait for
-the receiver's word that its receives are posted, in order, while smaller
-ones go at once and never take a big one's receives; and a closed channel
-takes no more sends and lets its poster thread end.
+What the graph tests cannot see from outside: a big value goes only into
+receives posted already (ahead of it, or after the receiver's word), in
+order, while smaller ones go at once and never take a big one's receives;
+and a closed channel takes no more sends and lets its poster thread end.
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from actorlib.dag_channel import HANDSHAKE_MIN_BYTES, SLOT_BYTES, BufferPool, Channel, make_group, meta_of, wait_all
+from actorlib.dag_channel import (
+    HANDSHAKE_MIN_BYTES,
+    SLOT_BYTES,
+    BufferPool,
+    Channel,
+    _Handshake,
+    capacity,
+    make_group,
+    meta_of,
+    wait_all,
+)
 
 from .conftest import wait_for
 
@@ -41,37 +51,63 @@ def posters() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "actorlib-dag-send-test-gloo"]
 
 
-def test_big_values_are_sent_once_the_receiver_says_its_receives_are_posted(ends):
+def receive(receiver: Channel, tensors: list[torch.Tensor]) -> None:
+    """Post the receives for one value as its announcing message would, wait, and check what came."""
+    metas = [meta_of(t, "gloo") for t in tensors]
+    received, works = receiver.post_recv(metas)
+    wait_all(works, receiver.name)
+    got = receiver.finish_recv(metas, received)
+    assert [(g.shape, g.dtype) for g in got] == [(t.shape, t.dtype) for t in tensors]
+    assert all(torch.equal(g, t) for g, t in zip(got, tensors, strict=True))
+
+
+def test_big_values_go_into_receives_posted_already_in_order_with_the_others(ends):
     sender, receiver = ends
     n = HANDSHAKE_MIN_BYTES // 4  # float32
-    small = SLOT_BYTES // 4 + 1  # past a packed slot, so sent tensor by tensor, but under the handshake's size
+    small = SLOT_BYTES // 4 + 1  # past a packed slot, so sent tensor by tensor, but not big
     values = [
-        [torch.arange(n, dtype=torch.float32), torch.full((3, small), 2.0)],
+        [torch.arange(n, dtype=torch.float32), torch.full((3, small), 2.0)],  # the first: waits for the word
         [torch.arange(small, dtype=torch.float32)],  # sent at once, while the big one before it waits
-        [torch.arange(2 * n, dtype=torch.float32).reshape(2, n)],  # another shape
+        [torch.arange(n, dtype=torch.float32) + 1, torch.full((3, small), 3.0)],  # fits the receives ahead
+        [torch.arange(n - 1000, dtype=torch.float32), torch.ones(small)],  # smaller: fits them too
         [torch.full((small,), 5.0), torch.empty(0)],
-        [torch.ones(n, dtype=torch.float64), torch.empty(0), torch.full((small,), 7, dtype=torch.int32)],
+        [torch.ones(2 * n, dtype=torch.float64), torch.empty(0), torch.full((small,), 7, dtype=torch.int32)],  # bigger
+        [torch.zeros(2 * n, dtype=torch.float64), torch.empty(0), torch.full((small,), 8, dtype=torch.int32)],
     ]
-    big = [sum(t.nbytes for t in tensors) >= HANDSHAKE_MIN_BYTES for tensors in values]
-    assert big == [True, False, True, False, True]
+    assert [sum(t.nbytes for t in v) >= HANDSHAKE_MIN_BYTES for v in values] == [True, False, True, True, False, True, True]
     sent = []
     for seq, tensors in enumerate(values):  # all in flight before the receiver posts anything
         assert sender.offsets(tensors) is None
         sent.append(sender.post_send(sender.prepare_send(tensors, None), seq))
-    shakes = [works[0] for works, b in zip(sent, big, strict=True) if b]
-    assert all(len(works) == 1 for works, b in zip(sent, big, strict=True) if b)
-    # nothing can have told the sender to go: the big ones' sends are queued, not posted
-    assert not any(s.posted.is_set() or s.sends or s.is_completed() for s in shakes)
+    (first,) = sent[0]
+    assert isinstance(first, _Handshake)  # nothing can have told the sender to go: queued, not posted
+    assert not (first.posted.is_set() or first.sends or first.is_completed())
     for tensors in values:
-        metas = [meta_of(t, "gloo") for t in tensors]
-        received, works = receiver.post_recv(metas)
-        wait_all(works, receiver.name)
-        got = receiver.finish_recv(metas, received)
-        assert [(g.shape, g.dtype) for g in got] == [(t.shape, t.dtype) for t in tensors]
-        assert all(torch.equal(g, t) for g, t in zip(got, tensors, strict=True))
+        receive(receiver, tensors)
     for works in sent:
         wait_all(works, sender.name)
-    assert all(s.is_completed() for s in shakes)
+    # both ends agree on the receives posted ahead for the next big value: the last one's, rounded up
+    assert receiver._ahead_sizes == sender._ahead_sizes == [(0, capacity(16 * n)), (2, capacity(4 * small))]
+    assert len(receiver._ahead_recvs) == 2
+    # now nothing is queued, and the receives for the next one are posted already: sent at once
+    same_shapes = [torch.arange(2 * n, dtype=torch.float64), torch.empty(0), torch.full((small,), 9, dtype=torch.int32)]
+    works = sender.post_send(sender.prepare_send(same_shapes, None), len(values))
+    assert works and not any(isinstance(w, _Handshake) for w in works)
+    receive(receiver, same_shapes)
+    wait_all(works, sender.name)
+
+
+def test_receives_ahead_are_as_large_as_the_last_value_rounded_up():
+    assert [capacity(n) for n in (1, 7, 8, 9, 1 << 20, (1 << 20) + 1, 3 << 20)] == [
+        1,
+        7,
+        8,
+        9,
+        1 << 20,
+        (1 << 20) + (1 << 17),
+        3 << 20,
+    ]
+    assert all(n <= capacity(n) <= n * 9 // 8 + 1 for n in range(1, 5000))
 
 
 def test_a_closed_channel_takes_no_more_sends_and_its_poster_ends(ends):
