@@ -9,9 +9,10 @@ direction of one pair of actors, built from a ``PrefixStore`` over the
 graph's ``TCPStore`` (so no default group and no collective ``new_group``).
 
 Transfers are posted without blocking, in the same order at both ends (the
-sender posts them together with the message announcing them, or for big gloo
-ones once the receiver says its receives are posted; the receiver when that
-message arrives), so sends and receives match by order alone; the
+sender posts them together with the message announcing them, or for some big
+gloo ones once the receiver says its receives are posted; the receiver when
+that message arrives, or ahead of it), so sends and receives match by order
+alone; the
 thread that needs the data waits for it (an actor's sync-method thread, or a
 helper thread for async methods), never the event loop. Each tensor travels as its raw bytes (a ``uint8``
 view), so every dtype goes over gloo. Receive buffers of 1 MiB or more come
@@ -327,7 +328,7 @@ class Channel:
     into buffers the receiver posts when the message arrives.
 
     Over gloo, a value of ``HANDSHAKE_MIN_BYTES`` or more ("big") is sent
-    only into receives already posted. Posted before its receive, a gloo send
+    into receives posted for it beforehand. Posted before its receive, a gloo send
     of 64 MiB ran at about half the speed on a 2-vCPU VM (1.2-1.4 against
     2.1-2.6 GiB/s, raw gloo, receive posted just after the send against well
     before it; in a graph, 8 MiB took 7.3-8.3 ms without waiting, 3.6-4.9
@@ -338,9 +339,11 @@ class Channel:
 
     Both ends follow the same rule, value by value (:meth:`_fits`,
     :func:`capacity`): after each big value the receiver posts receives
-    *ahead* for the next one, as large as this one's tensors rounded up.
-    The next big value whose tensors fit them goes straight into them: the
-    sender posts its sends at once (steady state: no wait at all). One that
+    *ahead* for the next one, as large as this one's tensors rounded up
+    (:func:`capacity`), when it reads this one's message. The next big value
+    whose tensors fit them goes straight into them: the sender posts its
+    sends at once, with no wait (if the receiver has not read the previous
+    value's message yet, gloo takes its slow path for this one). One that
     does not fit gets zero-byte sends into them first, then waits for the
     receiver's word (a one-byte send on ``READY_TAG``) that it posted
     receives for it. The word travels on the same TCP connection as the
@@ -392,6 +395,8 @@ class Channel:
         self._ahead_recvs: list[tuple[Any, Any]] = []  # receiver: (buffer, transfer) of each of them
         self._poster: _Poster | None = None
         self._closed = False
+        self._broken: str | None = None  # why this end can no longer match the other's transfers
+        self._orphans: list[Any] = []  # receives posted for a value that then failed: gloo still writes into them
         self._post_lock = threading.Lock()  # sends posted at once or queued, the poster, a teardown
         self._ready_word = torch.ones(1, dtype=torch.uint8)  # what a receiver sends on READY_TAG
         self._nothing = torch.empty(0, dtype=torch.uint8)  # what a sender sends into receives its value does not fit
@@ -458,8 +463,15 @@ class Channel:
         with self._post_lock:
             if self._closed:
                 raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
-            ahead, self._ahead_sizes = self._ahead_sizes, [(i, capacity(n)) for i, n in sizes]
-            if _fits(sizes, ahead):
+            ahead = self._ahead_sizes
+            fits = _fits(sizes, ahead)
+            if self._poster is None and not fits:  # made before anything changes: no thread, nothing done
+                try:
+                    self._poster = _Poster(self)
+                except RuntimeError as exc:
+                    raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
+            self._ahead_sizes = [(i, capacity(n)) for i, n in sizes]
+            if fits:
                 return self._send_or_queue(None, flats)
             works = self._send_or_queue(None, [(i, self._nothing) for i, _ in ahead]) if ahead else []
             word = self._start(self.group.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG)
@@ -467,16 +479,12 @@ class Channel:
 
     def _send_or_queue(self, word: Any, flats: list[tuple[int, Any]]) -> list[Any]:
         """Post these sends now if nothing is queued before them and no word is awaited; else queue them
-        (under ``_post_lock``)."""
-        if word is None and (self._poster is None or not self._poster.pending):
+        behind (under ``_post_lock``; a word is awaited only once the poster exists)."""
+        poster = self._poster
+        if poster is None or (word is None and not poster.pending):
             send = self.group.send
             return [self._start(send, flat, HANDSHAKE_TAG + i) for i, flat in flats]
-        if self._poster is None:
-            try:
-                self._poster = _Poster(self)
-            except RuntimeError as exc:  # no thread to be had
-                raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
-        return [self._poster.post(word, flats)]
+        return [poster.post(word, flats)]
 
     def close(self) -> None:
         """A torn-down graph: sends are refused from now on, and the poster thread ends once each value queued
@@ -485,6 +493,7 @@ class Channel:
             self._closed = True
             if self._poster is not None:
                 self._poster.close()
+                self._poster = None  # (it refers to the channel: no cycle left for the collector)
 
     def _bytes(self, t: Any) -> Any:
         if self.backend == "gloo" and t.device.type != "cpu":
@@ -512,6 +521,8 @@ class Channel:
         what must happen now happens here (on the loop): the rest is done by
         whoever waits for the data.
         """
+        if self._broken is not None:
+            raise ConnectionError(f"tensor channel {self.name} is broken: {self._broken}")
         torch = self._torch
         dtypes = [_dtype(torch, meta[1]) for meta in metas]
         nbytes = sum(dtype.itemsize * math.prod(meta[0]) for meta, dtype in zip(metas, dtypes, strict=True))
@@ -525,49 +536,75 @@ class Channel:
             return _Packed(buf), [work]
         if self._handshakes and nbytes >= HANDSHAKE_MIN_BYTES:
             return self._post_recv_big(metas, dtypes)
-        tensors, works = [], []
-        for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
-            shape = meta[0]
-            t = (
-                torch.empty(shape, dtype=dtype, device=self._device)
+        try:  # every buffer before anything is posted (see _post_recv_big)
+            tensors = [
+                torch.empty(meta[0], dtype=dtype, device=self._device)
                 if self._device is not None
-                else self._pool.empty(shape, dtype)
-            )
-            if t.numel():
-                works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
-            tensors.append(t)
+                else self._pool.empty(meta[0], dtype)
+                for meta, dtype in zip(metas, dtypes, strict=True)
+            ]
+        except Exception as exc:  # out of memory, most likely
+            raise self._break(f"no memory for a value's receives: {exc}", []) from exc
+        works: list[Any] = []
+        try:
+            for i, t in enumerate(tensors):
+                if t.numel():
+                    works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
+        except ConnectionError as exc:
+            raise self._break(str(exc), works) from exc
         return tensors, works
 
     def _post_recv_big(self, metas: list[TensorMeta], dtypes: list[Any]) -> tuple[Any, list[Any]]:
         """A big value: into the receives posted ahead if it fits them; else into new ones, after which the
         word goes (the ones ahead get nothing: their transfers are waited for with this value's). Then the
-        receives ahead for the next one. See the class."""
+        receives ahead for the next one. See the class.
+
+        The sender has sent this value already, so an end that fails here can no longer match its
+        transfers: every buffer is allocated before anything is posted, and a failure breaks the channel
+        (every later value on it fails at once, rather than taking another one's bytes)."""
         torch = self._torch
-        sizes = [(i, dtype.itemsize * math.prod(meta[0])) for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True))]
-        sizes = [(i, n) for i, n in sizes if n]
+        shapes = [meta[0] for meta in metas]
+        sizes = [(i, n) for i, dtype in enumerate(dtypes) if (n := dtype.itemsize * math.prod(shapes[i]))]
         ahead, recvs = self._ahead_sizes, self._ahead_recvs
+        fits = _fits(sizes, ahead)
+        next_sizes = [(i, capacity(n)) for i, n in sizes]
+        try:
+            if fits:
+                bufs = {i: buf for (i, _), (buf, _) in zip(ahead or [], recvs, strict=True)}
+                tensors = [
+                    bufs[i][: dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape)
+                    if i in bufs
+                    else torch.empty(shape, dtype=dtype)
+                    for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))
+                ]
+            else:
+                tensors = [self._pool.empty(shape, dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+            next_bufs = [self._pool.empty([n], torch.uint8) for _, n in next_sizes]
+        except Exception as exc:  # out of memory, most likely
+            raise self._break(f"no memory for a value's receives: {exc}", [work for _, work in recvs]) from exc
         self._ahead_sizes, self._ahead_recvs = None, []
-        tensors, works = [], []
-        if _fits(sizes, ahead):
-            bufs = {i: buf for (i, _), (buf, _) in zip(ahead or [], recvs, strict=True)}
-            works = [work for _, work in recvs]
-            for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
-                buf = bufs.get(i)
-                n = dtype.itemsize * math.prod(meta[0])
-                tensors.append(buf[:n].view(dtype).reshape(meta[0]) if buf is not None and n else torch.empty(meta[0], dtype=dtype))
-        else:
-            works = [work for _, work in recvs]  # they get zero-byte sends first
-            for i, (meta, dtype) in enumerate(zip(metas, dtypes, strict=True)):
-                t = self._pool.empty(meta[0], dtype)
-                if t.numel():
-                    works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), HANDSHAKE_TAG + i))
-                tensors.append(t)
-            works.append(self._start(self.group.send, self._ready_word, READY_TAG))
-        self._ahead_sizes = [(i, capacity(n)) for i, n in sizes]
-        for i, n in self._ahead_sizes:
-            buf = self._pool.empty([n], torch.uint8)
-            self._ahead_recvs.append((buf, self._start(self.group.recv, buf, HANDSHAKE_TAG + i)))
+        works = [work for _, work in recvs]  # the ones ahead: this value, or zero bytes before it
+        ahead_recvs: list[tuple[Any, Any]] = []
+        try:
+            if not fits:
+                for i, t in enumerate(tensors):
+                    if t.numel():
+                        works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), HANDSHAKE_TAG + i))
+                works.append(self._start(self.group.send, self._ready_word, READY_TAG))
+            for (i, _), buf in zip(next_sizes, next_bufs, strict=True):
+                ahead_recvs.append((buf, self._start(self.group.recv, buf, HANDSHAKE_TAG + i)))
+        except ConnectionError as exc:
+            raise self._break(str(exc), works + [work for _, work in ahead_recvs]) from exc
+        self._ahead_sizes, self._ahead_recvs = next_sizes, ahead_recvs
         return tensors, works
+
+    def _break(self, why: str, posted: list[Any]) -> ConnectionError:
+        """This end can no longer match the other's transfers: keep what was posted (gloo still writes into
+        it), and fail every value from now on."""
+        self._broken = why
+        self._orphans.extend(posted)
+        self._ahead_sizes, self._ahead_recvs = None, []
+        return ConnectionError(f"tensor channel {self.name} is broken: {why}")
 
     def finish_recv(self, metas: list[TensorMeta], received: Any) -> list[Any]:
         """The tensors, once their transfers are done (CUDA ones that came through host memory back on this GPU)."""
@@ -600,9 +637,11 @@ def capacity(nbytes: int) -> int:
 
 
 def _fits(sizes: list[tuple[int, int]], ahead: list[tuple[int, int]] | None) -> bool:
-    """A big value's ``[(position, bytes)]`` of non-empty tensors fits the receives posted ahead."""
+    """A big value's ``[(position, bytes)]`` of non-empty tensors fits the receives posted ahead: the same
+    positions, each more than half and at most all of its receive (a small tensor kept by the user would
+    otherwise keep a much larger buffer alive with it)."""
     return ahead is not None and len(sizes) == len(ahead) and all(
-        i == j and n <= cap for (i, n), (j, cap) in zip(sizes, ahead, strict=True)
+        i == j and cap // 2 < n <= cap for (i, n), (j, cap) in zip(sizes, ahead, strict=True)
     )
 
 

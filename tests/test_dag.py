@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -468,9 +469,22 @@ def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_grap
             dag = b.check.bind(a.make.bind(inp).with_tensor_transport("gloo"))
         compiled = dag.compile(max_inflight=2)
         try:
-            specs = [[[1 << 18], "float32", i] for i in range(4)] + [[[3, 1 << 17], "float64"]]
+            # 1 MiB four times (the first after the word, then into receives posted ahead), 3 MiB (past them),
+            # 1 MiB as int32 (the same bytes, another dtype), 1.5 MiB (past them again)
+            specs = [[[1 << 18], "float32", i] for i in range(4)] + [
+                [[3, 1 << 17], "float64"],
+                [[3, 1 << 17], "float64", 1],
+                [[1 << 18], "int32", 5],
+                [[3, 1 << 17], "float32", 2],
+            ]
             got = actorlib.get([compiled.execute(spec) for spec in specs], timeout=60)
-            assert [list(g[:2]) for g in got] == [[[1 << 18], "float32"]] * 4 + [[[3, 1 << 17], "float64"]]
+
+            def expected(spec):
+                shape, dtype, *offset = spec
+                values = torch.arange(math.prod(shape), dtype=torch.float64) % 97 + (offset[0] if offset else 0)
+                return [shape, dtype, float(values.to(getattr(torch, dtype)).to(torch.float64).sum()), "cpu"]
+
+            assert [list(g) for g in got] == [expected(spec) for spec in specs]
             assert actorlib.get(a.posters.remote(), timeout=30) == [f"actorlib-dag-send-{b._actor_id[:8]}-gloo"]
         finally:
             compiled.teardown()

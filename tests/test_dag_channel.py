@@ -45,6 +45,7 @@ def ends():
     yield sender, receiver
     sender.close()
     receiver.close()
+    wait_for(lambda: not posters(), timeout=TIMEOUT_S, what="the poster thread to end")
 
 
 def posters() -> list[threading.Thread]:
@@ -73,8 +74,10 @@ def test_big_values_go_into_receives_posted_already_in_order_with_the_others(end
         [torch.full((small,), 5.0), torch.empty(0)],
         [torch.ones(2 * n, dtype=torch.float64), torch.empty(0), torch.full((small,), 7, dtype=torch.int32)],  # bigger
         [torch.zeros(2 * n, dtype=torch.float64), torch.empty(0), torch.full((small,), 8, dtype=torch.int32)],
+        [torch.arange(4 * n, dtype=torch.int32), torch.empty(0), torch.full((small,), 9.0)],  # same bytes, other dtypes
+        [torch.ones(n), torch.empty(0), torch.full((small,), 9.0)],  # under half the receive ahead: does not fit
     ]
-    assert [sum(t.nbytes for t in v) >= HANDSHAKE_MIN_BYTES for v in values] == [True, False, True, True, False, True, True]
+    assert [sum(t.nbytes for t in v) >= HANDSHAKE_MIN_BYTES for v in values] == [True, False, True, True, False] + [True] * 4
     sent = []
     for seq, tensors in enumerate(values):  # all in flight before the receiver posts anything
         assert sender.offsets(tensors) is None
@@ -87,10 +90,10 @@ def test_big_values_go_into_receives_posted_already_in_order_with_the_others(end
     for works in sent:
         wait_all(works, sender.name)
     # both ends agree on the receives posted ahead for the next big value: the last one's, rounded up
-    assert receiver._ahead_sizes == sender._ahead_sizes == [(0, capacity(16 * n)), (2, capacity(4 * small))]
+    assert receiver._ahead_sizes == sender._ahead_sizes == [(0, capacity(4 * n)), (2, capacity(4 * small))]
     assert len(receiver._ahead_recvs) == 2
     # now nothing is queued, and the receives for the next one are posted already: sent at once
-    same_shapes = [torch.arange(2 * n, dtype=torch.float64), torch.empty(0), torch.full((small,), 9, dtype=torch.int32)]
+    same_shapes = [torch.arange(n, dtype=torch.float32), torch.empty(0), torch.full((small,), 9, dtype=torch.int32)]
     works = sender.post_send(sender.prepare_send(same_shapes, None), len(values))
     assert works and not any(isinstance(w, _Handshake) for w in works)
     receive(receiver, same_shapes)
@@ -150,3 +153,29 @@ def test_the_buffer_pool_reuses_free_buffers_only_and_stays_bounded_when_shapes_
     assert pool.empty([mib // 4], torch.float32).nbytes == 1 << 18  # under 1 MiB: never pooled
     pool.clear()
     assert pool.held() == 0
+
+
+def test_an_end_that_cannot_post_a_values_receives_breaks_its_channel(ends, monkeypatch):
+    """Out of memory for a value's receives: the sender has sent it already, so the receiving end can no
+    longer match transfers to values. Every value from then on fails at once, rather than taking another's
+    bytes; and what was posted stays alive for gloo to write into."""
+    sender, receiver = ends
+    n = HANDSHAKE_MIN_BYTES // 4
+    first = [torch.arange(n, dtype=torch.float32)]
+    works = sender.post_send(sender.prepare_send(first, None), 0)
+    receive(receiver, first)
+    wait_all(works)
+
+    def no_memory(shape, dtype):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory (simulated)")
+
+    monkeypatch.setattr(receiver._pool, "empty", no_memory)
+    second = [torch.arange(n, dtype=torch.float32) + 1]  # fits the receives ahead: sent into them at once
+    works = sender.post_send(sender.prepare_send(second, None), 1)
+    with pytest.raises(ConnectionError, match="broken: no memory"):  # (for the receives ahead of the next one)
+        receiver.post_recv([meta_of(t, "gloo") for t in second])
+    monkeypatch.undo()
+    with pytest.raises(ConnectionError, match="broken: no memory"):
+        receiver.post_recv([meta_of(t, "gloo") for t in first])
+    assert receiver._orphans
+    wait_all(works)  # the bytes landed in those receives, which nobody reads now
