@@ -418,11 +418,23 @@ class Channel:
     def prepare_send(self, tensors: list[Any], offsets: list[int] | None) -> Outgoing:
         """What :meth:`post_send` sends for ``tensors``: one packed copy (``offsets``), or each tensor's bytes.
 
-        Whatever can fail short of the channel itself (out of memory, a CUDA copy) fails here, before the
-        value is announced to the receiver, which would otherwise post receives that nothing matches.
+        Whatever can fail short of the channel itself (out of memory, a CUDA copy, no thread for the
+        poster, a broken or closed channel) fails here, before the value is announced to the receiver,
+        which would otherwise post receives that nothing matches.
         """
+        if self._broken is not None:
+            raise ConnectionError(f"tensor channel {self.name} is broken: {self._broken}")
         torch = self._torch
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if self._handshakes and offsets is None and nbytes >= HANDSHAKE_MIN_BYTES:
+            with self._post_lock:
+                if self._closed:
+                    raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
+                if self._poster is None:
+                    try:
+                        self._poster = _Poster(self)
+                    except RuntimeError as exc:  # no thread to be had
+                        raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
         if offsets is not None:
             size = max((o + t.numel() * t.element_size() for o, t in zip(offsets, tensors, strict=True)), default=0)
             packed = torch.empty(max(size, 1), dtype=torch.uint8)
@@ -436,12 +448,21 @@ class Channel:
     def post_send(self, out: Outgoing, seq: int) -> list[Any]:
         """Send what :meth:`prepare_send` made for execution ``seq`` (in order): post it, or queue it for the
         poster (big values over gloo); returns the transfers to wait for before the tensors' memory may
-        change. Raises only ``ConnectionError`` (a closed channel too).
+        change. Raises only ``ConnectionError`` (a closed channel too); the value was announced already, so
+        this end is broken from then on (the next :meth:`prepare_send` refuses).
 
         Packed: nothing of the caller's needs waiting for. The channel keeps the send until it is done:
         execution ``seq`` started only once every execution up to ``seq - max_inflight`` had completed,
         and those had received everything sent for them.
         """
+        try:
+            return self._post_send(out, seq)
+        except ConnectionError as exc:
+            if self._broken is None:
+                self._broken = str(exc)
+            raise
+
+    def _post_send(self, out: Outgoing, seq: int) -> list[Any]:
         self.transfers += 1
         self.nbytes += out.nbytes
         if out.packed is not None:
@@ -465,11 +486,8 @@ class Channel:
                 raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
             ahead = self._ahead_sizes
             fits = _fits(sizes, ahead)
-            if self._poster is None and not fits:  # made before anything changes: no thread, nothing done
-                try:
-                    self._poster = _Poster(self)
-                except RuntimeError as exc:
-                    raise ConnectionError(f"tensor channel {self.name}: {exc}") from exc
+            if self._poster is None and not fits:  # (made by prepare_send, unless closed meanwhile)
+                raise ConnectionError(f"tensor channel {self.name} has no poster thread")
             self._ahead_sizes = [(i, capacity(n)) for i, n in sizes]
             if fits:
                 return self._send_or_queue(None, flats)
@@ -523,6 +541,17 @@ class Channel:
         """
         if self._broken is not None:
             raise ConnectionError(f"tensor channel {self.name} is broken: {self._broken}")
+        posted: list[Any] = []  # transfers started for this value, kept alive if it fails
+        try:
+            return self._post_recv(metas, posted)
+        except ConnectionError as exc:
+            raise self._break(str(exc), posted) from exc
+        except Exception as exc:  # out of memory, a dtype this torch does not have ...
+            raise self._break(f"could not post a value's receives: {exc!r}", posted) from exc
+
+    def _post_recv(self, metas: list[TensorMeta], posted: list[Any]) -> tuple[Any, list[Any]]:
+        """The sender has sent this value already: an end that fails here can no longer match its transfers
+        (:meth:`post_recv` breaks the channel). So every buffer is allocated before anything is posted."""
         torch = self._torch
         dtypes = [_dtype(torch, meta[1]) for meta in metas]
         nbytes = sum(dtype.itemsize * math.prod(meta[0]) for meta, dtype in zip(metas, dtypes, strict=True))
@@ -535,66 +564,47 @@ class Channel:
                 buf, work = self._slots.popleft()
             return _Packed(buf), [work]
         if self._handshakes and nbytes >= HANDSHAKE_MIN_BYTES:
-            return self._post_recv_big(metas, dtypes)
-        try:  # every buffer before anything is posted (see _post_recv_big)
-            tensors = [
-                torch.empty(meta[0], dtype=dtype, device=self._device)
-                if self._device is not None
-                else self._pool.empty(meta[0], dtype)
-                for meta, dtype in zip(metas, dtypes, strict=True)
-            ]
-        except Exception as exc:  # out of memory, most likely
-            raise self._break(f"no memory for a value's receives: {exc}", []) from exc
-        works: list[Any] = []
-        try:
-            for i, t in enumerate(tensors):
-                if t.numel():
-                    works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
-        except ConnectionError as exc:
-            raise self._break(str(exc), works) from exc
-        return tensors, works
+            return self._post_recv_big(metas, dtypes, posted)
+        tensors = [
+            torch.empty(meta[0], dtype=dtype, device=self._device) if self._device is not None else self._pool.empty(meta[0], dtype)
+            for meta, dtype in zip(metas, dtypes, strict=True)
+        ]
+        for i, t in enumerate(tensors):
+            if t.numel():
+                posted.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
+        return tensors, list(posted)
 
-    def _post_recv_big(self, metas: list[TensorMeta], dtypes: list[Any]) -> tuple[Any, list[Any]]:
+    def _post_recv_big(self, metas: list[TensorMeta], dtypes: list[Any], posted: list[Any]) -> tuple[Any, list[Any]]:
         """A big value: into the receives posted ahead if it fits them; else into new ones, after which the
         word goes (the ones ahead get nothing: their transfers are waited for with this value's). Then the
-        receives ahead for the next one. See the class.
-
-        The sender has sent this value already, so an end that fails here can no longer match its
-        transfers: every buffer is allocated before anything is posted, and a failure breaks the channel
-        (every later value on it fails at once, rather than taking another one's bytes)."""
+        receives ahead for the next one. See the class."""
         torch = self._torch
         shapes = [meta[0] for meta in metas]
         sizes = [(i, n) for i, dtype in enumerate(dtypes) if (n := dtype.itemsize * math.prod(shapes[i]))]
         ahead, recvs = self._ahead_sizes, self._ahead_recvs
         fits = _fits(sizes, ahead)
         next_sizes = [(i, capacity(n)) for i, n in sizes]
-        try:
-            if fits:
-                bufs = {i: buf for (i, _), (buf, _) in zip(ahead or [], recvs, strict=True)}
-                tensors = [
-                    bufs[i][: dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape)
-                    if i in bufs
-                    else torch.empty(shape, dtype=dtype)
-                    for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))
-                ]
-            else:
-                tensors = [self._pool.empty(shape, dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
-            next_bufs = [self._pool.empty([n], torch.uint8) for _, n in next_sizes]
-        except Exception as exc:  # out of memory, most likely
-            raise self._break(f"no memory for a value's receives: {exc}", [work for _, work in recvs]) from exc
+        if fits:
+            bufs = {i: buf for (i, _), (buf, _) in zip(ahead or [], recvs, strict=True)}
+            tensors = [
+                bufs[i][: dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape) if i in bufs else torch.empty(shape, dtype=dtype)
+                for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))
+            ]
+        else:
+            tensors = [self._pool.empty(shape, dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+        next_bufs = [self._pool.empty([n], torch.uint8) for _, n in next_sizes]
         self._ahead_sizes, self._ahead_recvs = None, []
-        works = [work for _, work in recvs]  # the ones ahead: this value, or zero bytes before it
+        posted.extend(work for _, work in recvs)  # the ones ahead: this value, or zero bytes before it
+        if not fits:
+            for i, t in enumerate(tensors):
+                if t.numel():
+                    posted.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), HANDSHAKE_TAG + i))
+            posted.append(self._start(self.group.send, self._ready_word, READY_TAG))
+        works = list(posted)
         ahead_recvs: list[tuple[Any, Any]] = []
-        try:
-            if not fits:
-                for i, t in enumerate(tensors):
-                    if t.numel():
-                        works.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), HANDSHAKE_TAG + i))
-                works.append(self._start(self.group.send, self._ready_word, READY_TAG))
-            for (i, _), buf in zip(next_sizes, next_bufs, strict=True):
-                ahead_recvs.append((buf, self._start(self.group.recv, buf, HANDSHAKE_TAG + i)))
-        except ConnectionError as exc:
-            raise self._break(str(exc), works + [work for _, work in ahead_recvs]) from exc
+        for (i, _), buf in zip(next_sizes, next_bufs, strict=True):
+            ahead_recvs.append((buf, self._start(self.group.recv, buf, HANDSHAKE_TAG + i)))
+            posted.append(ahead_recvs[-1][1])
         self._ahead_sizes, self._ahead_recvs = next_sizes, ahead_recvs
         return tensors, works
 
@@ -603,8 +613,14 @@ class Channel:
         it), and fail every value from now on."""
         self._broken = why
         self._orphans.extend(posted)
+        self._orphans.extend(work for _, work in self._ahead_recvs)
         self._ahead_sizes, self._ahead_recvs = None, []
         return ConnectionError(f"tensor channel {self.name} is broken: {why}")
+
+    def orphan(self, works: list[Any]) -> None:
+        """Keep transfers of a value that failed elsewhere alive until the channel goes (gloo writes into
+        their buffers whether or not anyone waits)."""
+        self._orphans.extend(works)
 
     def finish_recv(self, metas: list[TensorMeta], received: Any) -> list[Any]:
         """The tensors, once their transfers are done (CUDA ones that came through host memory back on this GPU)."""

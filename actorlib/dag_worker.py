@@ -513,6 +513,7 @@ class GraphRuntime:
             by_backend.setdefault(str(meta[3]), []).append(i)
         parts = []
         ready: dict[int, Any] = {}
+        failure: Exception | None = None
         try:
             inlined = by_backend.pop("inline", ())
             for i in inlined:
@@ -520,18 +521,27 @@ class GraphRuntime:
                 ready[i] = from_bytes(dtype_name, shape, data)
             if inlined:
                 self._count_inline(sender, "recv", [ready[i] for i in inlined])
-            if not by_backend:
-                self.arrive(src, seq, _join(skeleton, [ready[i] for i in range(len(metas))]))
-                return
-            for backend, indices in by_backend.items():
-                channel = self.channels.get((sender, "recv", backend))
-                if channel is None:
-                    raise ConnectionError(f"no {backend} channel from {sender[:8]}")
-                chosen = [metas[i] for i in indices]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            failure = exc
+        if not by_backend and failure is None:
+            self.arrive(src, seq, _join(skeleton, [ready[i] for i in range(len(metas))]))
+            return
+        for backend, indices in by_backend.items():  # each channel posts its receives, whatever the others did:
+            channel = self.channels.get((sender, "recv", backend))  # the sender has sent on each
+            if channel is None:
+                failure = failure or ConnectionError(f"no {backend} channel from {sender[:8]}")
+                continue
+            chosen = [metas[i] for i in indices]
+            try:
                 tensors, works = channel.post_recv(chosen)
-                parts.append((channel, indices, chosen, tensors, works))
-        except (ConnectionError, TypeError, ValueError, RuntimeError) as exc:
-            self.arrive(src, seq, _Failed({"type": "dag_channel", "message": str(exc), "peer": sender}))
+            except (ConnectionError, TypeError, ValueError, RuntimeError) as exc:
+                failure = failure or exc
+                continue
+            parts.append((channel, indices, chosen, tensors, works))
+        if failure is not None:
+            for channel, _, _, _, works in parts:
+                channel.orphan(works)  # that value fails: what lands for it is dropped with the channel
+            self.arrive(src, seq, _Failed({"type": "dag_channel", "message": str(failure), "peer": sender}))
             self._repost()
             return
         self.arrive(src, seq, _Incoming(skeleton, parts, ready, len(metas), sender))
@@ -765,11 +775,11 @@ class GraphRuntime:
             for peer, metas, by_backend in plans:
                 with self.send_locks[peer]:  # the message and its transfers, in one order at both ends
                     self._deliver(peer, seq, node.id, metas, skeleton, None, alone=not by_backend)
-                    try:
-                        for channel, outgoing in by_backend.values():
+                    for channel, outgoing in by_backend.values():  # each, whatever another one did
+                        try:
                             works.extend(channel.post_send(outgoing, seq))
-                    except ConnectionError as exc:
-                        log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
+                        except ConnectionError as exc:
+                            log.warning("%s: %s", self.label, exc)  # the receiving end fails that execution
         if node.id in self.readers:
             if on_loop or self.threaded:
                 self.arrive(node.id, seq, out)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from actorlib import dag_channel
 from actorlib.dag_channel import (
     HANDSHAKE_MIN_BYTES,
     SLOT_BYTES,
@@ -172,10 +173,31 @@ def test_an_end_that_cannot_post_a_values_receives_breaks_its_channel(ends, monk
     monkeypatch.setattr(receiver._pool, "empty", no_memory)
     second = [torch.arange(n, dtype=torch.float32) + 1]  # fits the receives ahead: sent into them at once
     works = sender.post_send(sender.prepare_send(second, None), 1)
-    with pytest.raises(ConnectionError, match="broken: no memory"):  # (for the receives ahead of the next one)
+    with pytest.raises(ConnectionError, match="broken: could not post .*not enough memory"):  # (for the receives ahead of the next one)
         receiver.post_recv([meta_of(t, "gloo") for t in second])
     monkeypatch.undo()
-    with pytest.raises(ConnectionError, match="broken: no memory"):
+    with pytest.raises(ConnectionError, match="broken: could not post .*not enough memory"):
         receiver.post_recv([meta_of(t, "gloo") for t in first])
     assert receiver._orphans
     wait_all(works)  # the bytes landed in those receives, which nobody reads now
+
+
+def test_a_sender_that_cannot_start_its_poster_fails_the_value_before_announcing_it(ends, monkeypatch):
+    """No thread to be had for the poster: the value fails in prepare_send, before its message would have
+    told the receiver to post receives for it, so the next value still matches its own receives."""
+    sender, receiver = ends
+
+    class NoThread:
+        def __init__(self, channel):
+            raise RuntimeError("can't start new thread (simulated)")
+
+    monkeypatch.setattr(dag_channel, "_Poster", NoThread)
+    first = [torch.full((HANDSHAKE_MIN_BYTES // 4,), 1.0)]
+    with pytest.raises(ConnectionError, match="can't start new thread"):
+        sender.prepare_send(first, None)
+    assert sender._ahead_sizes is None and sender._broken is None
+    monkeypatch.undo()
+    second = [torch.full((HANDSHAKE_MIN_BYTES // 4,), 2.0)]
+    works = sender.post_send(sender.prepare_send(second, None), 1)
+    receive(receiver, second)  # its own bytes, not another value's
+    wait_all(works)
