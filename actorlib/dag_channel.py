@@ -12,9 +12,8 @@ Transfers are posted without blocking, in the same order at both ends (the
 sender posts them together with the message announcing them, or for some big
 gloo ones once the receiver says its receives are posted; the receiver when
 that message arrives, or ahead of it), so sends and receives match by order
-alone; the
-thread that needs the data waits for it (an actor's sync-method thread, or a
-helper thread for async methods), never the event loop. Each tensor travels as its raw bytes (a ``uint8``
+alone; the thread that needs the data waits for it (an actor's sync-method
+thread, or a helper thread for async methods), never the event loop. Each tensor travels as its raw bytes (a ``uint8``
 view), so every dtype goes over gloo. Receive buffers of 1 MiB or more come
 from a :class:`BufferPool` that reuses a buffer once nothing references it
 any more (as CUDA's caching allocator does for GPU memory).
@@ -422,8 +421,7 @@ class Channel:
         poster, a broken or closed channel) fails here, before the value is announced to the receiver,
         which would otherwise post receives that nothing matches.
         """
-        if self._broken is not None:
-            raise ConnectionError(f"tensor channel {self.name} is broken: {self._broken}")
+        self._refuse_if_broken()
         torch = self._torch
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if self._handshakes and offsets is None and nbytes >= HANDSHAKE_MIN_BYTES:
@@ -486,8 +484,7 @@ class Channel:
                 raise ConnectionError(f"tensor channel {self.name} is closed (the graph was torn down)")
             ahead = self._ahead_sizes
             fits = _fits(sizes, ahead)
-            if self._poster is None and not fits:  # (made by prepare_send, unless closed meanwhile)
-                raise ConnectionError(f"tensor channel {self.name} has no poster thread")
+            assert fits or self._poster is not None, "prepare_send makes the poster of a big value"
             self._ahead_sizes = [(i, capacity(n)) for i, n in sizes]
             if fits:
                 return self._send_or_queue(None, flats)
@@ -539,8 +536,7 @@ class Channel:
         what must happen now happens here (on the loop): the rest is done by
         whoever waits for the data.
         """
-        if self._broken is not None:
-            raise ConnectionError(f"tensor channel {self.name} is broken: {self._broken}")
+        self._refuse_if_broken()
         posted: list[Any] = []  # transfers started for this value, kept alive if it fails
         try:
             return self._post_recv(metas, posted)
@@ -572,7 +568,7 @@ class Channel:
         for i, t in enumerate(tensors):
             if t.numel():
                 posted.append(self._start(self.group.recv, t.reshape(-1).view(torch.uint8), i))
-        return tensors, list(posted)
+        return tensors, posted
 
     def _post_recv_big(self, metas: list[TensorMeta], dtypes: list[Any], posted: list[Any]) -> tuple[Any, list[Any]]:
         """A big value: into the receives posted ahead if it fits them; else into new ones, after which the
@@ -607,6 +603,10 @@ class Channel:
             posted.append(ahead_recvs[-1][1])
         self._ahead_sizes, self._ahead_recvs = next_sizes, ahead_recvs
         return tensors, works
+
+    def _refuse_if_broken(self) -> None:
+        if self._broken is not None:
+            raise ConnectionError(f"tensor channel {self.name} is broken: {self._broken}")
 
     def _break(self, why: str, posted: list[Any]) -> ConnectionError:
         """This end can no longer match the other's transfers: keep what was posted (gloo still writes into

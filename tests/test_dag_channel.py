@@ -1,8 +1,8 @@
 """A compiled graph's tensor channel on its own: two real gloo groups in this process, one per end.
 
-What the graph tests cannot see from outside: a big value goes only into
-receives posted already (ahead of it, or after the receiver's word), in
-order, while smaller ones go at once and never take a big one's receives;
+What the graph tests cannot see from outside: a big value goes into
+receives posted for it beforehand (ahead of it, or before the receiver's
+word), in order, while smaller ones go at once and never take a big one's receives;
 and a closed channel takes no more sends and lets its poster thread end.
 """
 
@@ -63,7 +63,7 @@ def receive(receiver: Channel, tensors: list[torch.Tensor]) -> None:
     assert all(torch.equal(g, t) for g, t in zip(got, tensors, strict=True))
 
 
-def test_big_values_go_into_receives_posted_already_in_order_with_the_others(ends):
+def test_big_values_go_into_receives_posted_beforehand_in_order_with_the_others(ends):
     sender, receiver = ends
     n = HANDSHAKE_MIN_BYTES // 4  # float32
     small = SLOT_BYTES // 4 + 1  # past a packed slot, so sent tensor by tensor, but not big
