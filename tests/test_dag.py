@@ -478,7 +478,7 @@ def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_grap
             ]
             got = actorlib.get([compiled.execute(spec) for spec in specs], timeout=60)
             here = Stage("here", "cpu")  # the same methods, run in this process
-            assert [list(g) for g in got] == [here.check(here.make(spec)) for spec in specs]
+            assert [list(g) for g in got] == [list(here.check(here.make(spec))) for spec in specs]
             assert actorlib.get(a.posters.remote(), timeout=30) == [f"actorlib-dag-send-{b._actor_id[:8]}-gloo"]
         finally:
             compiled.teardown()
