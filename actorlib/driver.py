@@ -304,6 +304,7 @@ class Driver:
             await self.head.stop()
             remove_sockets(self.head.session_dir)
             release_session(self.head.session_dir)  # ended: a later session may prune it
+        shm.release_kept()
         shm.sweep(os.getpid())  # buffers this driver sent that no worker lived to claim
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:

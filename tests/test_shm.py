@@ -26,6 +26,15 @@ def ours() -> list[str]:
     return glob.glob(f"/dev/shm/actorlib-{os.getpid()}-*")
 
 
+@pytest.fixture(autouse=True)
+def pool(monkeypatch):
+    """Each test's own kept files (the process's may hold other tests')."""
+    own = shm._Pool(shm.POOL_BYTES)
+    monkeypatch.setattr(shm, "_pool", own)
+    yield own
+    own.clear()
+
+
 @pytest.fixture(scope="module")
 def big(cluster):
     @cluster.remote
@@ -68,7 +77,7 @@ def test_a_bad_shared_memory_reference_is_refused_and_the_worker_keeps_serving(c
     sock.connect(info["address"])
     try:
         for name in ("actorlib-1-0123456789abcdef", "../../etc/passwd"):
-            header = msgpack.packb((VERSION, int(Kind.CALL), 7, b"\x94\xa3pid\x90\x80\xc0", ((0, name, 10),)))
+            header = msgpack.packb((VERSION, int(Kind.CALL), 7, b"\x94\xa3pid\x90\x80\xc0", ((0, name, 10, False),)))
             sock.send_multipart([header, b""])
             assert sock.poll(10_000), "no answer to a call naming a missing file"
             reply = decode(sock.recv_multipart())
@@ -136,13 +145,13 @@ def test_a_message_that_is_not_sent_or_not_taken_leaves_no_file(tmp_path):
     asyncio.run(asyncio.wait_for(main(), 30))
     assert ours() == []
     # a bad first entry: the good file after it goes too
-    ((_, good, size),) = shm.export([np.ones(2 << 20, dtype=np.uint8)])[1]
+    ((_, good, size, kept),) = shm.export([np.ones(5 << 20, dtype=np.uint8)])[1]  # (sizes not sent before: not kept)
     with pytest.raises(OSError):
-        shm.claim(((0, f"actorlib-{os.getpid()}-{'0' * 16}", 10), (1, good, size)), [b"", b""])
+        shm.claim(((0, f"actorlib-{os.getpid()}-{'0' * 16}", 10, False), (1, good, size, kept)), [b"", b""])
     assert ours() == []
     # refused before its header was read (a version nobody speaks): the files it names go
-    ((_, named, size),) = shm.export([np.ones(2 << 20, dtype=np.uint8)])[1]
-    shm.discard_announced(msgpack.packb((VERSION + 100, int(Kind.CALL), 7, b"\xc0", ((0, named, size),))))
+    ((_, named, size, kept),) = shm.export([np.ones(3 << 20, dtype=np.uint8)])[1]
+    shm.discard_announced(msgpack.packb((VERSION + 100, int(Kind.CALL), 7, b"\xc0", ((0, named, size, kept),))))
     assert ours() == []
 
 
@@ -154,7 +163,7 @@ def test_a_fifo_named_as_a_buffer_is_refused_without_blocking():
     os.mkfifo(f"/dev/shm/{name}", 0o600)
     outcome = []
     try:
-        claimer = threading.Thread(target=lambda: outcome.append(_claim_error(((0, name, 10),))), daemon=True)
+        claimer = threading.Thread(target=lambda: outcome.append(_claim_error(((0, name, 10, False),))), daemon=True)
         claimer.start()
         claimer.join(10)
         assert outcome and "not the 10-byte file" in outcome[0]
@@ -186,3 +195,130 @@ def test_files_of_senders_that_died_are_swept_when_a_session_starts():
         for path in (dead, mine):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+# -- kept files: a size sent again is written again into its sender's file, once its receiver let go --
+
+
+@pytest.fixture
+def reaper(monkeypatch):
+    own = shm._Reaper()  # this test's own: the process's may hold other tests' mappings
+    monkeypatch.setattr(shm, "_reaper", own)
+    return own
+
+
+def _send(value: int, n: int = 1 << 20):
+    """Export an ``n``-byte array of ``value`` and claim it here: (its entry, the array received)."""
+    frames, moved = shm.export([np.full(n, value, dtype=np.uint8)])
+    buffers = list(frames)
+    shm.claim(tuple(tuple(m) for m in moved), buffers)
+    return moved[0], np.frombuffer(buffers[0], dtype=np.uint8)
+
+
+def test_a_size_sent_again_is_kept_and_written_again_only_once_its_receiver_let_go(pool, reaper):
+    from .conftest import wait_for
+
+    n = 1 << 20
+    (_, _, _, kept), a = _send(1)
+    assert not kept and not ours()  # sent once: the message's own file, unlinked by its receiver
+    (_, name, _, kept), b = _send(2)
+    assert kept and ours() == [f"/dev/shm/{name}"]  # sent again: the sender keeps it
+    (_, other, _, kept), c = _send(3)
+    assert kept and other != name  # b still maps the first: a second one
+    c[:] = 7  # a receiver's writes are its own (a private mapping)
+    assert (a == 1).all() and (b == 2).all() and (c == 7).all() and pool.held() == 2 * n
+    del b
+    gc.collect()
+    wait_for(lambda: reaper.pending() == 2, timeout=10, what="the reaper to unmap b's mapping")
+    (_, again, _, kept), d = _send(4)
+    assert kept and again == name and (d == 4).all()  # written again, now that its receiver let go
+    assert (a == 1).all() and (c == 7).all() and sorted(ours()) == sorted(f"/dev/shm/{x}" for x in (name, other))
+    (_, third, _, kept), e = _send(5)
+    assert kept and third not in (name, other) and pool.held() == 3 * n  # both held: a third
+    pool.clear()
+    assert not ours() and (c == 7).all() and (d == 4).all() and (e == 5).all()  # the mappings outlive the names
+
+
+def test_kept_files_stay_within_the_pool_and_one_in_flight_is_never_taken(monkeypatch, reaper):
+    """Files held by their receivers are evicted for room (unlinked: the mapping keeps its pages); one sent and
+    not yet claimed is not, until it is stale."""
+    n = 1 << 20
+    small = shm._Pool(2 * n)
+    monkeypatch.setattr(shm, "_pool", small)
+    try:
+        _send(0)
+        (_, first, _, _), a = _send(1)
+        (_, second, _, _), b = _send(2)
+        (_, third, _, kept), c = _send(3)  # no room: the least recently taken held file goes
+        assert kept and small.held() == 2 * n and not os.path.exists(f"/dev/shm/{first}")
+        assert os.path.exists(f"/dev/shm/{second}") and (a == 1).all() and (b == 2).all() and (c == 3).all()
+        small.clear()  # (the size is still one sent lately)
+        flying = [shm.export([np.zeros(n, dtype=np.uint8)])[1][0] for _ in range(3)]  # none claimed
+        assert [m[3] for m in flying] == [True, True, False]  # no room, and neither kept one evicted
+        assert all(os.path.exists(f"/dev/shm/{m[1]}") for m in flying)
+        monkeypatch.setattr(shm._Pool, "STALE_S", 0.0)  # (their receivers died before claiming them)
+        (_, _, _, kept) = shm.export([np.zeros(n, dtype=np.uint8)])[1][0]
+        assert kept and not os.path.exists(f"/dev/shm/{flying[0][1]}") and small.held() == 2 * n
+        shm.discard([flying[2]])
+    finally:
+        small.clear()
+    assert not ours()
+
+
+def test_a_kept_file_not_sent_or_refused_is_given_back_to_its_sender(pool, reaper):
+    _send(0)
+    moved = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1]  # kept, in flight
+    (_, name, _, kept) = moved[0]
+    assert kept
+    shm.discard(moved)  # the send failed: not unlinked (it is the sender's), free again
+    assert os.path.exists(f"/dev/shm/{name}")
+    moved = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1]
+    assert moved[0][1] == name
+    with pytest.raises(OSError):  # refused by its receiver (a bad entry before it): given back too
+        shm.claim(((0, f"actorlib-{os.getpid()}-{'0' * 16}", 10, False), (1, name, 1 << 20, True)), [b"", b""])
+    assert os.path.exists(f"/dev/shm/{name}") and shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0][1] == name
+
+
+_HOLDER = """
+import sys, time
+import numpy as np
+from transport import shm
+buffers = [b""]
+shm.claim(((0, sys.argv[1], int(sys.argv[2]), True),), buffers)
+print(int(np.frombuffer(buffers[0], dtype=np.uint8).sum()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_kept_file_whose_receiver_was_killed_while_holding_it_is_written_again(pool, reaper):
+    """The receiver's lock goes with its process: a receiver that died frees the file for its sender."""
+    n = 1 << 20
+    _send(0)
+    (_, name, _, kept) = shm.export([np.ones(n, dtype=np.uint8)])[1][0]
+    assert kept
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, name, str(n)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == str(n)  # mapped, and held
+        (_, other, _, _), _array = _send(2)
+        assert other != name  # held by the other process: not written
+        holder.kill()
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+        holder.stdout.close()
+    (_, again, _, _), array = _send(3)
+    assert again == name and (array == 3).all()
+
+
+def test_arrays_sent_again_and_again_arrive_intact_both_ways(cluster, big, pool):
+    """Through an actor: whichever file each goes into (a kept one written again, or a new one), every array
+    arrives as sent."""
+    for i in range(6):
+        total, writable = cluster.get(big.checksum.remote(np.full(3 << 20, i, dtype=np.float32)), timeout=60)
+        assert total == float(i * (3 << 20)) and writable
+    assert pool.held() >= 12 << 20  # kept by this driver
+    for _ in range(4):
+        arr, tensor = cluster.get(big.make.remote(1 << 20), timeout=60)
+        assert (arr == np.arange(1 << 20, dtype=np.float32)).all() and float(tensor[10]) == 10.0

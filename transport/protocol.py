@@ -53,7 +53,7 @@ __all__ = [
     "RESPONSE_KINDS",
 ]
 
-VERSION = 1
+VERSION = 2  # 2: a shared-memory entry says whether its sender keeps the file
 
 
 class Kind(IntEnum):
@@ -83,7 +83,7 @@ class Message(NamedTuple):
     body: bytes
     buffers: list[Any]
     peer: bytes | None  # the sender's routing id, on a ROUTER socket
-    shm: tuple[Any, ...] = ()  # buffers sent through shared memory: ((frame index, file name, size), ...)
+    shm: tuple[Any, ...] = ()  # buffers sent through shared memory: ((frame index, file name, size, kept), ...)
 
 
 # One packer for every header, from any thread: a header holds only ints, str and bytes, so packing it runs
@@ -96,7 +96,7 @@ _pack_header = msgpack.Packer(use_bin_type=True).pack
 _SHARED_PACKER_MAX = 64 << 10
 
 
-def encode_header(kind: Kind, req_id: int, body: bytes, shm: list[tuple[int, str, int]] | None = None) -> bytes:
+def encode_header(kind: Kind, req_id: int, body: bytes, shm: list[tuple[int, str, int, bool]] | None = None) -> bytes:
     """The header frame; ``shm`` lists buffer frames whose bytes travel in shared memory (see ``transport.shm``)."""
     if type(body) is not bytes:  # anything else could run Python code while the shared packer is mid-way
         raise TypeError(f"a message body must be bytes, not {type(body).__name__}")

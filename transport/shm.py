@@ -15,6 +15,25 @@ memory). So a received mapping is not unmapped by whichever thread drops
 the last array on it, in the middle of the user's code: :class:`_Reaper`
 unmaps it on a thread of its own once nothing uses it any more.
 
+A size sent again soon is likely sent again and again (an actor's weights,
+a batch of activations, W5's array): writing into a new file costs the
+allocation of its pages, more than the copy (45 against 17 ms for 64 MiB
+there), and unmapping it frees them again. So from the second time a size
+is sent, its file is *kept* by the sender (:class:`_Pool`, at most
+``ACTORLIB_SHM_POOL_BYTES``, 256 MiB, per process) and written again once
+its receiver is done with it. No message says so; the file itself does::
+
+    WRITING --sent--> IN FLIGHT --claimed--> HELD --unmapped--> FREE --taken--> WRITING
+      (sender: LOCK_EX, 0600)  (0600)   (receiver: LOCK_SH, 0400)  (0400)
+    IN FLIGHT --not sent, or refused--> FREE
+    FREE or HELD (or IN FLIGHT for STALE_S) --evicted: unlinked--> gone with its last mapping
+
+The receiver of a kept file takes a shared ``flock`` on it before marking
+it claimed (mode 0400), keeps that descriptor while it maps the file, and
+does not unlink it; the sender takes the file again only once it is marked
+claimed *and* an exclusive ``flock`` succeeds: its receiver has unmapped it
+(or died). A file the header names as kept is the sender's to remove.
+
 A file never claimed (its receiver died first) is removed by :func:`sweep`
 once its sender has exited: the node agent sweeps its workers, a driver its
 own; and by :func:`sweep_orphans`, when a session starts, if its sender died
@@ -24,6 +43,7 @@ to the socket. ``ACTORLIB_SHM=0`` turns the path off.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import mmap
 import os
@@ -31,16 +51,19 @@ import re
 import secrets
 import stat
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 
-__all__ = ["ENABLED", "MIN_BYTES", "claim", "export", "local_address", "sweep", "sweep_orphans"]
+__all__ = ["ENABLED", "MIN_BYTES", "claim", "export", "local_address", "release_kept", "sweep", "sweep_orphans"]
 
 SHM_DIR = "/dev/shm"
 ENABLED = os.environ.get("ACTORLIB_SHM", "1") not in ("0", "off", "false") and os.path.isdir(SHM_DIR)
 MIN_BYTES = int(os.environ.get("ACTORLIB_SHM_MIN_BYTES", str(1 << 20)))
+POOL_BYTES = int(os.environ.get("ACTORLIB_SHM_POOL_BYTES", str(256 << 20)))
 _NAME = re.compile(r"actorlib-[0-9]+-[0-9a-f]{16}")
 
 
@@ -49,36 +72,48 @@ def local_address(address: str) -> bool:
     return address.startswith("ipc://") or address.startswith("tcp://127.") or address.startswith("tcp://localhost:")
 
 
-def export(buffers: Sequence[Any]) -> tuple[list[Any], list[tuple[int, str, int]]]:
-    """Move the large buffers into shared-memory files: ``(frames to send, [(index, name, size), ...])``."""
+def export(buffers: Sequence[Any]) -> tuple[list[Any], list[tuple[int, str, int, bool]]]:
+    """Move the large buffers into shared-memory files: ``(frames to send, [(index, name, size, kept), ...])``."""
     out = list(buffers)
-    moved: list[tuple[int, str, int]] = []
+    moved: list[tuple[int, str, int, bool]] = []
     for i, buf in enumerate(buffers):
         view = memoryview(buf)
         if view.nbytes < MIN_BYTES:
             continue
-        name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
-        path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
-            continue
-        try:
-            _write_all(fd, view.cast("B") if view.ndim != 1 or view.format != "B" else view)
-        except OSError:  # e.g. /dev/shm is full: this one goes over the socket
-            os.close(fd)
-            _unlink(path)
-            continue
-        os.close(fd)
+        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        kept = _pool.take(view.nbytes)
+        if kept is not None:
+            name, fd = kept
+            try:
+                _write_all(fd, view)
+            except OSError:  # e.g. /dev/shm is full: this one goes over the socket
+                _pool.evict(name)
+                continue
+            finally:
+                _pool.written(name)
+        else:
+            name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
+            path = os.path.join(SHM_DIR, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError:
+                continue
+            try:
+                _write_all(fd, view)
+            except OSError:
+                _unlink(path)
+                continue
+            finally:
+                os.close(fd)
         out[i] = b""
-        moved.append((i, name, view.nbytes))
+        moved.append((i, name, view.nbytes, kept is not None))
     return out, moved
 
 
 def _write_all(fd: int, view: memoryview) -> None:
     done = 0
     while done < view.nbytes:
-        done += os.write(fd, view[done:])
+        done += os.pwrite(fd, view[done:], done)
 
 
 def claim(moved: Any, buffers: list[Any]) -> None:
@@ -98,41 +133,51 @@ def claim(moved: Any, buffers: list[Any]) -> None:
 
 
 def _claim_one(item: Any, buffers: list[Any]) -> None:
-    """Map one ``[index, name, size]`` entry into ``buffers`` and unlink its file (a FIFO, a link, another
-    size or owner: refused)."""
-    if not (isinstance(item, tuple) and len(item) == 3):
-        raise ValueError("a shared-memory entry is not [index, name, size]")
-    index, name, size = item
+    """Map one ``[index, name, size, kept]`` entry into ``buffers``; unlink its file, unless the sender keeps
+    it (a FIFO, a link, another size or owner: refused)."""
+    if not (isinstance(item, tuple) and len(item) == 4):
+        raise ValueError("a shared-memory entry is not [index, name, size, kept]")
+    index, name, size, kept = item
     if type(name) is str and _NAME.fullmatch(name):
         path = os.path.join(SHM_DIR, name)
     else:
         raise ValueError(f"bad shared-memory file name {name!r}")
-    if type(index) is not int or not 0 <= index < len(buffers) or type(size) is not int or size < 0:
-        _unlink(path)
+    if type(index) is not int or not 0 <= index < len(buffers) or type(size) is not int or size < 0 or type(kept) is not bool:
+        _let_go(path, kept is True)
         raise ValueError(f"bad shared-memory entry {item!r}")
     try:  # O_NONBLOCK: a FIFO put there would otherwise block this open until a writer came
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        _unlink(path)  # (a link, or no file descriptor left: it is refused, and goes)
+        _let_go(path, kept)  # (a link, or no file descriptor left: it is refused, and goes)
         raise
+    mapped: mmap.mmap | bytes = b""
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size:
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size or (kept and not size):
             raise OSError(f"{path} is not the {size}-byte file of ours that was announced")
-        mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
-    finally:
+        if kept:  # held while mapped: the sender writes it again only once this descriptor is closed
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            os.fchmod(fd, _CLAIMED)
+        if size:
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        _let_go(path, kept)
+        raise
+    if not kept:
         os.close(fd)
         _unlink(path)
     buffers[index] = memoryview(mapped)  # (viewed before the reaper sees it: it closes what nothing views)
     if isinstance(mapped, mmap.mmap):
-        _reaper.adopt(mapped)
+        _reaper.adopt(mapped, fd if kept else None)
 
 
 class _Reaper:
     """Unmaps received mappings once no array uses them, on a thread of its own (see the module's docstring).
 
     ``mmap.close()`` refuses while a view exists; the thread tries every
-    mapping it holds, at first every ``FIRST_S``, then less often (up to
+    mapping it holds (and closes a kept file's descriptor after it, which lets
+    its sender write it again), at first every ``FIRST_S``, then less often (up to
     ``LAST_S``) while none was let go, and ends once it holds none.
     """
 
@@ -141,14 +186,14 @@ class _Reaper:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._maps: list[mmap.mmap] = []
+        self._maps: list[tuple[mmap.mmap, int | None]] = []  # (mapping, its kept file's descriptor)
         self._thread: threading.Thread | None = None
         self._soon = threading.Event()  # set by adopt(): look again at the shortest pause
         self.rounds = 0  # passes over the mappings so far (tests wait on it)
 
-    def adopt(self, mapped: mmap.mmap) -> None:
+    def adopt(self, mapped: mmap.mmap, fd: int | None = None) -> None:
         with self._lock:
-            self._maps.append(mapped)
+            self._maps.append((mapped, fd))
             if self._thread is None or not self._thread.is_alive():  # (none, or one that did not survive a fork)
                 self._thread = threading.Thread(target=self._run, name="actorlib-shm-reaper", daemon=True)
                 self._thread.start()
@@ -168,15 +213,17 @@ class _Reaper:
             with self._lock:
                 maps = list(self._maps)
             released = 0
-            for mapped in maps:
+            for mapped, fd in maps:
                 try:
                     mapped.close()  # unmaps (without the GIL); refused while a view exists
-                    released += 1
                 except BufferError:
-                    pass
+                    continue
+                released += 1
+                if fd is not None:
+                    os.close(fd)  # (and with it the shared lock)
             with self._lock:
                 self.rounds += 1
-                self._maps = [m for m in self._maps if not m.closed]
+                self._maps = [(m, fd) for m, fd in self._maps if not m.closed]
                 if not self._maps:
                     self._thread = None
                     return
@@ -186,12 +233,161 @@ class _Reaper:
 _reaper = _Reaper()
 
 
+_CLAIMED = 0o400  # a kept file's mode once its receiver holds it (0600 before: being written, or in flight)
+
+
+class _Pool:
+    """The files a sender keeps, to write again once their receivers are done (see the module's docstring).
+
+    ``take(size)`` answers a FREE file of that size (least recently used
+    first), locked and marked unclaimed, or a new one if that size was sent
+    lately and there is room within ``limit`` bytes (FREE and HELD files are
+    evicted for it, least recently used first); else None: a file of the
+    message's own, unlinked by its receiver. ``written(name)`` unlocks it
+    for its receiver.
+    """
+
+    RECENT = 8  # sizes remembered as sent lately
+    STALE_S = 300.0  # a file in flight this long is given up (its receiver died before it claimed it)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, _Kept] = OrderedDict()  # least recently taken first
+        self._sizes: OrderedDict[int, None] = OrderedDict()
+        self._pid = os.getpid()
+
+    def take(self, size: int) -> tuple[str, int] | None:
+        with self._lock:
+            if os.getpid() != self._pid:  # a forked child: the parent's files are the parent's
+                for f in self._files.values():
+                    os.close(f.fd)
+                self._files.clear()
+                self._sizes.clear()
+                self._pid = os.getpid()
+            for f in self._files.values():
+                if f.size == size and f.free():
+                    os.fchmod(f.fd, 0o600)
+                    break
+            else:
+                new = self._new(size)
+                if new is None:
+                    return None
+                f = new
+            f.taken = time.monotonic()
+            self._files.move_to_end(f.name)
+            return f.name, f.fd
+
+    def _new(self, size: int) -> _Kept | None:
+        seen = size in self._sizes
+        self._sizes[size] = None
+        self._sizes.move_to_end(size)
+        if len(self._sizes) > self.RECENT:
+            self._sizes.popitem(last=False)
+        if not seen or size > self.limit:
+            return None
+        held = sum(f.size for f in self._files.values())
+        for old in list(self._files.values()):
+            if held + size <= self.limit:
+                break
+            if old.claimed() or time.monotonic() - old.taken > self.STALE_S:
+                self._drop(old)
+                held -= old.size
+        if held + size > self.limit:
+            return None
+        name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (nobody else knows its name yet)
+        self._files[name] = f = _Kept(name, fd, size)
+        return f
+
+    def written(self, name: str) -> None:
+        """Its bytes are written: unlocked, for the receiver to take."""
+        with self._lock:
+            f = self._files.get(name)
+            if f is not None:
+                fcntl.flock(f.fd, fcntl.LOCK_UN)
+
+    def evict(self, name: str) -> None:
+        with self._lock:
+            f = self._files.get(name)
+            if f is not None:
+                self._drop(f)
+
+    def clear(self) -> None:
+        """Unlink and close every file kept (their pages go with the last mapping of each)."""
+        with self._lock:
+            for f in list(self._files.values()):
+                self._drop(f)
+
+    def held(self) -> int:
+        """Bytes of /dev/shm kept."""
+        with self._lock:
+            return sum(f.size for f in self._files.values())
+
+    def _drop(self, f: _Kept) -> None:
+        del self._files[f.name]
+        _unlink(os.path.join(SHM_DIR, f.name))
+        os.close(f.fd)
+
+
+class _Kept:
+    """A kept file: its name, the sender's descriptor (read-write), its size, and when it was last taken."""
+
+    __slots__ = ("fd", "name", "size", "taken")
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name, self.fd, self.size, self.taken = name, fd, size, time.monotonic()
+
+    def claimed(self) -> bool:
+        return os.fstat(self.fd).st_mode & 0o777 == _CLAIMED
+
+    def free(self) -> bool:
+        """Claimed, and its receiver has let go (the lock is then ours, until ``written``)."""
+        if not self.claimed():
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+_pool = _Pool(POOL_BYTES)
+
+
+def release_kept() -> None:
+    """Give up the files this process keeps for reuse (at shutdown; sweep() removes any left at exit)."""
+    _pool.clear()
+
+
 def discard(moved: Any) -> None:
-    """Unlink the files a message named that will not be claimed (its send failed, or it was refused)."""
+    """Let go of the files a message named that will not be claimed (its send failed, or it was refused):
+    unlinked, or given back to the sender that keeps them."""
     for item in moved if isinstance(moved, list | tuple) else ():
-        name = item[1] if isinstance(item, list | tuple) and len(item) == 3 else None
+        name = item[1] if isinstance(item, list | tuple) and len(item) == 4 else None
         if type(name) is str and _NAME.fullmatch(name):
-            _unlink(os.path.join(SHM_DIR, name))
+            _let_go(os.path.join(SHM_DIR, name), item[3] is True)
+
+
+def _let_go(path: str, kept: bool) -> None:
+    if not kept:
+        _unlink(path)
+        return
+    try:  # marked claimed, and nobody holds it: FREE
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, _CLAIMED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def discard_announced(header: Any) -> None:
