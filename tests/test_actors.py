@@ -18,6 +18,7 @@ from actorlib.exceptions import (
     SerializationError,
     TaskCancelledError,
 )
+from transport.protocol import VERSION
 from transport.security import cluster_key
 
 from .conftest import cpu_seconds, wait_for
@@ -796,11 +797,11 @@ def test_garbage_on_a_worker_socket_leaves_it_serving(cluster, Counter):
     raw.connect(info["address"])
     try:
         # a call of a known sync method with a bad argument list: the idle sync thread takes such calls itself
-        raw.send_multipart([msgpack.packb((1, 1, 7, msgpack.packb(["incr", 5, {}, None])))])
+        raw.send_multipart([msgpack.packb((VERSION, 1, 7, msgpack.packb(["incr", 5, {}, None])))])
         assert raw.poll(10_000), "the CALL with bad arguments was not answered"
         version, kind, req_id, body = msgpack.unpackb(raw.recv_multipart()[0])
         assert (kind, req_id) == (3, 7) and b"could not deserialize" in body  # an ERROR
-        for frames in ([b"\xff" * 64], [b""], [b"\x94\x01\x01\x05\xc4\x03abc"], [os.urandom(1000), os.urandom(10)]):
+        for frames in ([b"\xff" * 64], [b""], [bytes([0x94, VERSION, 1, 5]) + b"\xc4\x03abc"], [os.urandom(1000), os.urandom(10)]):
             raw.send_multipart(frames)
         assert raw.poll(10_000), "the CALL with a bad body was not answered"
         assert raw.recv_multipart()

@@ -20,7 +20,7 @@ from transport import (
     loads,
     shared_context,
 )
-from transport.protocol import decode
+from transport.protocol import VERSION, decode
 
 
 def run(coro):
@@ -72,7 +72,7 @@ def test_malformed_messages_are_dropped_and_requests_answered(tmp_path):
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(ep.address)
         try:
-            for frames in ([b"garbage"], [b"\x94\x63\x01\x01\xc4\x00"], [b""], [b"\x94\x01\x0b\x05\xc4\x01\xc1"]):
+            for frames in ([b"garbage"], [b"\x94\x63\x01\x01\xc4\x00"], [b""], [bytes([0x94, VERSION, 11, 5]) + b"\xc4\x01\xc1"]):
                 raw.send_multipart(frames)
             client = Endpoint.connect(ep.address, on_message=None, name="client")
             assert await control_call(client, "echo", value=3, timeout=10) == 3
@@ -173,7 +173,7 @@ def test_malformed_batches_are_refused():
     import msgpack
 
     from transport import ProtocolError
-    from transport.protocol import VERSION, decode, decode_batch
+    from transport.protocol import decode_batch
 
     msg = decode([msgpack.packb([VERSION, 13, 0, msgpack.packb("nope")])])
     with pytest.raises(ProtocolError):

@@ -22,6 +22,7 @@ from .conftest import local_cluster, wait_for
 INTRUDER = textwrap.dedent(
     """
     import sys, pickle, zmq, msgpack
+    from transport import VERSION
     address, server_key, marker, kind = sys.argv[1:]
 
     class Trap:
@@ -37,9 +38,9 @@ INTRUDER = textwrap.dedent(
     if kind == "control":
         body = msgpack.packb(["register_node", {"node_id": "x", "resources": {"CPU": 64}, "gpu_ids": [],
                                                 "address": "127.0.0.1", "hostname": "x"}])
-        sock.send_multipart([msgpack.packb([1, 11, 1, body])])
+        sock.send_multipart([msgpack.packb([VERSION, 11, 1, body])])
     else:
-        sock.send_multipart([msgpack.packb([1, 1, 1, pickle.dumps(["f", (Trap(),), {}, None])])])
+        sock.send_multipart([msgpack.packb([VERSION, 1, 1, pickle.dumps(["f", (Trap(),), {}, None])])])
     print("ANSWERED" if sock.poll(2000) else "SILENCE")
     """
 )
