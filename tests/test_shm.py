@@ -226,7 +226,7 @@ def test_a_size_sent_again_is_kept_and_written_again_only_once_its_receiver_let_
     (_, other, _, kept), c = _send(3)
     assert kept and other != name  # b still maps the first: a second one
     c[:] = 7  # a receiver's writes are its own (a private mapping)
-    assert (a == 1).all() and (b == 2).all() and (c == 7).all() and pool.held() == 2 * n
+    assert (a == 1).all() and (b == 2).all() and (c == 7).all() and pool.held() == 2 * n and reaper.holding == 2
     del b
     gc.collect()
     wait_for(lambda: reaper.pending() == 2, timeout=10, what="the reaper to unmap b's mapping")
@@ -277,6 +277,22 @@ def test_a_kept_file_not_sent_or_refused_is_given_back_to_its_sender(pool, reape
     with pytest.raises(OSError):  # refused by its receiver (a bad entry before it): given back too
         shm.claim(((0, f"actorlib-{os.getpid()}-{'0' * 16}", 10, False), (1, name, 1 << 20, True)), [b"", b""])
     assert os.path.exists(f"/dev/shm/{name}") and shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0][1] == name
+
+
+def test_a_receiver_holding_enough_kept_files_gives_one_up_and_its_sender_drops_it(pool, reaper, monkeypatch):
+    """A receiver holds at most HOLD_MAX descriptors: beyond, a kept file is marked never to be written again."""
+    from .conftest import wait_for
+
+    monkeypatch.setattr(shm, "HOLD_MAX", 0)
+    _send(0)
+    (_, name, _, kept), a = _send(1)
+    assert kept and reaper.holding == 0 and os.path.exists(f"/dev/shm/{name}")  # mapped, not held, not unlinked
+    del a
+    gc.collect()
+    wait_for(lambda: reaper.pending() == 0, timeout=10, what="the reaper to unmap every mapping")
+    (_, other, _, kept), b = _send(2)
+    assert kept and other != name and not os.path.exists(f"/dev/shm/{name}") and (b == 2).all()
+    assert pool.held() == 1 << 20
 
 
 _HOLDER = """

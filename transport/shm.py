@@ -26,13 +26,18 @@ its receiver is done with it. No message says so; the file itself does::
     WRITING --sent--> IN FLIGHT --claimed--> HELD --unmapped--> FREE --taken--> WRITING
       (sender: LOCK_EX, 0600)  (0600)   (receiver: LOCK_SH, 0400)  (0400)
     IN FLIGHT --not sent, or refused--> FREE
+    IN FLIGHT --claimed by a receiver holding HOLD_MAX others--> GIVEN UP (0440)
+    GIVEN UP --seen by its sender--> unlinked
     FREE or HELD (or IN FLIGHT for STALE_S) --evicted: unlinked--> gone with its last mapping
 
 The receiver of a kept file takes a shared ``flock`` on it before marking
 it claimed (mode 0400), keeps that descriptor while it maps the file, and
 does not unlink it; the sender takes the file again only once it is marked
 claimed *and* an exclusive ``flock`` succeeds: its receiver has unmapped it
-(or died). A file the header names as kept is the sender's to remove.
+(or died). A receiver that already holds ``HOLD_MAX`` such descriptors
+(an eighth of its limit, at most 256) marks the file given up instead,
+never to be written again. A file the header names as kept is the
+sender's to remove.
 
 A file never claimed (its receiver died first) is removed by :func:`sweep`
 once its sender has exited: the node agent sweeps its workers, a driver its
@@ -48,6 +53,7 @@ import glob
 import mmap
 import os
 import re
+import resource
 import secrets
 import stat
 import threading
@@ -151,25 +157,29 @@ def _claim_one(item: Any, buffers: list[Any]) -> None:
         _let_go(path, kept)  # (a link, or no file descriptor left: it is refused, and goes)
         raise
     mapped: mmap.mmap | bytes = b""
+    hold = kept and _reaper.holding < HOLD_MAX
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != size or (kept and not size):
             raise OSError(f"{path} is not the {size}-byte file of ours that was announced")
-        if kept:  # held while mapped: the sender writes it again only once this descriptor is closed
+        if hold:  # held while mapped: the sender writes it again only once this descriptor is closed
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             os.fchmod(fd, _CLAIMED)
+        elif kept:  # holding enough descriptors: this one is never to be written again (its sender drops it)
+            os.fchmod(fd, _GIVEN_UP)
         if size:
             mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
         _let_go(path, kept)
         raise
-    if not kept:
+    if not hold:
         os.close(fd)
+    if not kept:
         _unlink(path)
     buffers[index] = memoryview(mapped)  # (viewed before the reaper sees it: it closes what nothing views)
     if isinstance(mapped, mmap.mmap):
-        _reaper.adopt(mapped, fd if kept else None)
+        _reaper.adopt(mapped, fd if hold else None)
 
 
 class _Reaper:
@@ -189,11 +199,13 @@ class _Reaper:
         self._maps: list[tuple[mmap.mmap, int | None]] = []  # (mapping, its kept file's descriptor)
         self._thread: threading.Thread | None = None
         self._soon = threading.Event()  # set by adopt(): look again at the shortest pause
+        self.holding = 0  # kept files' descriptors held
         self.rounds = 0  # passes over the mappings so far (tests wait on it)
 
     def adopt(self, mapped: mmap.mmap, fd: int | None = None) -> None:
         with self._lock:
             self._maps.append((mapped, fd))
+            self.holding += fd is not None
             if self._thread is None or not self._thread.is_alive():  # (none, or one that did not survive a fork)
                 self._thread = threading.Thread(target=self._run, name="actorlib-shm-reaper", daemon=True)
                 self._thread.start()
@@ -221,6 +233,8 @@ class _Reaper:
                 released += 1
                 if fd is not None:
                     os.close(fd)  # (and with it the shared lock)
+                    with self._lock:
+                        self.holding -= 1
             with self._lock:
                 self.rounds += 1
                 self._maps = [(m, fd) for m, fd in self._maps if not m.closed]
@@ -233,7 +247,11 @@ class _Reaper:
 _reaper = _Reaper()
 
 
-_CLAIMED = 0o400  # a kept file's mode once its receiver holds it (0600 before: being written, or in flight)
+# A kept file's mode: 0600 while written or in flight; then _CLAIMED by a receiver that holds it while mapped,
+# or _GIVEN_UP by one that does not (it holds HOLD_MAX descriptors already): never to be written again.
+_CLAIMED = 0o400
+_GIVEN_UP = 0o440
+HOLD_MAX = max(16, min(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
 class _Pool:
@@ -241,10 +259,10 @@ class _Pool:
 
     ``take(size)`` answers a FREE file of that size (least recently used
     first), locked and marked unclaimed, or a new one if that size was sent
-    lately and there is room within ``limit`` bytes (FREE and HELD files are
-    evicted for it, least recently used first); else None: a file of the
-    message's own, unlinked by its receiver. ``written(name)`` unlocks it
-    for its receiver.
+    lately and there is room within ``limit`` bytes (FREE, HELD and given-up
+    files are evicted for it, least recently used first); else None: a file
+    of the message's own, unlinked by its receiver. ``written(name)``
+    unlocks it for its receiver.
     """
 
     RECENT = 8  # sizes remembered as sent lately
@@ -265,8 +283,13 @@ class _Pool:
                 self._files.clear()
                 self._sizes.clear()
                 self._pid = os.getpid()
-            for f in self._files.values():
-                if f.size == size and f.free():
+            for f in list(self._files.values()):
+                if f.size != size:
+                    continue
+                mode = f.mode()
+                if mode == _GIVEN_UP:
+                    self._drop(f)
+                elif mode == _CLAIMED and f.lock():
                     os.fchmod(f.fd, 0o600)
                     break
             else:
@@ -274,7 +297,7 @@ class _Pool:
                 if new is None:
                     return None
                 f = new
-            f.taken = time.monotonic()
+            f.taken, f.writing = time.monotonic(), True
             self._files.move_to_end(f.name)
             return f.name, f.fd
 
@@ -290,7 +313,7 @@ class _Pool:
         for old in list(self._files.values()):
             if held + size <= self.limit:
                 break
-            if old.claimed() or time.monotonic() - old.taken > self.STALE_S:
+            if old.mode() != 0o600 or time.monotonic() - old.taken > self.STALE_S:
                 self._drop(old)
                 held -= old.size
         if held + size > self.limit:
@@ -309,6 +332,7 @@ class _Pool:
         with self._lock:
             f = self._files.get(name)
             if f is not None:
+                f.writing = False
                 fcntl.flock(f.fd, fcntl.LOCK_UN)
 
     def evict(self, name: str) -> None:
@@ -318,10 +342,12 @@ class _Pool:
                 self._drop(f)
 
     def clear(self) -> None:
-        """Unlink and close every file kept (their pages go with the last mapping of each)."""
+        """Unlink and close every file kept (their pages go with the last mapping of each), but those another
+        thread is writing (:func:`sweep` removes them at exit)."""
         with self._lock:
             for f in list(self._files.values()):
-                self._drop(f)
+                if not f.writing:
+                    self._drop(f)
 
     def held(self) -> int:
         """Bytes of /dev/shm kept."""
@@ -335,20 +361,19 @@ class _Pool:
 
 
 class _Kept:
-    """A kept file: its name, the sender's descriptor (read-write), its size, and when it was last taken."""
+    """A kept file: its name, the sender's descriptor (read-write), its size, when it was last taken, and
+    whether it is being written."""
 
-    __slots__ = ("fd", "name", "size", "taken")
+    __slots__ = ("fd", "name", "size", "taken", "writing")
 
     def __init__(self, name: str, fd: int, size: int) -> None:
-        self.name, self.fd, self.size, self.taken = name, fd, size, time.monotonic()
+        self.name, self.fd, self.size, self.taken, self.writing = name, fd, size, time.monotonic(), True
 
-    def claimed(self) -> bool:
-        return os.fstat(self.fd).st_mode & 0o777 == _CLAIMED
+    def mode(self) -> int:
+        return os.fstat(self.fd).st_mode & 0o777
 
-    def free(self) -> bool:
-        """Claimed, and its receiver has let go (the lock is then ours, until ``written``)."""
-        if not self.claimed():
-            return False
+    def lock(self) -> bool:
+        """Whether its receiver has let go (the lock is then ours, until ``written``)."""
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
