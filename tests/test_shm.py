@@ -241,7 +241,7 @@ def test_a_size_sent_again_is_kept_and_written_again_only_once_its_receiver_let_
 
 def test_kept_files_stay_within_the_pool_and_one_in_flight_is_never_taken(monkeypatch, reaper):
     """Files held by their receivers are evicted for room (unlinked: the mapping keeps its pages); one sent and
-    not yet claimed is not, until it is stale."""
+    not yet claimed is not, until it is stale: then it is forgotten, but not unlinked."""
     n = 1 << 20
     small = shm._Pool(2 * n)
     monkeypatch.setattr(shm, "_pool", small)
@@ -258,7 +258,9 @@ def test_kept_files_stay_within_the_pool_and_one_in_flight_is_never_taken(monkey
         assert all(os.path.exists(f"/dev/shm/{m[1]}") for m in flying)
         monkeypatch.setattr(shm._Pool, "STALE_S", 0.0)  # (their receivers died before claiming them)
         (_, _, _, kept) = shm.export([np.zeros(n, dtype=np.uint8)])[1][0]
-        assert kept and not os.path.exists(f"/dev/shm/{flying[0][1]}") and small.held() == 2 * n
+        assert kept and small.held() == 2 * n  # the first forgotten to make room ...
+        assert os.path.exists(f"/dev/shm/{flying[0][1]}")  # ... not unlinked: its receiver may claim it yet
+        os.unlink(f"/dev/shm/{flying[0][1]}")  # (sweep() would, once this process exited)
         shm.discard([flying[2]])
     finally:
         small.clear()
@@ -293,6 +295,70 @@ def test_a_receiver_holding_enough_kept_files_gives_one_up_and_its_sender_drops_
     (_, other, _, kept), b = _send(2)
     assert kept and other != name and not os.path.exists(f"/dev/shm/{name}") and (b == 2).all()
     assert pool.held() == 1 << 20
+
+
+def test_a_kept_file_is_never_taken_while_in_flight_whatever_the_umask(pool):
+    old = os.umask(0o277)  # (files would be created 0400: "claimed")
+    try:
+        _send(0)
+        (_, name, _, kept) = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0]
+        assert kept and os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
+        (_, other, _, kept) = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0]
+        assert kept and other != name
+    finally:
+        os.umask(old)
+
+
+def test_a_kept_file_unlinked_by_someone_else_is_not_named_again(pool, reaper):
+    from .conftest import wait_for
+
+    _send(0)
+    (_, name, _, kept), a = _send(1)
+    del a
+    gc.collect()
+    wait_for(lambda: reaper.pending() == 0, timeout=10, what="the reaper to unmap every mapping")
+    os.unlink(f"/dev/shm/{name}")  # (systemd's RemoveIPC, an rm, ...)
+    (_, other, _, kept), b = _send(2)
+    assert other != name and (b == 2).all() and pool.held() == 1 << 20
+
+
+def test_a_kept_file_that_fails_is_dropped_and_the_buffer_still_goes(pool, monkeypatch):
+    _send(0)
+    (_, name, _, _), a = _send(1)
+    del a
+    gc.collect()
+
+    def broken(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shm._Kept, "lock", broken)
+    (_, other, _, _), b = _send(2)
+    assert other != name and (b == 2).all() and not os.path.exists(f"/dev/shm/{name}")
+
+
+_FORKED = """
+import os, sys
+import numpy as np
+from transport import shm
+for _ in range(2):
+    (_, name, _, kept), = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1]
+shm.discard([(0, name, 1 << 20, True)])  # free again
+pid = os.fork()
+if pid == 0:
+    moved = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1]
+    shm.release_kept()
+    shm.discard(moved)
+    os._exit(0 if moved[0][1] != name and os.path.exists("/dev/shm/" + name) else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), os.path.exists("/dev/shm/" + name), flush=True)
+shm.release_kept()
+shm.sweep(os.getpid())
+"""
+
+
+def test_a_forked_child_leaves_its_parents_kept_files_alone():
+    out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["0", "True"], out.stderr
 
 
 _HOLDER = """

@@ -217,7 +217,7 @@ class Endpoint:
             if moved:  # copied out already: the caller may change its arrays, nothing to track
                 try:
                     return self.send_frames([encode_header(kind, req_id, body, moved), *frames], peer, block=block)
-                except TransportError:  # not sent (busy, closed ...): nobody will claim those files
+                except (TransportError, TypeError, ValueError):  # not sent (busy, closed, no peer ...): nobody will claim those files
                     shm.discard(moved)
                     raise
         return self.send_frames([encode_header(kind, req_id, body), *buffers], peer, track=track, block=block)

@@ -2,12 +2,13 @@
 
 A message's buffer frame of at least ``ACTORLIB_SHM_MIN_BYTES`` (1 MiB) sent
 on a same-machine endpoint (``ipc://``, or TCP on a loopback address) is
-written to a new file in ``/dev/shm`` (mode 0600, named
+written to a file in ``/dev/shm`` (mode 0600, named
 ``actorlib-<sender pid>-<random>``); the frame travels empty and the header
-lists ``(frame index, file name, size)``. The receiver maps the file
-copy-on-write (so the array it gets is writable and costs no copy) and
-unlinks it at once: the memory lives as long as the array does. One copy in
-all, instead of the socket's several, and no encryption of bulk bytes.
+lists ``(frame index, file name, size, kept)``. The receiver maps the file
+copy-on-write (so the array it gets is writable and costs no copy) and,
+unless its sender keeps it (below), unlinks it at once: the memory lives as
+long as the array does. One copy in all, instead of the socket's several,
+and no encryption of bulk bytes.
 
 Unmapping such a buffer frees the file's pages, which takes time (~14 ms for
 64 MiB on the 2-vCPU VM, against ~0.3 ms for 64 MiB of a process's own
@@ -28,16 +29,20 @@ its receiver is done with it. No message says so; the file itself does::
     IN FLIGHT --not sent, or refused--> FREE
     IN FLIGHT --claimed by a receiver holding HOLD_MAX others--> GIVEN UP (0440)
     GIVEN UP --seen by its sender--> unlinked
-    FREE or HELD (or IN FLIGHT for STALE_S) --evicted: unlinked--> gone with its last mapping
+    FREE or HELD --evicted for room: unlinked--> gone with its last mapping
+    IN FLIGHT for STALE_S --evicted for room: forgotten, not unlinked--> removed by sweep() at exit
 
 The receiver of a kept file takes a shared ``flock`` on it before marking
 it claimed (mode 0400), keeps that descriptor while it maps the file, and
 does not unlink it; the sender takes the file again only once it is marked
 claimed *and* an exclusive ``flock`` succeeds: its receiver has unmapped it
-(or died). A receiver that already holds ``HOLD_MAX`` such descriptors
-(an eighth of its limit, at most 256) marks the file given up instead,
-never to be written again. A file the header names as kept is the
-sender's to remove.
+(or died), or a message naming it was not sent or was refused (whoever
+gives it up marks it 0400 unlocked). A receiver that already holds
+``HOLD_MAX`` such descriptors (an eighth of its limit on open files,
+between 16 and 256; each mapping costs one more) marks the file given up
+instead, never to be written again. A file the header names as kept is
+the sender's to remove. A sender's kept files stay while it lives (up to
+the pool's bound), and a forked child does not inherit them.
 
 A file never claimed (its receiver died first) is removed by :func:`sweep`
 once its sender has exited: the node agent sweeps its workers, a driver its
@@ -79,41 +84,60 @@ def local_address(address: str) -> bool:
 
 
 def export(buffers: Sequence[Any]) -> tuple[list[Any], list[tuple[int, str, int, bool]]]:
-    """Move the large buffers into shared-memory files: ``(frames to send, [(index, name, size, kept), ...])``."""
+    """Move the large buffers into shared-memory files: ``(frames to send, [(index, name, size, kept), ...])``.
+
+    A buffer that cannot go (no room in ``/dev/shm`` ...) stays in the frames, for the socket."""
     out = list(buffers)
     moved: list[tuple[int, str, int, bool]] = []
-    for i, buf in enumerate(buffers):
-        view = memoryview(buf)
-        if view.nbytes < MIN_BYTES:
-            continue
-        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-        kept = _pool.take(view.nbytes)
-        if kept is not None:
-            name, fd = kept
-            try:
-                _write_all(fd, view)
-            except OSError:  # e.g. /dev/shm is full: this one goes over the socket
-                _pool.evict(name)
+    try:
+        for i, buf in enumerate(buffers):
+            view = memoryview(buf)
+            if view.nbytes < MIN_BYTES:
                 continue
-            finally:
-                _pool.written(name)
-        else:
-            name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
-            path = os.path.join(SHM_DIR, name)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except OSError:
-                continue
-            try:
-                _write_all(fd, view)
-            except OSError:
-                _unlink(path)
-                continue
-            finally:
-                os.close(fd)
-        out[i] = b""
-        moved.append((i, name, view.nbytes, kept is not None))
+            view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+            name = _write_kept(view) or _write_new(view)
+            if name is not None:
+                out[i] = b""
+                moved.append((i, name[0], view.nbytes, name[1]))
+    except BaseException:  # (Ctrl-C) nobody will claim them
+        discard(moved)
+        raise
     return out, moved
+
+
+def _write_kept(view: memoryview) -> tuple[str, bool] | None:
+    kept = _pool.take(view.nbytes)
+    if kept is None:
+        return None
+    name, fd = kept
+    try:
+        _write_all(fd, view)
+    except BaseException as exc:
+        _pool.evict(name)
+        if isinstance(exc, OSError):  # e.g. /dev/shm is full
+            return None
+        raise
+    _pool.written(name)
+    return name, True
+
+
+def _write_new(view: memoryview) -> tuple[str, bool] | None:
+    name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        _write_all(fd, view)
+    except BaseException as exc:
+        _unlink(path)
+        if isinstance(exc, OSError):  # e.g. /dev/shm is full: this one goes over the socket
+            return None
+        raise
+    finally:
+        os.close(fd)
+    return name, False
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -123,7 +147,8 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def claim(moved: Any, buffers: list[Any]) -> None:
-    """Map the shared-memory buffers a message names into ``buffers`` (in place), and unlink their files.
+    """Map the shared-memory buffers a message names into ``buffers`` (in place), and unlink their files
+    (mark them claimed, those their sender keeps).
 
     Raises ``ValueError`` for a malformed list and ``OSError`` for a file that is
     missing, not a regular file of ours, or of another size than announced.
@@ -232,9 +257,12 @@ class _Reaper:
                     continue
                 released += 1
                 if fd is not None:
-                    os.close(fd)  # (and with it the shared lock)
                     with self._lock:
                         self.holding -= 1
+                    try:
+                        os.close(fd)  # (and with it the shared lock)
+                    except OSError:
+                        pass
             with self._lock:
                 self.rounds += 1
                 self._maps = [(m, fd) for m, fd in self._maps if not m.closed]
@@ -247,6 +275,14 @@ class _Reaper:
 _reaper = _Reaper()
 
 
+def _reaper_forked() -> None:
+    _reaper._lock = threading.Lock()  # (another thread may have held it)
+    _reaper._thread = None
+
+
+os.register_at_fork(after_in_child=_reaper_forked)
+
+
 # A kept file's mode: 0600 while written or in flight; then _CLAIMED by a receiver that holds it while mapped,
 # or _GIVEN_UP by one that does not (it holds HOLD_MAX descriptors already): never to be written again.
 _CLAIMED = 0o400
@@ -257,41 +293,42 @@ HOLD_MAX = max(16, min(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 class _Pool:
     """The files a sender keeps, to write again once their receivers are done (see the module's docstring).
 
-    ``take(size)`` answers a FREE file of that size (least recently used
+    ``take(size)`` answers a FREE file of that size (least recently taken
     first), locked and marked unclaimed, or a new one if that size was sent
-    lately and there is room within ``limit`` bytes (FREE, HELD and given-up
-    files are evicted for it, least recently used first); else None: a file
-    of the message's own, unlinked by its receiver. ``written(name)``
-    unlocks it for its receiver.
+    lately and there is room: ``limit`` bytes, :data:`MAX_FILES` files
+    (FREE, HELD and given-up files are evicted for it, least recently taken
+    first); else None: a file of the message's own, unlinked by its
+    receiver. ``written(name)`` unlocks it for its receiver. Anything that
+    fails on the way drops that file (or gives None): never raises.
     """
 
     RECENT = 8  # sizes remembered as sent lately
-    STALE_S = 300.0  # a file in flight this long is given up (its receiver died before it claimed it)
+    MAX_FILES = 64
+    # A file in flight this long is forgotten, not unlinked (its receiver may claim it yet; sweep() removes it
+    # once this process exits): its receiver most likely died first.
+    STALE_S = 300.0
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
         self._files: OrderedDict[str, _Kept] = OrderedDict()  # least recently taken first
         self._sizes: OrderedDict[int, None] = OrderedDict()
-        self._pid = os.getpid()
 
     def take(self, size: int) -> tuple[str, int] | None:
         with self._lock:
-            if os.getpid() != self._pid:  # a forked child: the parent's files are the parent's
-                for f in self._files.values():
-                    os.close(f.fd)
-                self._files.clear()
-                self._sizes.clear()
-                self._pid = os.getpid()
             for f in list(self._files.values()):
-                if f.size != size:
+                if f.size != size or f.writing:
                     continue
-                mode = f.mode()
-                if mode == _GIVEN_UP:
+                try:
+                    info = os.fstat(f.fd)
+                    mode = info.st_mode & 0o777
+                    if info.st_nlink == 0 or mode == _GIVEN_UP:  # unlinked by someone else, or never to be written
+                        self._drop(f)
+                    elif mode == _CLAIMED and f.lock():
+                        os.fchmod(f.fd, 0o600)
+                        break
+                except OSError:
                     self._drop(f)
-                elif mode == _CLAIMED and f.lock():
-                    os.fchmod(f.fd, 0o600)
-                    break
             else:
                 new = self._new(size)
                 if new is None:
@@ -307,24 +344,39 @@ class _Pool:
         self._sizes.move_to_end(size)
         if len(self._sizes) > self.RECENT:
             self._sizes.popitem(last=False)
-        if not seen or size > self.limit:
+        if not seen or not 0 < size <= self.limit:
             return None
         held = sum(f.size for f in self._files.values())
         for old in list(self._files.values()):
-            if held + size <= self.limit:
+            if held + size <= self.limit and len(self._files) < self.MAX_FILES:
                 break
-            if old.mode() != 0o600 or time.monotonic() - old.taken > self.STALE_S:
+            if old.writing:
+                continue
+            try:
+                in_flight = os.fstat(old.fd).st_mode & 0o777 == 0o600
+            except OSError:
+                in_flight = False
+            if not in_flight:
                 self._drop(old)
-                held -= old.size
-        if held + size > self.limit:
+            elif time.monotonic() - old.taken > self.STALE_S:
+                self._forget(old)
+            else:
+                continue
+            held -= old.size
+        if held + size > self.limit or len(self._files) >= self.MAX_FILES:
             return None
         name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
         try:
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
             return None
-        fcntl.flock(fd, fcntl.LOCK_EX)  # (nobody else knows its name yet)
-        self._files[name] = f = _Kept(name, fd, size)
+        f = _Kept(name, fd, size)
+        self._files[name] = f
+        try:
+            os.fchmod(fd, 0o600)  # (whatever the umask: 0400 would say it is claimed)
+        except OSError:
+            self._drop(f)
+            return None
         return f
 
     def written(self, name: str) -> None:
@@ -333,9 +385,13 @@ class _Pool:
             f = self._files.get(name)
             if f is not None:
                 f.writing = False
-                fcntl.flock(f.fd, fcntl.LOCK_UN)
+                try:
+                    fcntl.flock(f.fd, fcntl.LOCK_UN)
+                except OSError:
+                    self._forget(f)  # (in flight now: not to be unlinked)
 
     def evict(self, name: str) -> None:
+        """Drop a file that was not written (nor sent)."""
         with self._lock:
             f = self._files.get(name)
             if f is not None:
@@ -349,15 +405,28 @@ class _Pool:
                 if not f.writing:
                     self._drop(f)
 
+    def forked(self) -> None:
+        """In a forked child: the parent's files are the parent's (closed here, not unlinked)."""
+        self._lock = threading.Lock()
+        for f in list(self._files.values()):
+            self._forget(f)
+        self._sizes.clear()
+
     def held(self) -> int:
         """Bytes of /dev/shm kept."""
         with self._lock:
             return sum(f.size for f in self._files.values())
 
     def _drop(self, f: _Kept) -> None:
-        del self._files[f.name]
+        self._forget(f)
         _unlink(os.path.join(SHM_DIR, f.name))
-        os.close(f.fd)
+
+    def _forget(self, f: _Kept) -> None:
+        self._files.pop(f.name, None)
+        try:
+            os.close(f.fd)
+        except OSError:
+            pass
 
 
 class _Kept:
@@ -369,9 +438,6 @@ class _Kept:
     def __init__(self, name: str, fd: int, size: int) -> None:
         self.name, self.fd, self.size, self.taken, self.writing = name, fd, size, time.monotonic(), True
 
-    def mode(self) -> int:
-        return os.fstat(self.fd).st_mode & 0o777
-
     def lock(self) -> bool:
         """Whether its receiver has let go (the lock is then ours, until ``written``)."""
         try:
@@ -382,6 +448,7 @@ class _Kept:
 
 
 _pool = _Pool(POOL_BYTES)
+os.register_at_fork(after_in_child=lambda: _pool.forked())
 
 
 def release_kept() -> None:
@@ -393,9 +460,9 @@ def discard(moved: Any) -> None:
     """Let go of the files a message named that will not be claimed (its send failed, or it was refused):
     unlinked, or given back to the sender that keeps them."""
     for item in moved if isinstance(moved, list | tuple) else ():
-        name = item[1] if isinstance(item, list | tuple) and len(item) == 4 else None
+        name = item[1] if isinstance(item, list | tuple) and len(item) in (3, 4) else None  # (3: version 1's)
         if type(name) is str and _NAME.fullmatch(name):
-            _let_go(os.path.join(SHM_DIR, name), item[3] is True)
+            _let_go(os.path.join(SHM_DIR, name), len(item) == 4 and item[3] is True)
 
 
 def _let_go(path: str, kept: bool) -> None:
@@ -416,7 +483,7 @@ def _let_go(path: str, kept: bool) -> None:
 
 
 def discard_announced(header: Any) -> None:
-    """Best effort, for a message refused before its header was read: unlink the files it names, if any."""
+    """Best effort, for a message refused before its header was read: let go of the files it names, if any."""
     try:
         envelope = msgpack.unpackb(bytes(header), raw=False)
     except Exception:
@@ -426,7 +493,8 @@ def discard_announced(header: Any) -> None:
 
 
 def sweep(pid: int) -> int:
-    """Remove the files process ``pid`` sent that nobody claimed (call once it has exited); returns how many."""
+    """Remove the files process ``pid`` sent that nobody claimed, and those it kept (call once it has exited);
+    returns how many."""
     removed = 0
     for path in glob.glob(os.path.join(SHM_DIR, f"actorlib-{int(pid)}-*")):
         if _unlink(path):
