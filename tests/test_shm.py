@@ -336,6 +336,15 @@ def test_a_kept_file_that_fails_is_dropped_and_the_buffer_still_goes(pool, monke
     assert other != name and (b == 2).all() and not os.path.exists(f"/dev/shm/{name}")
 
 
+def test_no_file_is_kept_where_dev_shm_has_little_room(pool, monkeypatch):
+    real = os.statvfs
+    little = os.statvfs_result((4096, 4096, 100, 10, 10, 100, 10, 10, 0, 255))  # 40 KiB free
+    monkeypatch.setattr(os, "statvfs", lambda path: little if path == shm.SHM_DIR else real(path))
+    _send(0)
+    (_, _, _, kept), array = _send(1)
+    assert not kept and (array == 1).all() and pool.held() == 0 and not ours()
+
+
 _FORKED = """
 import os, sys
 import numpy as np

@@ -21,8 +21,9 @@ a batch of activations, W5's array): writing into a new file costs the
 allocation of its pages, more than the copy (45 against 17 ms for 64 MiB
 there), and unmapping it frees them again. So from the second time a size
 is sent, its file is *kept* by the sender (:class:`_Pool`, at most
-``ACTORLIB_SHM_POOL_BYTES``, 256 MiB, per process) and written again once
-its receiver is done with it. No message says so; the file itself does::
+``ACTORLIB_SHM_POOL_BYTES``, 256 MiB, per process, and only while
+``/dev/shm`` has twice its size free) and written again once its receiver
+is done with it. No message says so; the file itself does::
 
     WRITING --sent--> IN FLIGHT --claimed--> HELD --unmapped--> FREE --taken--> WRITING
       (sender: LOCK_EX, 0600)  (0600)   (receiver: LOCK_SH, 0400)  (0400)
@@ -363,7 +364,7 @@ class _Pool:
             else:
                 continue
             held -= old.size
-        if held + size > self.limit or len(self._files) >= self.MAX_FILES:
+        if held + size > self.limit or len(self._files) >= self.MAX_FILES or not _room_for(2 * size):
             return None
         name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
         try:
@@ -427,6 +428,15 @@ class _Pool:
             os.close(f.fd)
         except OSError:
             pass
+
+
+def _room_for(nbytes: int) -> bool:
+    """Whether /dev/shm has ``nbytes`` free (a container's is often 64 MiB: kept files are not to fill it)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize >= nbytes
 
 
 class _Kept:
