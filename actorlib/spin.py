@@ -38,11 +38,11 @@ from typing import Any
 
 
 def _spin_s() -> float:
-    """The most a waiting thread polls before it sleeps (``ACTORLIB_GET_SPIN_US``, default 500), in seconds.
+    """The most a waiting thread polls before it sleeps (``ACTORLIB_GET_SPIN_US``, default 1000), in seconds.
 
     Zero with one CPU: whatever the thread waits for needs that CPU.
     """
-    raw = os.environ.get("ACTORLIB_GET_SPIN_US", "500")
+    raw = os.environ.get("ACTORLIB_GET_SPIN_US", "1000")
     try:
         us = float(raw)
     except ValueError:
