@@ -560,7 +560,7 @@ def test_a_blocking_get_spins_briefly_then_sleeps(cluster, Counter):
     before = time.thread_time()
     assert cluster.get(ref, timeout=30) == 2
     used = time.thread_time() - before
-    # the spin is at most 0.5 ms; a thread that polled for the whole 0.5 s would use about that much CPU
+    # the spin is at most 1 ms; a thread that polled for the whole 0.5 s would use about that much CPU
     assert used < 0.1, f"get() used {used * 1000:.0f} ms of CPU waiting 500 ms: it must sleep after a short spin"
 
 

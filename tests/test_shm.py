@@ -7,6 +7,7 @@ import glob
 import mmap
 import os
 import secrets
+import select
 import subprocess
 import sys
 
@@ -54,6 +55,8 @@ def big(cluster):
 
 
 def test_large_arrays_go_through_shared_memory_both_ways(cluster, big, monkeypatch):
+    worker = cluster.get(big.pid.remote())
+    before = set(glob.glob(f"/dev/shm/actorlib-{worker}-*"))  # (files the worker kept for other tests' sizes)
     sent = []
     real_export = shm.export
     monkeypatch.setattr(shm, "export", lambda buffers: sent.append(1) or real_export(buffers))
@@ -64,8 +67,7 @@ def test_large_arrays_go_through_shared_memory_both_ways(cluster, big, monkeypat
     assert arr[-1] == (1 << 20) - 1 and arr.flags.writeable
     arr[0] = 42.0  # writable, and ours alone (a private mapping)
     assert tensor.shape == (1 << 20,) and float(tensor[10]) == 10.0
-    worker = cluster.get(big.pid.remote())
-    assert not ours() and not glob.glob(f"/dev/shm/actorlib-{worker}-*")  # every file was claimed and unlinked
+    assert not ours() and set(glob.glob(f"/dev/shm/actorlib-{worker}-*")) <= before  # claimed and unlinked
 
 
 def test_a_bad_shared_memory_reference_is_refused_and_the_worker_keeps_serving(cluster, big):
@@ -297,16 +299,22 @@ def test_a_receiver_holding_enough_kept_files_gives_one_up_and_its_sender_drops_
     assert pool.held() == 1 << 20
 
 
-def test_a_kept_file_is_never_taken_while_in_flight_whatever_the_umask(pool):
-    old = os.umask(0o277)  # (files would be created 0400: "claimed")
-    try:
-        _send(0)
-        (_, name, _, kept) = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0]
-        assert kept and os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
-        (_, other, _, kept) = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0]
-        assert kept and other != name
-    finally:
-        os.umask(old)
+_UMASK = """
+import os
+import numpy as np
+from transport import shm
+os.umask(0o277)  # (files would be created 0400: "claimed")
+sent = [shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0] for _ in range(3)]  # the last two kept, in flight
+modes = [os.stat("/dev/shm/" + m[1]).st_mode & 0o777 for m in sent[1:]]
+shm.discard(sent)
+shm.release_kept()
+print([m[3] for m in sent], sent[1][1] != sent[2][1], modes, flush=True)
+"""
+
+
+def test_a_kept_file_is_never_taken_while_in_flight_whatever_the_umask():
+    out = subprocess.run([sys.executable, "-c", _UMASK], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == f"[False, True, True] True {[0o600, 0o600]}", out.stderr
 
 
 def test_a_kept_file_unlinked_by_someone_else_is_not_named_again(pool, reaper):
@@ -343,6 +351,30 @@ def test_no_file_is_kept_where_dev_shm_has_little_room(pool, monkeypatch):
     _send(0)
     (_, _, _, kept), array = _send(1)
     assert not kept and (array == 1).all() and pool.held() == 0 and not ours()
+    unsized = os.statvfs_result((4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255))  # a tmpfs without a size: room
+    monkeypatch.setattr(os, "statvfs", lambda path: unsized if path == shm.SHM_DIR else real(path))
+    (_, _, _, kept), array = _send(2)
+    assert kept and (array == 2).all()
+
+
+def test_a_receiver_that_finds_a_kept_file_locked_leaves_it_alone(pool, reaper):
+    """Its sender writes it now (a stale or repeated message names it): refused, and not marked free."""
+    import fcntl
+
+    _send(0)
+    moved = shm.export([np.full(1 << 20, 3, dtype=np.uint8)])[1]
+    path = f"/dev/shm/{moved[0][1]}"
+    writer = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        with pytest.raises(BlockingIOError):
+            shm.claim(tuple(tuple(m) for m in moved), [b""])
+        assert os.stat(path).st_mode & 0o777 == 0o600  # still in flight: not to be written again
+    finally:
+        os.close(writer)
+    buffers = [b""]
+    shm.claim(tuple(tuple(m) for m in moved), buffers)
+    assert (np.frombuffer(buffers[0], dtype=np.uint8) == 3).all()
 
 
 _FORKED = """
@@ -389,7 +421,9 @@ def test_a_kept_file_whose_receiver_was_killed_while_holding_it_is_written_again
     assert kept
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, name, str(n)], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == str(n)  # mapped, and held
+        assert holder.stdout is not None
+        assert select.select([holder.stdout], [], [], 60)[0], "the other process did not map the file"
+        assert holder.stdout.readline().strip() == str(n)  # mapped, and held
         (_, other, _, _), _array = _send(2)
         assert other != name  # held by the other process: not written
         holder.kill()
@@ -403,9 +437,10 @@ def test_a_kept_file_whose_receiver_was_killed_while_holding_it_is_written_again
     assert again == name and (array == 3).all()
 
 
-def test_arrays_sent_again_and_again_arrive_intact_both_ways(cluster, big, pool):
+def test_arrays_sent_again_and_again_arrive_intact_both_ways(cluster, big, pool, monkeypatch):
     """Through an actor: whichever file each goes into (a kept one written again, or a new one), every array
     arrives as sent."""
+    monkeypatch.setattr(shm, "_room_for", lambda nbytes: True)  # (however full /dev/shm is on this machine)
     for i in range(6):
         total, writable = cluster.get(big.checksum.remote(np.full(3 << 20, i, dtype=np.float32)), timeout=60)
         assert total == float(i * (3 << 20)) and writable

@@ -22,8 +22,8 @@ allocation of its pages, more than the copy (45 against 17 ms for 64 MiB
 there), and unmapping it frees them again. So from the second time a size
 is sent, its file is *kept* by the sender (:class:`_Pool`, at most
 ``ACTORLIB_SHM_POOL_BYTES``, 256 MiB, per process, and only while
-``/dev/shm`` has twice its size free) and written again once its receiver
-is done with it. No message says so; the file itself does::
+``/dev/shm`` keeps a quarter free, and as much as the file's size) and
+written again once its receiver is done with it. No message says so; the file itself does::
 
     WRITING --sent--> IN FLIGHT --claimed--> HELD --unmapped--> FREE --taken--> WRITING
       (sender: LOCK_EX, 0600)  (0600)   (receiver: LOCK_SH, 0400)  (0400)
@@ -107,18 +107,20 @@ def export(buffers: Sequence[Any]) -> tuple[list[Any], list[tuple[int, str, int,
 
 
 def _write_kept(view: memoryview) -> tuple[str, bool] | None:
-    kept = _pool.take(view.nbytes)
-    if kept is None:
-        return None
-    name, fd = kept
+    name = ""
     try:
+        kept = _pool.take(view.nbytes)
+        if kept is None:
+            return None
+        name, fd = kept
         _write_all(fd, view)
-    except BaseException as exc:
-        _pool.evict(name)
+        _pool.written(name)
+    except BaseException as exc:  # (an interrupt, too: not to stay locked and "being written" for good)
+        if name:
+            _pool.evict(name)
         if isinstance(exc, OSError):  # e.g. /dev/shm is full
             return None
         raise
-    _pool.written(name)
     return name, True
 
 
@@ -195,9 +197,10 @@ def _claim_one(item: Any, buffers: list[Any]) -> None:
             os.fchmod(fd, _GIVEN_UP)
         if size:
             mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
-        _let_go(path, kept)
+        if not isinstance(exc, BlockingIOError):  # (its sender writes it now: this message is not its last)
+            _let_go(path, kept)
         raise
     if not hold:
         os.close(fd)
@@ -257,16 +260,16 @@ class _Reaper:
                 except BufferError:
                     continue
                 released += 1
+                with self._lock:  # forgotten before its descriptor is closed (a fork in between must not close it again)
+                    self._maps = [m for m in self._maps if m[0] is not mapped]
+                    self.holding -= fd is not None
                 if fd is not None:
-                    with self._lock:
-                        self.holding -= 1
                     try:
                         os.close(fd)  # (and with it the shared lock)
                     except OSError:
                         pass
             with self._lock:
                 self.rounds += 1
-                self._maps = [(m, fd) for m, fd in self._maps if not m.closed]
                 if not self._maps:
                     self._thread = None
                     return
@@ -277,7 +280,8 @@ _reaper = _Reaper()
 
 
 def _reaper_forked() -> None:
-    _reaper._lock = threading.Lock()  # (another thread may have held it)
+    _reaper._lock = threading.Lock()  # (another thread may have held them)
+    _reaper._soon = threading.Event()
     _reaper._thread = None
 
 
@@ -349,7 +353,7 @@ class _Pool:
             return None
         held = sum(f.size for f in self._files.values())
         for old in list(self._files.values()):
-            if held + size <= self.limit and len(self._files) < self.MAX_FILES:
+            if held + size <= self.limit and len(self._files) < self.MAX_FILES and _room_for(size):
                 break
             if old.writing:
                 continue
@@ -364,7 +368,7 @@ class _Pool:
             else:
                 continue
             held -= old.size
-        if held + size > self.limit or len(self._files) >= self.MAX_FILES or not _room_for(2 * size):
+        if held + size > self.limit or len(self._files) >= self.MAX_FILES or not _room_for(size):
             return None
         name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
         try:
@@ -385,11 +389,11 @@ class _Pool:
         with self._lock:
             f = self._files.get(name)
             if f is not None:
-                f.writing = False
                 try:
                     fcntl.flock(f.fd, fcntl.LOCK_UN)
                 except OSError:
                     self._forget(f)  # (in flight now: not to be unlinked)
+                f.writing = False
 
     def evict(self, name: str) -> None:
         """Drop a file that was not written (nor sent)."""
@@ -431,12 +435,15 @@ class _Pool:
 
 
 def _room_for(nbytes: int) -> bool:
-    """Whether /dev/shm has ``nbytes`` free (a container's is often 64 MiB: kept files are not to fill it)."""
+    """Whether a file of ``nbytes`` would leave at least as much of /dev/shm free, and a quarter of it (a
+    container's is often 64 MiB: kept files are not to fill it). A tmpfs without a size has room."""
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:
         return False
-    return st.f_bavail * st.f_frsize >= nbytes
+    if st.f_blocks == 0:
+        return True
+    return st.f_bavail * st.f_frsize - nbytes >= max(nbytes, st.f_blocks * st.f_frsize // 4)
 
 
 class _Kept:
