@@ -377,6 +377,29 @@ def test_a_receiver_that_finds_a_kept_file_locked_leaves_it_alone(pool, reaper):
     assert (np.frombuffer(buffers[0], dtype=np.uint8) == 3).all()
 
 
+def test_kept_files_not_taken_for_a_while_go_and_so_does_the_thread_that_drops_them(monkeypatch, reaper):
+    """A sender that stopped sending a size lets go of its files (but one in flight); with none kept, the
+    thread ends."""
+    from .conftest import wait_for
+
+    idle = shm._Pool(shm.POOL_BYTES)
+    monkeypatch.setattr(shm, "_pool", idle)
+    monkeypatch.setattr(shm._Pool, "IDLE_S", 0.2)
+    try:
+        _send(0)
+        (_, flying, _, _) = shm.export([np.zeros(1 << 20, dtype=np.uint8)])[1][0]  # in flight (idle first)
+        (_, held, _, _), a = _send(1)  # claimed, and held by its receiver (a)
+        assert idle._janitor is not None and idle.held() == 2 << 20
+        wait_for(lambda: not os.path.exists(f"/dev/shm/{held}"), timeout=10, what="the idle file unlinked")
+        assert (a == 1).all() and os.path.exists(f"/dev/shm/{flying}")  # mapped still; one in flight stays
+        assert idle.held() == 1 << 20 and idle._janitor is not None
+        shm.discard([(0, flying, 1 << 20, True)])  # not sent after all: free, and then idle
+        wait_for(lambda: idle._janitor is None, timeout=10, what="the janitor to drop it and end")
+        assert not ours() and idle.held() == 0
+    finally:
+        idle.clear()
+
+
 _FORKED = """
 import os, sys
 import numpy as np

@@ -30,7 +30,7 @@ written again once its receiver is done with it. No message says so; the file it
     IN FLIGHT --not sent, or refused--> FREE
     IN FLIGHT --claimed by a receiver holding HOLD_MAX others--> GIVEN UP (0440)
     GIVEN UP --seen by its sender--> unlinked
-    FREE or HELD --evicted for room: unlinked--> gone with its last mapping
+    FREE or HELD --evicted for room, or not taken for IDLE_S: unlinked--> gone with its last mapping
     IN FLIGHT for STALE_S --evicted for room: forgotten, not unlinked--> removed by sweep() at exit
 
 The receiver of a kept file takes a shared ``flock`` on it before marking
@@ -42,8 +42,9 @@ gives it up marks it 0400 unlocked). A receiver that already holds
 ``HOLD_MAX`` such descriptors (an eighth of its limit on open files,
 between 16 and 256; each mapping costs one more) marks the file given up
 instead, never to be written again. A file the header names as kept is
-the sender's to remove. A sender's kept files stay while it lives (up to
-the pool's bound), and a forked child does not inherit them.
+the sender's to remove. A sender's kept files stay while it sends their
+sizes (a thread of the pool's drops those not taken for ``IDLE_S``, 30 s,
+and ends when none is kept), and a forked child does not inherit them.
 
 A file never claimed (its receiver died first) is removed by :func:`sweep`
 once its sender has exited: the node agent sweeps its workers, a driver its
@@ -309,6 +310,7 @@ class _Pool:
 
     RECENT = 8  # sizes remembered as sent lately
     MAX_FILES = 64
+    IDLE_S = 30.0  # a file not taken this long goes (but one in flight): a sender that stopped lets go of its memory
     # A file in flight this long is forgotten, not unlinked (its receiver may claim it yet; sweep() removes it
     # once this process exits): its receiver most likely died first.
     STALE_S = 300.0
@@ -318,6 +320,8 @@ class _Pool:
         self._lock = threading.Lock()
         self._files: OrderedDict[str, _Kept] = OrderedDict()  # least recently taken first
         self._sizes: OrderedDict[int, None] = OrderedDict()
+        self._janitor: threading.Thread | None = None  # drops idle files; runs while any is kept
+        self._wake = threading.Event()  # (set by clear(): the janitor looks at once)
 
     def take(self, size: int) -> tuple[str, int] | None:
         with self._lock:
@@ -382,7 +386,29 @@ class _Pool:
         except OSError:
             self._drop(f)
             return None
+        if self._janitor is None:
+            self._janitor = threading.Thread(target=self._drop_idle, name="actorlib-shm-pool", daemon=True)
+            self._janitor.start()
         return f
+
+    def _drop_idle(self) -> None:
+        while True:
+            self._wake.wait(self.IDLE_S / 2)
+            with self._lock:
+                self._wake.clear()
+                now = time.monotonic()
+                for f in list(self._files.values()):
+                    if f.writing or now - f.taken < self.IDLE_S:
+                        continue
+                    try:
+                        in_flight = os.fstat(f.fd).st_mode & 0o777 == 0o600
+                    except OSError:
+                        in_flight = False
+                    if not in_flight:  # (one its receiver still maps keeps its pages until unmapped)
+                        self._drop(f)
+                if not self._files:
+                    self._janitor = None
+                    return
 
     def written(self, name: str) -> None:
         """Its bytes are written: unlocked, for the receiver to take."""
@@ -409,10 +435,13 @@ class _Pool:
             for f in list(self._files.values()):
                 if not f.writing:
                     self._drop(f)
+        self._wake.set()
 
     def forked(self) -> None:
         """In a forked child: the parent's files are the parent's (closed here, not unlinked)."""
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._janitor = None
         for f in list(self._files.values()):
             self._forget(f)
         self._sizes.clear()
