@@ -378,8 +378,8 @@ def test_a_receiver_that_finds_a_kept_file_locked_leaves_it_alone(pool, reaper):
 
 
 def test_kept_files_not_taken_for_a_while_go_and_so_does_the_thread_that_drops_them(monkeypatch, reaper):
-    """A sender that stopped sending a size lets go of its files (but one in flight); with none kept, the
-    thread ends."""
+    """A sender that stopped sending a size lets go of its files (one in flight only once stale, and without
+    unlinking it); with none kept, the thread ends."""
     from .conftest import wait_for
 
     idle = shm._Pool(shm.POOL_BYTES)
@@ -393,9 +393,11 @@ def test_kept_files_not_taken_for_a_while_go_and_so_does_the_thread_that_drops_t
         wait_for(lambda: not os.path.exists(f"/dev/shm/{held}"), timeout=10, what="the idle file unlinked")
         assert (a == 1).all() and os.path.exists(f"/dev/shm/{flying}")  # mapped still; one in flight stays
         assert idle.held() == 1 << 20 and idle._janitor is not None
-        shm.discard([(0, flying, 1 << 20, True)])  # not sent after all: free, and then idle
-        wait_for(lambda: idle._janitor is None, timeout=10, what="the janitor to drop it and end")
-        assert not ours() and idle.held() == 0
+        monkeypatch.setattr(shm._Pool, "STALE_S", 0.5)  # (its receiver died before claiming it)
+        wait_for(lambda: idle._janitor is None, timeout=10, what="the janitor to forget it and end")
+        assert os.path.exists(f"/dev/shm/{flying}") and idle.held() == 0  # forgotten, not unlinked
+        os.unlink(f"/dev/shm/{flying}")  # (sweep() would, once this process exited)
+        assert not ours()
     finally:
         idle.clear()
 

@@ -31,7 +31,7 @@ written again once its receiver is done with it. No message says so; the file it
     IN FLIGHT --claimed by a receiver holding HOLD_MAX others--> GIVEN UP (0440)
     GIVEN UP --seen by its sender--> unlinked
     FREE or HELD --evicted for room, or not taken for IDLE_S: unlinked--> gone with its last mapping
-    IN FLIGHT for STALE_S --evicted for room: forgotten, not unlinked--> removed by sweep() at exit
+    IN FLIGHT for STALE_S --evicted for room, or idle: forgotten, not unlinked--> removed by sweep() at exit
 
 The receiver of a kept file takes a shared ``flock`` on it before marking
 it claimed (mode 0400), keeps that descriptor while it maps the file, and
@@ -408,6 +408,8 @@ class _Pool:
                         in_flight = False
                     if not in_flight:  # (one its receiver still maps keeps its pages until unmapped)
                         self._drop(f)
+                    elif now - f.taken > self.STALE_S:
+                        self._forget(f)
                 if not self._files:
                     self._janitor = None
                     return
