@@ -358,22 +358,12 @@ class _Pool:
         if not seen or not 0 < size <= self.limit:
             return None
         held = sum(f.size for f in self._files.values())
+        now = time.monotonic()
         for old in list(self._files.values()):
             if held + size <= self.limit and len(self._files) < self.MAX_FILES and _room_for(size):
                 break
-            if old.writing:
-                continue
-            try:
-                in_flight = os.fstat(old.fd).st_mode & 0o777 == 0o600
-            except OSError:
-                in_flight = False
-            if not in_flight:
-                self._drop(old)
-            elif time.monotonic() - old.taken > self.STALE_S:
-                self._forget(old)
-            else:
-                continue
-            held -= old.size
+            if not old.writing and self._evict(old, now):
+                held -= old.size
         if held + size > self.limit or len(self._files) >= self.MAX_FILES or not _room_for(size):
             return None
         name = f"actorlib-{os.getpid()}-{secrets.token_hex(8)}"
@@ -400,19 +390,26 @@ class _Pool:
                 self._wake.clear()
                 now = time.monotonic()
                 for f in list(self._files.values()):
-                    if f.writing or now - f.taken < self.IDLE_S:
-                        continue
-                    try:
-                        in_flight = os.fstat(f.fd).st_mode & 0o777 == 0o600
-                    except OSError:
-                        in_flight = False
-                    if not in_flight:  # (one its receiver still maps keeps its pages until unmapped)
-                        self._drop(f)
-                    elif now - f.taken > self.STALE_S:
-                        self._forget(f)
+                    if not f.writing and now - f.taken >= self.IDLE_S:
+                        self._evict(f, now)
                 if not self._files:
                     self._janitor = None
                     return
+
+    def _evict(self, f: _Kept, now: float) -> bool:
+        """Drop a file that is not in flight (one its receiver still maps keeps its pages until unmapped);
+        forget one in flight past ``STALE_S``. Whether it went."""
+        try:
+            in_flight = os.fstat(f.fd).st_mode & 0o777 == 0o600
+        except OSError:
+            in_flight = False
+        if not in_flight:
+            self._drop(f)
+        elif now - f.taken > self.STALE_S:
+            self._forget(f)
+        else:
+            return False
+        return True
 
     def written(self, name: str) -> None:
         """Its bytes are written: unlocked, for the receiver to take."""
