@@ -404,13 +404,18 @@ class RawGloo:
 def w7(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
     """64 MiB float32 tensor actor A -> actor B in a compiled graph (gloo), and raw gloo, in one run.
 
-    Both are timed the same way, round by round, interleaved: one transfer and
-    a small answer back (actorlib: one execution, B's answer reaching the
-    driver; raw: send, then a 4-byte ack). The ratio is of the medians.
+    Both are timed the same way, round by round, interleaved (``w7_pairs``
+    pairs): one transfer and a small answer back (actorlib: one execution, B's
+    answer reaching the driver; raw: send, then a 4-byte ack). The ratio is of
+    the medians. A single round here varies by a factor of two with the
+    machine's memory bandwidth (deciles 22-46 ms), so the pairs are many:
+    with 15 the ratio moved by 0.15 from one run to the next.
+    ``overhead_ms`` is the median of each pair's difference: what an
+    execution costs beyond the transfer, whatever the bandwidth did.
     ``gib_per_s_pipelined`` keeps several executions in flight (after a
     pipelined warm-up, so the receiver's buffers exist).
     """
-    nbytes, rounds = size["w7_bytes"], size["w7_rounds"]
+    nbytes, rounds, pairs = size["w7_bytes"], size["w7_rounds"], size["w7_pairs"]
     raw = RawGloo(nbytes)
     a, b = Stage.remote(), Stage.remote()
     with InputNode() as inp:
@@ -420,7 +425,7 @@ def w7(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
         raw.round()  # warm-ups
         assert actorlib.get(compiled.execute(nbytes), timeout=120) == nbytes // 4
         ours, theirs = [], []
-        for _ in range(3 * rounds):  # more rounds than the floor's: these medians are compared with each other
+        for _ in range(pairs):  # more rounds than the floor's: these medians are compared with each other
             theirs.append(raw.round())
             t0 = time.perf_counter()
             actorlib.get(compiled.execute(nbytes), timeout=120)
@@ -442,6 +447,7 @@ def w7(actor: Any, size: dict[str, int]) -> list[dict[str, Any]]:
         record("W7", "gib_per_s_pipelined", gib / pipelined, "GiB/s"),
         record("W7", "raw_gloo_gib_per_s", raw_rate, "GiB/s"),
         record("W7", "ratio_to_raw", mine / raw_rate, "x"),
+        record("W7", "overhead_ms", statistics.median(o - t for o, t in zip(ours, theirs, strict=True)) * 1e3, "ms"),
     ]
 
 
@@ -527,6 +533,7 @@ FULL = {
     "pg_rounds": 2000,
     "w7_bytes": 64 << 20,
     "w7_rounds": 5,
+    "w7_pairs": 80,
     "dag_rounds": 1000,
 }
 TINY = {
@@ -543,6 +550,7 @@ TINY = {
     "pg_rounds": 20,
     "w7_bytes": 1 << 20,
     "w7_rounds": 1,
+    "w7_pairs": 3,
     "dag_rounds": 20,
 }
 

@@ -925,6 +925,7 @@ def test_benchmark_workloads_run(tmp_path):
         ("W7", "gib_per_s_pipelined"),
         ("W7", "raw_gloo_gib_per_s"),
         ("W7", "ratio_to_raw"),
+        ("W7", "overhead_ms"),
         ("DAG", "p50_us"),
         ("DAG", "p99_us"),
         ("DAG", "w1_p50_us_interleaved"),
