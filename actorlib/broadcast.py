@@ -42,7 +42,8 @@ call run twice)::
     slot + 16   length       caller: of the encoded message
     slot + 24   kind         caller: CALL (a group's) or EVENT (a graph's execution)
     slot + 32   reply_taken  caller: the reply_seq it has taken
-    slot + 64   awake        worker: 1 while it will look at the slot before it sleeps
+    slot + 64   awake        worker: 1 while it will look at the slot before it sleeps; 2 while it sleeps
+                             and its bell wakes it; 0 otherwise (asleep, or the slot is not its any more)
     slot + 72   taken        worker: the seq it has taken
     slot + 128  reply_seq    worker: odd while it writes an answer, even once it is in place
     slot + 136  reply req_id, kind, length
@@ -52,21 +53,30 @@ The worker's side, a small state machine per slot:
 
 - AWAKE (``awake`` = 1): the sync thread runs calls or polls; it looks at the
   slot before each call it takes from elsewhere and between polls.
-- going to sleep: it writes ``awake`` = 0, fences, and looks at the slot once
-  more (a message written meanwhile is taken: back to AWAKE); else it sleeps
-  on its sockets and eventfd.
+- going to sleep (ASLEEP): it writes ``awake`` = 2 (0 if it has no bell),
+  fences, and looks at the slot once more (a message written meanwhile is
+  taken: back to AWAKE); else it sleeps on its sockets, its eventfd and its
+  bell.
 - woken by anything: ``awake`` = 1 again.
+- a slot it drops (replaced, its caller gone, its graph torn down): 0 for good.
 
-The caller writes a slot only if its worker is AWAKE and has taken what was
-written last (``taken`` = its ``seq``); for a group's call, only if every
-target is so, and the connection to each has nothing of this process on its
-way to the actor (sent and unanswered, queued, handed to the loop), so the
-call cannot overtake an earlier one; else the message goes over ZeroMQ.
-After writing, it fences and reads ``awake`` again: a worker that fell
-asleep meanwhile (and may have missed the slot) is poked, with a reserved
-call that wakes its sync thread. The two fences make the pair of "write,
-then read the other's flag" safe (Dekker's pattern): at least one of the two
-sees the other's write.
+The bell is a datagram socket of the worker's in the abstract namespace
+(``\0actorlib-bell-<random>``; one per worker, its name in the answer to the
+offer of a slot): one byte sent there wakes the sync thread itself, where a
+message over ZeroMQ wakes the caller's I/O thread, then the worker's, then the
+thread that reads it, and a reserved call the worker's event loop too.
+
+The caller writes a slot only if its worker has taken what was written last
+(``taken`` = its ``seq``) and is AWAKE, or ASLEEP with a bell the caller can
+ring; for a group's call, only if every target is so, and the connection to
+each has nothing of this process on its way to the actor (sent and
+unanswered, queued, handed to the loop), so the call cannot overtake an
+earlier one; else the message goes over ZeroMQ. After writing, it fences and
+reads ``awake`` again: a worker asleep (and which may have missed the slot)
+is woken by its bell, or, if it has none (or the byte could not be sent), by
+a reserved call that wakes its sync thread. The two fences make the pair of
+"write, then read the other's flag" safe (Dekker's pattern): at least one of
+the two sees the other's write.
 
 Answers: the worker writes one into its slot only if the caller has taken
 the last (``reply_taken``) and ``reading`` is set (it waits up to 100 µs for
@@ -93,6 +103,7 @@ import mmap
 import os
 import platform
 import secrets
+import socket
 import threading
 import time
 import weakref
@@ -108,7 +119,23 @@ if TYPE_CHECKING:
     from .runtime import Runtime
     from .worker import ActorHost
 
-__all__ = ["BODY_MAX", "CONTROL", "ENABLED", "MAX_DIRECT_SLOTS", "Broadcast", "make", "ReplyWatch", "Slot", "Slots", "poke", "reserved_method"]
+__all__ = [
+    "BELL_PREFIX",
+    "BODY_MAX",
+    "CONTROL",
+    "ENABLED",
+    "MAX_DIRECT_SLOTS",
+    "Broadcast",
+    "drain_bell",
+    "make",
+    "make_bell",
+    "ReplyWatch",
+    "ring_bell",
+    "Slot",
+    "Slots",
+    "poke",
+    "reserved_method",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +153,8 @@ _READING = 48  # in the header
 _HEADER = 64
 _SEQ, _REQ, _LENGTH, _KIND, _REPLY_TAKEN = 0, 8, 16, 24, 32  # written by the caller
 _AWAKE, _TAKEN = 64, 72  # by the worker
+_AWAKE_YES, _AWAKE_BELL = 1, 2  # awake; asleep, woken by its bell (0: neither)
+BELL_PREFIX = "\0actorlib-bell-"
 _REPLY_SEQ, _REPLY_REQ, _REPLY_KIND, _REPLY_LENGTH = 128, 136, 144, 152  # by the worker
 _BODY = 192
 _REPLY_BODY = _BODY + BODY_MAX
@@ -196,6 +225,8 @@ class Broadcast:
         self._readers = 0  # threads of ours polling the answers' slots (see ReplyWatch)
         self._mm = mm
         self._w: memoryview | None = _words(mm)
+        self._bells: list[str | None] = [None] * workers  # each worker's bell (see the module), if it has one
+        self._bell_sock: socket.socket | None = None  # what rings them (made with the first)
 
     async def offer(
         self, rt: Runtime, actors: Sequence[tuple[str, str, int]], timeout: float, graph: str | None = None, direct: bool = False
@@ -215,12 +246,28 @@ class Broadcast:
         for (_, _, i), ref, yes in zip(actors, refs, attached, strict=True):
             source = getattr(ref, "_source", None)
             if yes and source is not None:
-                self.attached(i, source[0][0])
+                self.attached(i, source[0][0], yes)
         return any(e is not None for e in self._endpoints)
 
-    def attached(self, index: int, endpoint: Any) -> None:
-        """Worker ``index`` has mapped its slot; its answers come on ``endpoint`` (the connection at that time)."""
+    def attached(self, index: int, endpoint: Any, bell: Any = None) -> None:
+        """Worker ``index`` has mapped its slot; its answers come on ``endpoint`` (the connection at that time).
+        ``bell``: what its answer to the offer named (a bell's name, or True: none)."""
         self._endpoints[index] = endpoint
+        self.set_bell(index, bell)
+
+    def set_bell(self, index: int, name: Any) -> None:
+        """Worker ``index`` may sleep with its slot taken: ``name``, its bell (see the module), wakes it. Anything
+        but a bell's name is ignored (the worker then keeps its slot only while it is awake)."""
+        if not isinstance(name, str) or not name.startswith(BELL_PREFIX) or len(name) > 100:
+            return
+        with self.lock:
+            if self._bell_sock is None:
+                try:
+                    self._bell_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                except OSError as exc:
+                    log.debug("no bells: %s", exc)
+                    return
+            self._bells[index] = name
 
     def is_attached(self, index: int) -> bool:
         return self._endpoints[index] is not None
@@ -237,6 +284,10 @@ class Broadcast:
         with self.lock, self._readers_lock:
             w, self._w = self._w, None
             self._endpoints = [None] * len(self._endpoints)
+            bell_sock, self._bell_sock = self._bell_sock, None
+            self._bells = [None] * len(self._bells)
+        if bell_sock is not None:
+            bell_sock.close()
         if w is not None:
             w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
             self._mm.close()  # (and with it our lock on the file: the workers may drop their slots)
@@ -269,7 +320,7 @@ class Broadcast:
                 self._write(w, i, Kind.CALL, req_id, body)
                 registered.pop()
             fence()
-            sleepy = [c for c, i in zip(conns, slots, strict=True) if not self._awake(w, i)]
+            sleepy = [c for c, i in zip(conns, slots, strict=True) if not self._rouse(w, i)]
             self.sent += 1
         finally:
             for conn, req_id in registered:  # (Ctrl-C) registered, never written: nobody would answer it
@@ -277,7 +328,7 @@ class Broadcast:
             for conn in locked:
                 conn.lock.release()
             self.lock.release()
-        for conn in sleepy:  # it fell asleep after we looked, and may not have seen its slot: wake it
+        for conn in sleepy:  # asleep, with no bell to ring: it may not have seen its slot
             poke(conn.rt, conn.actor_id, conn.class_name)
         return True
 
@@ -293,7 +344,7 @@ class Broadcast:
                 return False
             self._write(w, index, Kind.EVENT, 0, body)
             fence()
-            sleepy = not self._awake(w, index)
+            sleepy = not self._rouse(w, index)
             self.sent += 1
         if sleepy:
             wake()
@@ -308,7 +359,7 @@ class Broadcast:
             attach = ("attach", self.path, self.token)
             _, read = await _ask(rt, [(b, b_cls, (*attach, i, graph, False, a)) for i, ((a, _), (b, b_cls)) in enumerate(edges)], timeout)
             write = ("write", self.path, self.token)
-            writers = [(a, a_cls, (*write, i, graph, b)) for i, ((a, a_cls), (b, _)) in enumerate(edges) if read[i]]
+            writers = [(a, a_cls, (*write, i, graph, b, read[i])) for i, ((a, a_cls), (b, _)) in enumerate(edges) if read[i]]
             taken = sum(bool(x) for x in (await _ask(rt, writers, timeout))[1])
         except Exception as exc:  # (a stage that took its slot and has no writer only looks at it in vain)
             log.debug("stages of graph %s go without shared-memory slots between them: %s", graph[:8], exc)
@@ -331,8 +382,23 @@ class Broadcast:
         return self
 
     def _ready_for(self, w: memoryview, index: int) -> bool:
-        """The worker is awake and has taken what was written last."""
-        return self._awake(w, index) and w[(_HEADER + index * _SLOT + _TAKEN) >> 3] == self._seq[index]
+        """The worker has taken what was written last, and is awake, or asleep with a bell we can ring."""
+        if w[(_HEADER + index * _SLOT + _TAKEN) >> 3] != self._seq[index]:
+            return False
+        return self._awake(w, index) or (self._bells[index] is not None and self._asleep_with_bell(w, index))
+
+    def _rouse(self, w: memoryview, index: int) -> bool:
+        """After writing worker ``index``'s slot (and a fence): True if it will look at it, awake or woken by its
+        bell now; False if it must be poked (under ``lock``, which close() takes to close the bells' socket)."""
+        if self._awake(w, index):
+            return True
+        name, sock = self._bells[index], self._bell_sock
+        if name is None or sock is None or not self._asleep_with_bell(w, index):
+            return False
+        if ring_bell(sock, name):
+            return True
+        self._bells[index] = None  # gone, or out of reach (another network namespace): written while awake only
+        return False
 
     def _write(self, w: memoryview, index: int, kind: Kind, req_id: int, body: bytes) -> None:
         base = _HEADER + index * _SLOT
@@ -398,7 +464,48 @@ class Broadcast:
 
     @staticmethod
     def _awake(w: memoryview, index: int) -> bool:
-        return bool(w[(_HEADER + index * _SLOT + _AWAKE) >> 3])
+        return w[(_HEADER + index * _SLOT + _AWAKE) >> 3] == _AWAKE_YES
+
+    @staticmethod
+    def _asleep_with_bell(w: memoryview, index: int) -> bool:
+        return w[(_HEADER + index * _SLOT + _AWAKE) >> 3] == _AWAKE_BELL
+
+
+def make_bell() -> socket.socket | None:
+    """A worker's bell (see the module): a datagram socket bound to a random name in the abstract namespace,
+    or None where there is none to be had (then its slots are written only while it is awake)."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    except OSError as exc:
+        log.debug("no bell: %s", exc)
+        return None
+    try:
+        sock.bind(BELL_PREFIX + secrets.token_hex(16))
+    except OSError as exc:
+        sock.close()
+        log.debug("no bell: %s", exc)
+        return None
+    return sock
+
+
+def ring_bell(sock: socket.socket, name: str) -> bool:
+    """Send one byte to the bell ``name``; False if it is gone (its worker died) or cannot be reached."""
+    try:
+        sock.sendto(b"\0", name)
+    except BlockingIOError:
+        return True  # bytes are waiting there already: it is being woken
+    except OSError:
+        return False
+    return True
+
+
+def drain_bell(sock: socket.socket) -> None:
+    """Take every byte sent to this bell (the worker's sync thread, woken by it)."""
+    try:
+        while sock.recv(64):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 class Slot:
@@ -489,7 +596,12 @@ class Slot:
         return False
 
     def awake(self, on: bool) -> None:
-        self._w[self._k + (_AWAKE >> 3)] = 1 if on else 0
+        """Awake (the sync thread looks at the slot before it sleeps), or the slot is dropped: written no more."""
+        self._w[self._k + (_AWAKE >> 3)] = _AWAKE_YES if on else 0
+
+    def sleep(self, bell: bool) -> None:
+        """The sync thread is about to sleep: the caller may still write the slot, and ring the ``bell``."""
+        self._w[self._k + (_AWAKE >> 3)] = _AWAKE_BELL if bell else 0
 
     def caller_gone(self) -> bool:
         """The caller closed the file, or exited: it holds a shared lock on it until then (see Broadcast).
@@ -511,6 +623,7 @@ class Slots:
     def __init__(self) -> None:
         self.all: list[Slot] = []
         self.waits = Recent(slots=True)  # how long the sync thread's waits for them took (see actorlib.spin)
+        self.bell = False  # the sync thread sleeps with a bell: callers may write the slots meanwhile
 
     def ready(self) -> bool:
         return any(slot.ready() for slot in self.all)
@@ -522,7 +635,7 @@ class Slots:
     def asleep_unless_ready(self) -> bool:
         """About to sleep: say so, then look once more. True: asleep; False: something came, awake again."""
         for slot in self.all:
-            slot.awake(False)
+            slot.sleep(self.bell)
         fence()
         if self.ready():
             self.awake()
@@ -604,13 +717,15 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
                 raise TypeError(f"a graph's id and an actor's are str, not {type(graph).__name__}, {type(source).__name__}")
             return host.attach_slot(_map(path, token, index), index, key[0], graph, bool(direct), source)
         if op == "write":
-            path, token, index, graph, peer = args
+            path, token, index, graph, peer, *bell = args  # (bell: the receiver's answer to its offer)
             from . import dag_worker
 
             runtime = dag_worker.graph_runtime(graph) if isinstance(graph, str) else None
             writer = Broadcast.adopt(path, token, index) if runtime is not None and peer in runtime.peers else None
             if runtime is None or writer is None:
                 return False
+            if bell:
+                writer.set_bell(index, bell[0])
             runtime.link_slots[peer] = (writer, index)
             return True
         raise ValueError(f"unknown broadcast operation {op!r}")

@@ -28,6 +28,7 @@ import mmap
 import os
 import pickle
 import queue
+import socket
 import sys
 import threading
 import time
@@ -237,6 +238,7 @@ class ActorHost:
         self._refused = False  # _take_call left a message to the loop
         self._polling = False  # the sync thread may be waiting in its poller: post_sync must wake it
         self._wake = -1  # an eventfd, made when the first socket is watched
+        self._bell: socket.socket | None = None  # callers of a slot wake the sleeping sync thread here (actorlib.broadcast)
         self._inbox_waits = Recent()  # how long the waits that ended with a graph's message took (see actorlib.spin)
         self._after_inbox = False  # the last wake-up ran a graph's messages: the next wait may poll first
         self._calls_fd = -1  # the actor's socket, while the sync thread reads it too (watch_calls)
@@ -358,6 +360,9 @@ class ActorHost:
                 if sock == self._calls_fd:
                     self._read_calls()
                     continue
+                if self._bell is not None and sock == self._bell.fileno():
+                    broadcast.drain_bell(self._bell)  # a caller wrote a slot of ours while we slept
+                    continue
                 if sock != self._wake:  # a closed socket shows up as fd 0
                     self._drop_closed("a watched socket shows up as fd 0")
                     return
@@ -402,14 +407,17 @@ class ActorHost:
                 return False  # its events are the loop's to take (the mapping goes with the slot)
             if source is None:
                 runtime.slot = slot  # (its outputs go back to the driver through it)
+        if self._bell is None:
+            self._bell = broadcast.make_bell()  # (read by the sync thread once _attach_slot has run)
         self.post_sync(functools.partial(self._attach_slot, slot))
-        return True
+        return self._bell.getsockname().decode() if self._bell is not None else True  # the caller rings it (see Broadcast)
 
     def _attach_slot(self, slot: Slot) -> None:
         if self._wake < 0:
             self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         if self._slots is None:
             self._slots = Slots()
+        self._slots.bell = self._bell is not None
         kept = []
         for s in self._slots.all:
             if s.owner == slot.owner or (s.direct and s.caller_gone()):  # (one group's at a time)
@@ -426,6 +434,9 @@ class ActorHost:
     def detach_slot(self, graph: str) -> None:
         """A compiled graph's slot goes with the graph (sync thread)."""
         if self._slots is not None:
+            for s in self._slots.all:
+                if s.graph == graph:
+                    s.awake(False)  # written no more, even with a bell
             self._slots.all = [s for s in self._slots.all if s.graph != graph]
 
     def _slot_job(self, calls_only: bool = False) -> Callable[[], None] | None:
@@ -566,6 +577,8 @@ class ActorHost:
     def _poller_over(self, sockets: Iterable[zmq.Socket | int]) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self._wake, zmq.POLLIN)
+        if self._bell is not None and self._slots is not None:
+            poller.register(self._bell.fileno(), zmq.POLLIN)
         for sock in sockets:
             poller.register(sock, zmq.POLLIN)
         return poller

@@ -1,5 +1,6 @@
 """A worker group's calls through shared-memory slots (actorlib.broadcast): the same answers, order and
-failures as over ZeroMQ, a sleeping worker poked, a call still in its slot cancelled, no CPU when idle."""
+failures as over ZeroMQ, a sleeping worker woken by its bell or poked, a call still in its slot cancelled,
+no CPU when idle."""
 
 import asyncio
 import os
@@ -178,16 +179,75 @@ def test_an_error_and_a_death_through_the_slots(group, monkeypatch):
     wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), what="the workers gone")
 
 
-def test_a_worker_fallen_asleep_meanwhile_is_poked(group, monkeypatch):
-    """The caller saw the workers awake, then they slept before it wrote: the reserved poke wakes them."""
+def _count_pokes(monkeypatch):
+    pokes = []
+    poke = broadcast.poke
+    monkeypatch.setattr(broadcast, "poke", lambda rt, aid, cls: (pokes.append(aid), poke(rt, aid, cls)))
+    return pokes
+
+
+def test_workers_asleep_are_written_and_woken_by_their_bells(group, monkeypatch):
+    """Workers asleep on a bell take the group's call through their slots: one byte each wakes them, no poke."""
     warm(group)
     slots = group._broadcast
     mm = slots._w
+    assert all(slots._bells), slots._bells
+    pokes = _count_pokes(monkeypatch)
+    for round_ in range(3):
+        wait_for(lambda: all(slots._asleep_with_bell(mm, i) for i in range(3)), what="the workers asleep")
+        sent = slots.sent
+        assert actorlib.get(group.run_all_workers_single_data("log", ("rung", round_)), timeout=30) == [0, 1, 2]
+        assert slots.sent == sent + 1
+    assert pokes == []
+    assert all(("rung", r) in seen for seen in actorlib.get([w.seen_items.remote() for w in group.workers]) for r in range(3))
+    pids = actorlib.get(group.run_all_workers_single_data("pid"), timeout=30)
+    wait_for(lambda: all(slots._asleep_with_bell(mm, i) for i in range(3)), what="the workers asleep")
+    before = [cpu_seconds(p) for p in pids]
+    time.sleep(1.0)  # the measured idle window: a bell rung and never emptied would keep them polling
+    used = [round(cpu_seconds(p) - b, 3) for p, b in zip(pids, before, strict=True)]
+    assert all(u < 0.2 for u in used), f"CPU seconds used by the workers in 1 s idle: {used}"
+
+
+def test_a_worker_fallen_asleep_meanwhile_is_poked(group, monkeypatch):
+    """The caller saw the workers awake, then they slept before it wrote, and it has no bells to ring (another
+    machine's abstract namespace ...): the reserved poke wakes them. Without the lie it does not write at all."""
+    warm(group)
+    slots = group._broadcast
+    mm = slots._w
+    monkeypatch.setattr(slots, "_bells", [None] * 3)
+    pokes = _count_pokes(monkeypatch)
+    wait_for(lambda: not any(slots._awake(mm, i) for i in range(3)), what="the workers asleep")
+    sent = slots.sent
+    assert actorlib.get(group.run_all_workers_single_data("log", "by zmq"), timeout=30) == [0, 1, 2]
+    assert slots.sent == sent and pokes == []
     wait_for(lambda: not any(slots._awake(mm, i) for i in range(3)), what="the workers asleep")
     _first_looks_awake(monkeypatch, slots, 3)
-    sent = slots.sent
     assert actorlib.get(group.run_all_workers_single_data("log", "poked"), timeout=30) == [0, 1, 2]
     assert slots.sent == sent + 1
+    assert sorted(pokes) == sorted(w._actor_id for w in group.workers)
+
+
+def test_a_bell_that_is_gone_says_so():
+    bell = broadcast.make_bell()
+    assert bell is not None
+    name = bell.getsockname().decode()
+    caller = broadcast.Broadcast(1)
+    try:
+        caller.unlink()
+        caller.set_bell(0, "not a bell")  # anything but a bell's name is ignored
+        assert caller._bells == [None]
+        caller.set_bell(0, name)
+        assert caller._bells == [name] and caller._bell_sock is not None
+        for _ in range(3):
+            assert broadcast.ring_bell(caller._bell_sock, name)
+        broadcast.drain_bell(bell)
+        with pytest.raises(BlockingIOError):
+            bell.recv(64)
+        bell.close()
+        assert not broadcast.ring_bell(caller._bell_sock, name)  # its worker died: the caller pokes instead
+    finally:
+        caller.close()
+    assert caller._bell_sock is None
 
 
 def test_a_call_still_in_its_slot_is_cancelled(group, monkeypatch, tmp_path):
@@ -388,6 +448,16 @@ def test_a_compiled_graph_goes_through_the_slots_pipelined_and_poked(al, monkeyp
         assert slots.sent > 0 and slots.replied > 0, (slots.sent, slots.replied)
 
         index = compiled._link_slots[0][0]
+        (gid,) = actorlib.get(a.graph_stats.remote(), timeout=30)
+        handed_on = sum(actorlib.get(a.graph_stats.remote(), timeout=30)[gid]["through_slots"].values())
+        for _ in range(3):  # both stages asleep: the execution goes in, and on to b, through their slots and bells
+            wait_for(lambda: slots._asleep_with_bell(slots._w, index), what="the input stage asleep")
+            sent = slots.sent
+            assert actorlib.get(compiled.execute(torch.tensor([5.0])), timeout=30).item() == 7.0
+            assert slots.sent == sent + 1
+        assert sum(actorlib.get(a.graph_stats.remote(), timeout=30)[gid]["through_slots"].values()) == handed_on + 3
+
+        monkeypatch.setattr(slots, "_bells", [None] * len(slots._bells))  # no bell: a stage asleep is poked
         wait_for(lambda: not slots._awake(slots._w, index), what="the input stage asleep")
         _first_looks_awake(monkeypatch, slots, 1)
         sent = slots.sent
@@ -622,7 +692,7 @@ def test_a_worker_keeps_a_bounded_number_of_callers_slots_and_drops_those_of_cal
 
     from actorlib.worker import ActorHost
 
-    host = types.SimpleNamespace(_wake=-1, _slots=None, _remake_poller=lambda: None)
+    host = types.SimpleNamespace(_wake=-1, _bell=None, _slots=None, _remake_poller=lambda: None)
     callers, slots = [], []
     try:
         for n in range(broadcast.MAX_DIRECT_SLOTS + 1):
