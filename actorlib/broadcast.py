@@ -80,13 +80,18 @@ the two sees the other's write.
 
 Answers: the worker writes one into its slot only if the caller has taken
 the last (``reply_taken``) and ``reading`` is set (it waits up to 100 µs for
-that: the caller is usually still writing the other workers' slots); then
-it fences and reads ``reading`` again, and if the caller stopped meanwhile
-it sends the answer over ZeroMQ as well: the second copy of a call's answer
+that: the caller is usually still writing the other workers' slots), or
+``sleeping`` is and the caller told it its bell (the answers' bell, one per
+file: a thread of the caller that stopped polling sleeps on it); then it
+fences and reads ``reading`` again: if it is not set but ``sleeping`` is, it
+rings the caller's bell; if neither (the caller stopped meanwhile) it sends
+the answer over ZeroMQ as well: the second copy of a call's answer
 finds no call waiting and is dropped; a graph's outputs, which all come on
 one open call, are counted by output (``dag_compiled._Pending.arrived``). A polling thread that stops clears its share of
 ``reading``, fences, and takes what was written meanwhile, for whichever
-thread's call it answers.
+thread's call it answers; one that goes to sleep on the answers' bell takes a
+share of ``sleeping`` first, and gives it back the same way when it wakes for
+good.
 
 The fence is an atomic instruction (a lock's acquire), which orders stores
 before later loads on x86-64; the path is off on other machines, whose
@@ -127,6 +132,7 @@ __all__ = [
     "MAX_DIRECT_SLOTS",
     "Broadcast",
     "drain_bell",
+    "is_bell",
     "make",
     "make_bell",
     "ReplyWatch",
@@ -150,6 +156,7 @@ BODY_MAX = 64 << 10
 MAX_DIRECT_SLOTS = 16  # callers' own slots a worker looks at; later callers' calls go over ZeroMQ
 _MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
 _READING = 48  # in the header
+_SLEEPING = 56  # and this: a thread of the caller sleeps on the answers' bell
 _HEADER = 64
 _SEQ, _REQ, _LENGTH, _KIND, _REPLY_TAKEN = 0, 8, 16, 24, 32  # written by the caller
 _AWAKE, _TAKEN = 64, 72  # by the worker
@@ -223,6 +230,8 @@ class Broadcast:
         self.replied = 0  # answers that came back through them
         self._replied = [0] * workers  # the last answer taken from each slot (its reply seq)
         self._readers = 0  # threads of ours polling the answers' slots (see ReplyWatch)
+        self._sleepers = 0  # threads of ours asleep on the answers' bell
+        self.answer_bell: socket.socket | None = None  # rung by a worker that wrote an answer while they sleep
         self._mm = mm
         self._w: memoryview | None = _words(mm)
         self._bells: list[str | None] = [None] * workers  # each worker's bell (see the module), if it has one
@@ -235,9 +244,12 @@ class Broadcast:
         process's ``direct`` calls to it (one actor), else for a worker group's calls. The file's name goes
         after. True if any took it; False (and then nothing to undo) if none did or something failed (an actor
         died meanwhile ...): their messages go by ZeroMQ."""
+        if self.answer_bell is None:
+            self.answer_bell = make_bell()
+        bell = self.answer_bell.getsockname().decode() if self.answer_bell is not None else None
         try:
             attach = ("attach", self.path, self.token)
-            refs, attached = await _ask(rt, [(aid, cls, (*attach, i, graph, direct, None)) for aid, cls, i in actors], timeout)
+            refs, attached = await _ask(rt, [(aid, cls, (*attach, i, graph, direct, None, bell)) for aid, cls, i in actors], timeout)
         except Exception as exc:
             log.debug("going without shared-memory slots: %s", exc)
             return False
@@ -258,7 +270,7 @@ class Broadcast:
     def set_bell(self, index: int, name: Any) -> None:
         """Worker ``index`` may sleep with its slot taken: ``name``, its bell (see the module), wakes it. Anything
         but a bell's name is ignored (the worker then keeps its slot only while it is awake)."""
-        if not isinstance(name, str) or not name.startswith(BELL_PREFIX) or len(name) > 100:
+        if not is_bell(name):
             return
         with self.lock:
             if self._bell_sock is None:
@@ -286,8 +298,10 @@ class Broadcast:
             self._endpoints = [None] * len(self._endpoints)
             bell_sock, self._bell_sock = self._bell_sock, None
             self._bells = [None] * len(self._bells)
-        if bell_sock is not None:
-            bell_sock.close()
+            answer_bell, self.answer_bell = self.answer_bell, None
+        for sock in (bell_sock, answer_bell):
+            if sock is not None:
+                sock.close()  # (a thread asleep on the answers' bell wakes: see ReplyWatch.sleep)
         if w is not None:
             w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
             self._mm.close()  # (and with it our lock on the file: the workers may drop their slots)
@@ -417,6 +431,13 @@ class Broadcast:
             if self._w is not None:
                 self._w[_READING >> 3] = 1 if self._readers else 0
 
+    def sleeping(self, on: bool) -> None:
+        """A thread of ours goes to sleep on the answers' bell (or wakes for good): workers ring it meanwhile."""
+        with self._readers_lock:
+            self._sleepers = max(0, self._sleepers + (1 if on else -1))
+            if self._w is not None:
+                self._w[_SLEEPING >> 3] = 1 if self._sleepers else 0
+
     def replies_ready(self) -> bool:
         w = self._w
         if w is None:
@@ -488,6 +509,11 @@ def make_bell() -> socket.socket | None:
     return sock
 
 
+def is_bell(name: Any) -> bool:
+    """``name`` is a bell's (see :func:`make_bell`): where a caller or a worker may send one byte."""
+    return isinstance(name, str) and name.startswith(BELL_PREFIX) and len(name) <= 100
+
+
 def ring_bell(sock: socket.socket, name: str) -> bool:
     """Send one byte to the bell ``name``; False if it is gone (its worker died) or cannot be reached."""
     try:
@@ -536,6 +562,7 @@ class Slot:
         self._gone = False  # the caller is known to be gone (see caller_gone)
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
         self._lock = threading.Lock()
+        self.ring_caller: Callable[[], bool] | None = None  # rings the caller's answers' bell (see the module)
 
     def ready(self) -> bool:
         return self._w[self._k] != self._last
@@ -575,13 +602,22 @@ class Slot:
             self._reply_seq = seq + 1
             w[k + (_REPLY_SEQ >> 3)] = seq + 1
         fence()
-        return bool(w[_READING >> 3])  # it stopped meanwhile, and may not have looked
+        if w[_READING >> 3]:
+            return True
+        # it stopped polling meanwhile, and may not have looked: asleep on its bell, or gone to ZeroMQ
+        ring = self.ring_caller
+        if not w[_SLEEPING >> 3] or ring is None:
+            return False
+        if ring():
+            return True
+        self.ring_caller = None  # gone, or out of reach: its answers go over ZeroMQ when it does not poll
+        return False
 
     def _caller_polls(self) -> bool:
         """Whether the caller polls the slots for answers; if not yet, wait a little for it (it is usually still
         writing the other workers' slots), unless it lately did not come within that wait (an asyncio caller)."""
         w = self._w
-        if w[_READING >> 3]:
+        if w[_READING >> 3] or (w[_SLEEPING >> 3] and self.ring_caller is not None):
             return True
         if self._skip:
             self._skip -= 1
@@ -653,8 +689,10 @@ class ReplyWatch:
     def __init__(self, groups: set[Broadcast]) -> None:
         self.groups = list(groups)
         self._counted: list[Broadcast] = []  # whose ``reading`` this one holds a share of
+        self._asleep: list[Broadcast] = []  # whose ``sleeping`` (see sleep)
         self._look_again = False  # shares given back: what was written meanwhile is still to be taken
-        self.taken = 0  # answers taken out of the slots
+        self.taken = 0  # answers taken out of the slots while (or right after) polling
+        self.rung = 0  # and while asleep on their bells
 
     @property
     def on(self) -> bool:
@@ -669,20 +707,46 @@ class ReplyWatch:
         return any(group.replies_ready() for group in self.groups)
 
     def take(self) -> None:
+        self._take(bool(self._asleep))
+
+    def _take(self, asleep: bool) -> None:
+        n = sum(group.take_replies() for group in self.groups)
+        if asleep:
+            self.rung += n
+        else:
+            self.taken += n
+
+    def sleep(self) -> list[socket.socket]:
+        """About to sleep, polling no more (after :meth:`stop`): the answers' bells of the groups that have one,
+        to sleep on. Workers write answers into the slots and ring them meanwhile; what one wrote before it saw
+        this is taken here. :meth:`stop` ends it."""
+        bells = []
         for group in self.groups:
-            self.taken += group.take_replies()
+            bell = group.answer_bell
+            if bell is not None:
+                self._asleep.append(group)  # first, as in start()
+                group.sleeping(True)
+                bells.append(bell)
+        if bells:
+            fence()
+            self.take()
+        return bells
 
     def stop(self) -> None:
         """Done, or about to sleep on the sockets: workers send there from now on. What one wrote before it saw
         this is taken here (for whichever thread's call it answers): the same fenced pair as for the calls."""
-        if self._counted:
+        asleep = bool(self._asleep)
+        if self._counted or self._asleep:
             self._look_again = True
         while self._counted:
             self._counted[-1].reading(False)
             self._counted.pop()
+        while self._asleep:
+            self._asleep[-1].sleeping(False)
+            self._asleep.pop()
         if self._look_again:
             fence()
-            self.take()
+            self._take(asleep)
             self._look_again = False
 
 
@@ -712,10 +776,10 @@ def reserved_method(host: ActorHost, name: str) -> tuple[Any, int] | None:
             host.wake_sync()
             return None
         if op == "attach":
-            path, token, index, graph, direct, source = args
+            path, token, index, graph, direct, source, *bell = args  # (bell: the caller's answers' bell)
             if graph is not None and not isinstance(graph, str) or source is not None and not isinstance(source, str):
                 raise TypeError(f"a graph's id and an actor's are str, not {type(graph).__name__}, {type(source).__name__}")
-            return host.attach_slot(_map(path, token, index), index, key[0], graph, bool(direct), source)
+            return host.attach_slot(_map(path, token, index), index, key[0], graph, bool(direct), source, *bell[:1])
         if op == "write":
             path, token, index, graph, peer, *bell = args  # (bell: the receiver's answer to its offer)
             from . import dag_worker

@@ -26,7 +26,7 @@ from typing import Any
 
 from transport import DecodeError, Kind, Message, loads
 
-from .broadcast import ReplyWatch
+from .broadcast import ReplyWatch, drain_bell
 from .completion import Completion
 from .exceptions import ActorLibError, GetTimeoutError, SerializationError, error_from_record
 from .spin import Recent, poll_until
@@ -352,8 +352,11 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     thread's eventfd. This saves the loop -> caller wake-up, the
     thread hop of a blocking round trip that bare ZeroMQ does not have. Refs
     not sent yet are waited for through that eventfd alone. The first wait
-    polls a while before it sleeps (see :mod:`actorlib.spin`). Returns once all
-    are done, or one failed, or ``timeout`` passed.
+    polls a while before it sleeps (see :mod:`actorlib.spin`). Calls that went
+    through shared-memory slots are answered there while it polls, and while it
+    sleeps too where their workers can ring its answers' bell (see
+    :mod:`actorlib.broadcast`). Returns once all are done, or one failed, or
+    ``timeout`` passed.
     """
     wakeup = getattr(_thread_state, "wakeup", None)
     if wakeup is None:  # made before endpoints are looked at: its fd is never one of theirs
@@ -382,12 +385,23 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     recent = wakeup.slot_gets if groups else wakeup.gets if len(futs) == 1 else wakeup.list_gets
     spin = recent.spin_for()
     spin_until = 0.0 if not spin else start + spin if deadline is None else min(start + spin, deadline)
-    slots = None
+    slots = ReplyWatch(groups) if groups else None
+    bells: dict[int, Any] = {}  # fd: the answers' bell of a group this thread sleeps on (see ReplyWatch.sleep)
+
+    def sleep_on_bells() -> None:
+        assert slots is not None
+        for bell in slots.sleep():
+            if bell.fileno() >= 0:  # (closed meanwhile: its group is gone)
+                bells[bell.fileno()] = bell  # first: the end unregisters it, whatever comes in between (Ctrl-C)
+                poller.register(bell.fileno(), select.POLLIN)
+
     wakeup.blocked = True
     try:
-        if groups and spin_until:
-            slots = ReplyWatch(groups)
-            slots.start()  # answers come there only while this thread polls
+        if slots is not None:
+            if spin_until:
+                slots.start()  # answers come there while this thread polls
+            else:
+                sleep_on_bells()  # and while it sleeps, if their workers can ring it
         for fut in futs:
             fut.add_done_callback(wakeup.wake)
         for ep in by_endpoint:
@@ -420,6 +434,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
             if not events:
                 if slots is not None and slots.on:
                     slots.stop()  # (it takes what was written meanwhile)
+                    sleep_on_bells()
                     to_read = []
                     continue
                 wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
@@ -435,6 +450,12 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
                         pass
                 elif fd in by_fd:
                     to_read.append(by_fd[fd])  # (closed since: skipped, then unregistered)
+                elif fd in bells:  # an answer in a slot: taken at the top
+                    try:
+                        drain_bell(bells[fd])
+                    except OSError:  # its group closed it (shut down): no more answers there
+                        poller.unregister(fd)
+                        del bells[fd]
         if all(f.done() for f in futs):
             recent.took(time.monotonic() - start, hit=slots is not None and slots.taken > 0)
     finally:
@@ -443,6 +464,11 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
         wakeup.blocked = False
         for fd in by_fd:
             poller.unregister(fd)
+        for fd in bells:
+            try:
+                poller.unregister(fd)
+            except KeyError:
+                pass  # (interrupted before it was registered)
         for ep in shared:
             ep.share_reading(False)
         for fut in futs:

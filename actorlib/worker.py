@@ -385,13 +385,20 @@ class ActorHost:
                 traceback.print_exc()
 
     def attach_slot(
-        self, mapped: tuple[mmap.mmap, int] | None, index: int, peer: bytes | None, graph: str | None, direct: bool, source: str | None
-    ) -> bool:
+        self,
+        mapped: tuple[mmap.mmap, int] | None,
+        index: int,
+        peer: bytes | None,
+        graph: str | None,
+        direct: bool,
+        source: str | None,
+        caller_bell: Any = None,
+    ) -> bool | str:
         """A caller offers slot ``index`` of its shared-memory file: a worker group's, the caller's own for its
         calls to this actor (``direct``), or a compiled ``graph``'s whose nodes here are all sync, for its
         executions or (``source``) for what that stage hands on to this one (loop; see actorlib.broadcast). The
         sync thread may still leave it (too many callers): the caller then never finds it awake, and never
-        writes to it."""
+        writes to it. ``caller_bell``: the caller's answers' bell. Taken: our bell's name (or True: none)."""
         if mapped is None:
             return False  # not on this machine: its messages keep coming over ZeroMQ
         slot = Slot(mapped, index, peer, graph, direct, source)
@@ -409,6 +416,8 @@ class ActorHost:
                 runtime.slot = slot  # (its outputs go back to the driver through it)
         if self._bell is None:
             self._bell = broadcast.make_bell()  # (read by the sync thread once _attach_slot has run)
+        if self._bell is not None and broadcast.is_bell(caller_bell):
+            slot.ring_caller = functools.partial(broadcast.ring_bell, self._bell, caller_bell)
         self.post_sync(functools.partial(self._attach_slot, slot))
         return self._bell.getsockname().decode() if self._bell is not None else True  # the caller rings it (see Broadcast)
 

@@ -3,6 +3,7 @@ failures as over ZeroMQ, a sleeping worker woken by its bell or poked, a call st
 no CPU when idle."""
 
 import asyncio
+import functools
 import os
 import struct
 import threading
@@ -53,6 +54,10 @@ class Recorder:
         open(marker, "w").close()
         time.sleep(seconds)
         return seconds
+
+    def sleep_then_rank(self, seconds):
+        time.sleep(seconds)
+        return int(os.environ["RANK"])
 
 
 @actorlib.remote
@@ -375,6 +380,53 @@ def test_a_worker_waits_briefly_for_a_caller_that_does_not_poll_and_then_less_of
         assert endpoint.delivered == [(Kind.ERROR, 3, b"\x02")]
     finally:
         slots.close()
+
+
+def test_a_caller_asleep_on_its_answers_bell_is_rung_and_takes_the_answer():
+    """A caller that stopped polling sleeps on its answers' bell: the worker writes its answer into the slot and
+    rings it, or, with the bell gone, sends it over ZeroMQ from then on; one written as the caller wakes for
+    good is taken by it."""
+    slots, slot, endpoint = _pair()
+    worker_bell = broadcast.make_bell()
+    try:
+        slots.answer_bell = broadcast.make_bell()
+        name = slots.answer_bell.getsockname().decode()
+        slot.ring_caller = functools.partial(broadcast.ring_bell, worker_bell, name)
+        watch = broadcast.ReplyWatch({slots})
+        assert watch.sleep() == [slots.answer_bell]
+        assert slot.answer(Kind.RESULT, 1, b"\x01")  # asleep: written, and rung
+        assert slots.answer_bell.recv(64) == b"\0"
+        watch.take()
+        assert endpoint.delivered == [(Kind.RESULT, 1, b"\x01")] and (watch.rung, watch.taken) == (1, 0)
+        assert slot.answer(Kind.RESULT, 2, b"\x02")  # written as the caller wakes for good: stop() takes it
+        watch.stop()
+        assert endpoint.delivered[-1] == (Kind.RESULT, 2, b"\x02") and watch.rung == 2
+        assert not slot.answer(Kind.RESULT, 3, b"\x03")  # nobody polls or sleeps: over ZeroMQ
+        assert slots.answer_bell.recv(64) == b"\0"  # (the one rung for the second answer)
+        with pytest.raises(BlockingIOError):
+            slots.answer_bell.recv(64)
+
+        watch = broadcast.ReplyWatch({slots})
+        watch.sleep()
+        slots.answer_bell.close()  # the bell gone (its caller exited ...): over ZeroMQ, and no more rings
+        assert not slot.answer(Kind.RESULT, 4, b"\x04")
+        assert slot.ring_caller is None
+        watch.stop()
+    finally:
+        slots.close()
+        worker_bell.close()
+
+
+def test_answers_of_slow_calls_come_back_through_the_slots_while_the_caller_sleeps(group):
+    """Calls that run longer than the caller polls: it sleeps on its answers' bell, and the answers come back
+    through the slots (as a compiled graph's outputs do)."""
+    warm(group)
+    slots = group._broadcast
+    assert slots.answer_bell is not None
+    replied, sent = slots.replied, slots.sent
+    for _ in range(3):
+        assert actorlib.get(group.run_all_workers_single_data("sleep_then_rank", 0.05), timeout=30) == [0, 1, 2]
+    assert slots.replied - replied == 3 * 3, (slots.replied - replied, slots.sent - sent)
 
 
 def test_an_answer_being_written_is_not_taken():
