@@ -260,7 +260,8 @@ def cancel(ref: ObjectRef) -> None:
 
 
 def kill(actor: ActorHandle) -> None:
-    """Kill the actor's process now; its pending calls fail with :class:`ActorDiedError`."""
+    """Kill the actor's process now, and return once it is gone; its pending and later calls fail with
+    :class:`ActorDiedError`."""
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an actor handle, not {type(actor).__name__}")
     rt = runtime.current()

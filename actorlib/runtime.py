@@ -59,6 +59,7 @@ _current: Runtime | None = None
 _current_lock = threading.Lock()
 
 DEFAULT_STREAM_WINDOW = 1024
+KILL_WAIT_S = 10.0  # how long kill() waits for the process to be gone (its node may be unreachable)
 
 
 def current() -> Runtime:
@@ -296,7 +297,18 @@ class Runtime:
         conn = self._conns.get(actor_id)
         creating = conn.created if conn is not None else None
         if conn is None or creating is None or creating.done():
-            await self.control("kill_actor", actor_id=actor_id)
+            if conn is None:
+                await self.control("kill_actor", actor_id=actor_id)
+                return
+            # Until its process is gone, a call could still reach it (through a shared-memory slot, at once):
+            # wait for that, and fail this process's calls to it from then on, with the head's word on its death.
+            await self.control("kill_actors", actor_ids=[actor_id], wait_s=KILL_WAIT_S, timeout=KILL_WAIT_S + 10)
+            try:
+                info = await self.control("resolve_actor", actor_id=actor_id)
+            except Exception:  # (the head is going away ...): what we know
+                info = {}
+            death = info.get("death") if info.get("state") == "DEAD" else None
+            conn.mark_dead(death or {"actor_id": actor_id, "class_name": conn.class_name, "reason": "killed by actorlib.kill()"})
             return
         creating.cancel()
         try:

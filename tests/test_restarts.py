@@ -98,9 +98,12 @@ def test_restarts_forever_and_kill_still_ends_it(al):
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda pid=pid: not alive(pid), what="the worker to die")
     assert al.get(k.add.remote(5), timeout=30) == 5
+    pid = al.get(k.pid.remote(), timeout=30)  # (called back to back: later calls may go through a slot, at once)
     al.kill(k)  # a kill is final, whatever max_restarts says
-    with pytest.raises(actorlib.ActorDiedError, match="killed"):
+    assert not alive(pid)  # kill() returns once the process is gone: no later call can reach it
+    with pytest.raises(actorlib.ActorDiedError, match="killed") as info:
         al.get(k.add.remote(1), timeout=30)
+    assert info.value.pid == pid  # the head's word on its death
 
 
 def test_calls_from_many_threads_survive_a_restart(al):
