@@ -32,7 +32,8 @@ The file (``/dev/shm/actorlib-<pid>-<random>``, mode 0600, unlinked as soon
 as every worker has mapped it) holds a header (magic, a random token which a
 worker checks: a worker on another machine finds no such file and goes
 without; and ``reading``, set while some thread of the caller polls the
-answers) and one slot per worker. Each word below is written by one side
+answers; and ``sleeping``, set while some thread of the caller sleeps on
+its answers' bell) and one slot per worker. Each word below is written by one side
 only, with one aligned 8-byte store (a ``memoryview`` cast to ``Q``:
 ``struct`` writes byte by byte, and a word read half-written could make a
 call run twice)::
@@ -154,7 +155,7 @@ ENABLED = (
 )
 BODY_MAX = 64 << 10
 MAX_DIRECT_SLOTS = 16  # callers' own slots a worker looks at; later callers' calls go over ZeroMQ
-_MAGIC = b"actorlib-broadcast-1\0\0\0\0"  # 24 bytes, then the 16-byte token
+_MAGIC = b"actorlib-broadcast-2\0\0\0\0"  # 24 bytes, then the 16-byte token (2: the bells' ``awake`` = 2 and ``sleeping``)
 _READING = 48  # in the header
 _SLEEPING = 56  # and this: a thread of the caller sleeps on the answers' bell
 _HEADER = 64
@@ -299,9 +300,13 @@ class Broadcast:
             bell_sock, self._bell_sock = self._bell_sock, None
             self._bells = [None] * len(self._bells)
             answer_bell, self.answer_bell = self.answer_bell, None
+            if w is not None:  # nobody of ours polls or sleeps here any more: workers answer over ZeroMQ
+                w[_READING >> 3] = 0
+                w[_SLEEPING >> 3] = 0
+        fence()
         for sock in (bell_sock, answer_bell):
             if sock is not None:
-                sock.close()  # (a thread asleep on the answers' bell wakes: see ReplyWatch.sleep)
+                sock.close()  # (a thread asleep on the answers' bell is not woken by this: its calls end it)
         if w is not None:
             w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
             self._mm.close()  # (and with it our lock on the file: the workers may drop their slots)
@@ -409,10 +414,12 @@ class Broadcast:
         name, sock = self._bells[index], self._bell_sock
         if name is None or sock is None or not self._asleep_with_bell(w, index):
             return False
-        if ring_bell(sock, name):
-            return True
-        self._bells[index] = None  # gone, or out of reach (another network namespace): written while awake only
-        return False
+        rung = ring_bell(sock, name)
+        if rung is None:
+            return False  # (our socket's buffer is full: a poke this time)
+        if not rung:
+            self._bells[index] = None  # gone, or out of reach (another network namespace): written while awake only
+        return rung
 
     def _write(self, w: memoryview, index: int, kind: Kind, req_id: int, body: bytes) -> None:
         base = _HEADER + index * _SLOT
@@ -514,12 +521,17 @@ def is_bell(name: Any) -> bool:
     return isinstance(name, str) and name.startswith(BELL_PREFIX) and len(name) <= 100
 
 
-def ring_bell(sock: socket.socket, name: str) -> bool:
-    """Send one byte to the bell ``name``; False if it is gone (its worker died) or cannot be reached."""
+def ring_bell(sock: socket.socket, name: str) -> bool | None:
+    """Send one byte to the bell ``name`` (a worker's, or a caller's answers' bell): True if sent; False if it is
+    gone (its process exited) or out of reach (another network namespace); None if it could not be sent now
+    (``EAGAIN``: its queue, or our socket's, is full): the caller of this wakes it another way this time.
+
+    Any process in the network namespace can send to a bell's name (``/proc/net/unix`` lists it): that only
+    wakes its thread for nothing."""
     try:
         sock.sendto(b"\0", name)
     except BlockingIOError:
-        return True  # bytes are waiting there already: it is being woken
+        return None
     except OSError:
         return False
     return True
@@ -528,8 +540,8 @@ def ring_bell(sock: socket.socket, name: str) -> bool:
 def drain_bell(sock: socket.socket) -> None:
     """Take every byte sent to this bell (the worker's sync thread, woken by it)."""
     try:
-        while sock.recv(64):
-            pass
+        while True:
+            sock.recv(64)
     except (BlockingIOError, InterruptedError):
         pass
 
@@ -562,7 +574,7 @@ class Slot:
         self._gone = False  # the caller is known to be gone (see caller_gone)
         self._skip = self._backoff = 0  # answers not to wait for the caller on, after misses (see _caller_polls)
         self._lock = threading.Lock()
-        self.ring_caller: Callable[[], bool] | None = None  # rings the caller's answers' bell (see the module)
+        self.ring_caller: Callable[[], bool | None] | None = None  # rings the caller's answers' bell (see ring_bell)
 
     def ready(self) -> bool:
         return self._w[self._k] != self._last
@@ -588,11 +600,14 @@ class Slot:
 
     def answer(self, kind: Kind, req_id: int, body: bytes) -> bool:
         """Write an answer (a call's, or a graph's output as a stream item) into the slot if the caller polls
-        for it and has taken the last one. False: send it over ZeroMQ (as well)."""
+        for it, or sleeps on its answers' bell (then rung), and has taken the last one. False: send it over
+        ZeroMQ (as well): the caller does neither (any more), or its bell could not be rung."""
         w, k = self._w, self._k
         if len(body) > BODY_MAX or w[k + (_REPLY_TAKEN >> 3)] != self._reply_seq or not self._caller_polls():
             return False
         with self._lock:  # (a graph's outputs may be answered from the loop too)
+            if w[k + (_REPLY_TAKEN >> 3)] != self._reply_seq:
+                return False  # another thread's answer got there first, not taken yet
             seq = self._reply_seq + 1
             w[k + (_REPLY_SEQ >> 3)] = seq  # odd while written: a reader skips it
             w[k + (_REPLY_REQ >> 3)] = req_id
@@ -608,14 +623,15 @@ class Slot:
         ring = self.ring_caller
         if not w[_SLEEPING >> 3] or ring is None:
             return False
-        if ring():
-            return True
-        self.ring_caller = None  # gone, or out of reach: its answers go over ZeroMQ when it does not poll
-        return False
+        rung = ring()
+        if rung is False:
+            self.ring_caller = None  # gone, or out of reach: its answers go over ZeroMQ when it does not poll
+        return bool(rung)  # (None: not sent this time; over ZeroMQ as well)
 
     def _caller_polls(self) -> bool:
-        """Whether the caller polls the slots for answers; if not yet, wait a little for it (it is usually still
-        writing the other workers' slots), unless it lately did not come within that wait (an asyncio caller)."""
+        """Whether the caller polls the slots for answers, or sleeps on a bell we can ring; if not yet, wait a
+        little for it (it is usually still writing the other workers' slots), unless it lately did not come
+        within that wait (an asyncio caller)."""
         w = self._w
         if w[_READING >> 3] or (w[_SLEEPING >> 3] and self.ring_caller is not None):
             return True
@@ -625,7 +641,7 @@ class Slot:
         until = time.monotonic() + _WAIT_FOR_CALLER_S
         while time.monotonic() < until:
             os.sched_yield()
-            if w[_READING >> 3]:
+            if w[_READING >> 3] or (w[_SLEEPING >> 3] and self.ring_caller is not None):
                 self._backoff = 0
                 return True
         self._backoff = self._skip = min(max(1, 2 * self._backoff), _SKIP_MAX)  # misses in a row: wait ever less often
@@ -680,11 +696,13 @@ class Slots:
 
 
 class ReplyWatch:
-    """A blocked ``get()`` polling the answers' slots of the groups its calls went through (see
-    ``object_ref.wait_reading``): workers write the answers there, not on the socket, while it does.
+    """A blocked ``get()`` polling the answers' slots of the groups its calls went through, or asleep on their
+    answers' bells (see ``object_ref.wait_reading``): workers write the answers there, not on the socket,
+    meanwhile.
 
-    Made with no share of the groups' ``reading`` flag; :meth:`start` takes them and :meth:`stop` gives them
-    back, one at a time, so a Ctrl-C anywhere in between leaves none behind once ``stop()`` has run."""
+    Made with no share of the groups' ``reading`` or ``sleeping`` flags; :meth:`start` and :meth:`sleep` take
+    them and :meth:`stop` gives them back, one at a time, so a Ctrl-C anywhere in between leaves none behind
+    once ``stop()`` has run."""
 
     def __init__(self, groups: set[Broadcast]) -> None:
         self.groups = list(groups)
@@ -733,8 +751,9 @@ class ReplyWatch:
         return bells
 
     def stop(self) -> None:
-        """Done, or about to sleep on the sockets: workers send there from now on. What one wrote before it saw
-        this is taken here (for whichever thread's call it answers): the same fenced pair as for the calls."""
+        """Done, or about to sleep (then :meth:`sleep` follows): workers send on the sockets from now on, unless
+        it does. What one wrote before it saw this is taken here (for whichever thread's call it answers): the
+        same fenced pair as for the calls."""
         asleep = bool(self._asleep)
         if self._counted or self._asleep:
             self._look_again = True

@@ -391,9 +391,10 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
     def sleep_on_bells() -> None:
         assert slots is not None
         for bell in slots.sleep():
-            if bell.fileno() >= 0:  # (closed meanwhile: its group is gone)
-                bells[bell.fileno()] = bell  # first: the end unregisters it, whatever comes in between (Ctrl-C)
-                poller.register(bell.fileno(), select.POLLIN)
+            fd = bell.fileno()  # (once: another thread may close it meanwhile, its group shut down)
+            if fd >= 0:
+                bells[fd] = bell  # first: the end unregisters it, whatever comes in between (Ctrl-C)
+                poller.register(fd, select.POLLIN)
 
     wakeup.blocked = True
     try:
@@ -467,7 +468,7 @@ def wait_reading(refs: Sequence[ObjectRef], timeout: float | None) -> float | No
         for fd in bells:
             try:
                 poller.unregister(fd)
-            except KeyError:
+            except (KeyError, ValueError):
                 pass  # (interrupted before it was registered)
         for ep in shared:
             ep.share_reading(False)
