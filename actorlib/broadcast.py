@@ -236,7 +236,6 @@ class Broadcast:
         self._mm = mm
         self._w: memoryview | None = _words(mm)
         self._bells: list[str | None] = [None] * workers  # each worker's bell (see the module), if it has one
-        self._bell_sock: socket.socket | None = None  # what rings them (made with the first)
 
     async def offer(
         self, rt: Runtime, actors: Sequence[tuple[str, str, int]], timeout: float, graph: str | None = None, direct: bool = False
@@ -271,16 +270,9 @@ class Broadcast:
     def set_bell(self, index: int, name: Any) -> None:
         """Worker ``index`` may sleep with its slot taken: ``name``, its bell (see the module), wakes it. Anything
         but a bell's name is ignored (the worker then keeps its slot only while it is awake)."""
-        if not is_bell(name):
-            return
-        with self.lock:
-            if self._bell_sock is None:
-                try:
-                    self._bell_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-                except OSError as exc:
-                    log.debug("no bells: %s", exc)
-                    return
-            self._bells[index] = name
+        if is_bell(name):
+            with self.lock:
+                self._bells[index] = name
 
     def is_attached(self, index: int) -> bool:
         return self._endpoints[index] is not None
@@ -297,16 +289,14 @@ class Broadcast:
         with self.lock, self._readers_lock:
             w, self._w = self._w, None
             self._endpoints = [None] * len(self._endpoints)
-            bell_sock, self._bell_sock = self._bell_sock, None
             self._bells = [None] * len(self._bells)
             answer_bell, self.answer_bell = self.answer_bell, None
             if w is not None:  # nobody of ours polls or sleeps here any more: workers answer over ZeroMQ
                 w[_READING >> 3] = 0
                 w[_SLEEPING >> 3] = 0
         fence()
-        for sock in (bell_sock, answer_bell):
-            if sock is not None:
-                sock.close()  # (a thread asleep on the answers' bell is not woken by this: its calls end it)
+        if answer_bell is not None:
+            answer_bell.close()  # (a thread asleep on it is not woken by this: its calls end it)
         if w is not None:
             w.release()  # (a thread polling replies_ready() meanwhile sees a released view: see there)
             self._mm.close()  # (and with it our lock on the file: the workers may drop their slots)
@@ -408,13 +398,13 @@ class Broadcast:
 
     def _rouse(self, w: memoryview, index: int) -> bool:
         """After writing worker ``index``'s slot (and a fence): True if it will look at it, awake or woken by its
-        bell now; False if it must be poked (under ``lock``, which close() takes to close the bells' socket)."""
+        bell now; False if it must be poked (under ``lock``)."""
         if self._awake(w, index):
             return True
-        name, sock = self._bells[index], self._bell_sock
-        if name is None or sock is None or not self._asleep_with_bell(w, index):
+        name = self._bells[index]
+        if name is None or not self._asleep_with_bell(w, index):
             return False
-        rung = ring_bell(sock, name)
+        rung = ring_bell(name)
         if rung is None:
             return False  # (our socket's buffer is full: a poke this time)
         if not rung:
@@ -499,11 +489,16 @@ class Broadcast:
         return w[(_HEADER + index * _SLOT + _AWAKE) >> 3] == _AWAKE_BELL
 
 
+def _datagram_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
 def make_bell() -> socket.socket | None:
-    """A worker's bell (see the module): a datagram socket bound to a random name in the abstract namespace,
-    or None where there is none to be had (then its slots are written only while it is awake)."""
+    """A bell (see the module; a worker's, or a caller's answers' bell): a datagram socket bound to a random name
+    in the abstract namespace, or None where there is none to be had (then its slots are written only while
+    it is awake, or its answers go over ZeroMQ while it sleeps)."""
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock = _datagram_socket()
     except OSError as exc:
         log.debug("no bell: %s", exc)
         return None
@@ -516,18 +511,42 @@ def make_bell() -> socket.socket | None:
     return sock
 
 
+_ringer: socket.socket | None = None  # this process's one socket that rings bells (made with the first ring)
+_ringer_lock = threading.Lock()
+
+
+def _ringer_forked() -> None:
+    global _ringer_lock
+    _ringer_lock = threading.Lock()  # (another thread may have held it; the socket itself serves the child too)
+
+
+os.register_at_fork(after_in_child=_ringer_forked)
+
+
 def is_bell(name: Any) -> bool:
     """``name`` is a bell's (see :func:`make_bell`): where a caller or a worker may send one byte."""
     return isinstance(name, str) and name.startswith(BELL_PREFIX) and len(name) <= 100
 
 
-def ring_bell(sock: socket.socket, name: str) -> bool | None:
+def ring_bell(name: str) -> bool | None:
     """Send one byte to the bell ``name`` (a worker's, or a caller's answers' bell): True if sent; False if it is
-    gone (its process exited) or out of reach (another network namespace); None if it could not be sent now
-    (``EAGAIN``: its queue, or our socket's, is full): the caller of this wakes it another way this time.
+    gone (its process exited) or out of reach (another network namespace), or this process can make no socket;
+    None if it could not be sent now (``EAGAIN``: its queue, or ours, is full): the caller of this wakes it
+    another way this time.
 
     Any process in the network namespace can send to a bell's name (``/proc/net/unix`` lists it): that only
     wakes its thread for nothing."""
+    global _ringer
+    sock = _ringer
+    if sock is None:
+        with _ringer_lock:
+            if _ringer is None:
+                try:
+                    _ringer = _datagram_socket()
+                except OSError as exc:
+                    log.debug("no socket to ring bells with: %s", exc)
+                    return False
+            sock = _ringer
     try:
         sock.sendto(b"\0", name)
     except BlockingIOError:

@@ -186,7 +186,7 @@ class ActorConnection:
         if self.state is not ConnState.CONNECTED or endpoint is None or self._slot_offered is endpoint:
             return
         if sum(c.slot is not None for c in list(self.rt._conns.values())) >= MAX_SLOTS_PER_PROCESS:
-            return  # (each takes 128 KiB of /dev/shm and a few file descriptors: the mapping, two sockets for bells)
+            return  # (each takes 128 KiB of /dev/shm and two file descriptors: the mapping and its answers' bell)
         self._slot_offered = endpoint  # once per worker: a second offer would replace the first in the worker
         slot = broadcast.make(1)
         if slot is None:

@@ -299,8 +299,7 @@ class Runtime:
         if conn is None or creating is None or creating.done():
             # Until its process is gone, a call could still reach it (through a shared-memory slot, at once):
             # wait for that, and fail this process's calls to it from then on, with the head's word on its death.
-            await self.control("kill_actor", actor_id=actor_id)  # (an id the head does not know: ValueError)
-            await self.control("kill_actors", actor_ids=[actor_id], wait_s=KILL_WAIT_S, timeout=KILL_WAIT_S + 10)
+            await self.control("kill_actor", actor_id=actor_id, wait_s=KILL_WAIT_S, timeout=KILL_WAIT_S + 10)
             if conn is None:
                 return  # (a connection made later learns from the head that it is dead)
             try:

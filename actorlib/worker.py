@@ -417,7 +417,7 @@ class ActorHost:
         if self._bell is None:
             self._bell = broadcast.make_bell()  # (read by the sync thread once _attach_slot has run)
         if self._bell is not None and broadcast.is_bell(caller_bell):
-            slot.ring_caller = functools.partial(broadcast.ring_bell, self._bell, caller_bell)
+            slot.ring_caller = functools.partial(broadcast.ring_bell, caller_bell)
         self.post_sync(functools.partial(self._attach_slot, slot))
         return self._bell.getsockname().decode() if self._bell is not None else True  # the caller rings it (see Broadcast)
 

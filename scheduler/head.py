@@ -699,11 +699,14 @@ class Head:
             raise ControlError("ValueError", f"no actor named {name!r} in namespace {namespace!r}")
         return self.actors[actor_id].spec.public()
 
-    async def op_kill_actor(self, peer: bytes, actor_id: str) -> bool:
+    async def op_kill_actor(self, peer: bytes, actor_id: str, wait_s: float = 0.0) -> bool:
+        """Kill one actor; with ``wait_s``, answer once its process is gone (or that long has passed)."""
         record = self._record(actor_id)
         if record.state == ActorState.DEAD:
             return False
         self._kill(record, "killed by actorlib.kill()")
+        if wait_s > 0:
+            await self._wait_dead([record], wait_s)
         return True
 
     async def op_kill_actors(self, peer: bytes, actor_ids: list[str], wait_s: float = 30.0) -> int:

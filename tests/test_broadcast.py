@@ -242,17 +242,17 @@ def test_a_bell_that_is_gone_says_so():
         caller.set_bell(0, "not a bell")  # anything but a bell's name is ignored
         assert caller._bells == [None]
         caller.set_bell(0, name)
-        assert caller._bells == [name] and caller._bell_sock is not None
+        assert caller._bells == [name]
         for _ in range(3):
-            assert broadcast.ring_bell(caller._bell_sock, name)
+            assert broadcast.ring_bell(name)
         broadcast.drain_bell(bell)
         with pytest.raises(BlockingIOError):
             bell.recv(64)
         bell.close()
-        assert not broadcast.ring_bell(caller._bell_sock, name)  # its worker died: the caller pokes instead
+        assert not broadcast.ring_bell(name)  # its worker died: the caller pokes instead
     finally:
         caller.close()
-    assert caller._bell_sock is None
+    assert caller._bells == [None]
 
 
 def test_a_call_still_in_its_slot_is_cancelled(group, monkeypatch, tmp_path):
@@ -387,11 +387,10 @@ def test_a_caller_asleep_on_its_answers_bell_is_rung_and_takes_the_answer():
     rings it, or, with the bell gone, sends it over ZeroMQ from then on; one written as the caller wakes for
     good is taken by it."""
     slots, slot, endpoint = _pair()
-    worker_bell = broadcast.make_bell()
     try:
         slots.answer_bell = broadcast.make_bell()
         name = slots.answer_bell.getsockname().decode()
-        slot.ring_caller = functools.partial(broadcast.ring_bell, worker_bell, name)
+        slot.ring_caller = functools.partial(broadcast.ring_bell, name)
         watch = broadcast.ReplyWatch({slots})
         assert watch.sleep() == [slots.answer_bell]
         assert slot.answer(Kind.RESULT, 1, b"\x01")  # asleep: written, and rung
@@ -414,7 +413,6 @@ def test_a_caller_asleep_on_its_answers_bell_is_rung_and_takes_the_answer():
         watch.stop()
     finally:
         slots.close()
-        worker_bell.close()
 
 
 def test_answers_of_slow_calls_come_back_through_the_slots_while_the_caller_sleeps(group):
