@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from transport import DecodeError, EncodeError, Endpoint, Kind, Message, TransportError, dumps, loads, wait_sent
 
 from .dag_channel import (
+    GLOO_STRIPES,
     BufferPool,
     Channel,
     Outgoing,
@@ -361,7 +362,7 @@ class GraphRuntime:
             self.cuda_device = await fut
         groups = await self.loop.run_in_executor(None, self._build_groups)
         self._check_open()
-        for (peer, role, backend), group in groups.items():
+        for (peer, role, backend), (group, *stripes) in groups.items():
             name = f"{role}-{peer[:8]}-{backend}"
             slots = min(int(self.plan["max_inflight"]), MAX_SLOTS)
             self.channels[(peer, role, backend)] = Channel(
@@ -374,6 +375,7 @@ class GraphRuntime:
                 slots=slots,
                 max_inflight=int(self.plan["max_inflight"]),
                 cuda_device=self.cuda_device,
+                stripes=stripes,
             )
         if self.threaded:  # reading starts before the pings below: two actors may ping each other
             self.host.post_sync(self._watch_inbox)
@@ -404,8 +406,9 @@ class GraphRuntime:
     def _read_inbox(self) -> None:
         self.inbox.read_available(_READ_BATCH)
 
-    def _build_groups(self) -> dict[tuple[str, str, str], Any]:
-        """Every channel's process group, in the graph's channel order (so no two actors wait on each other)."""
+    def _build_groups(self) -> dict[tuple[str, str, str], list[Any]]:
+        """Every channel's process groups (a gloo channel's stripes after its first, see ``Channel``), in the
+        graph's channel order (so no two actors wait on each other)."""
         channels = sorted(self.plan["channels"])
         if not channels:
             return {}
@@ -417,17 +420,19 @@ class GraphRuntime:
         if store is None:
             host, port = self.plan["store"]
             store = dist.TCPStore(host, int(port), None, False, timeout=datetime.timedelta(seconds=timeout))
-        groups = {}
+        groups: dict[tuple[str, str, str], list[Any]] = {}
         for channel_id, peer, role, backend in channels:
             prefix = dist.PrefixStore(f"actorlib-dag/{self.gid}/{channel_id}/", store)
             rank = 0 if role == "send" else 1
             if backend == "nccl":
                 torch.cuda.set_device(self.cuda_device)
-            group = make_group(backend, prefix, rank, self.plan["address"], max(timeout, OP_TIMEOUT_S))
+            made = groups[(peer, role, backend)] = []
+            for stripe in range(GLOO_STRIPES if backend == "gloo" else 1):
+                store_of = prefix if stripe == 0 else dist.PrefixStore(f"stripe-{stripe}/", prefix)
+                made.append(make_group(backend, store_of, rank, self.plan["address"], max(timeout, OP_TIMEOUT_S)))
             if backend == "nccl":  # NCCL makes its communicator on the first operation: do it now, at both ends
                 t = torch.zeros(1, device=self.cuda_device)
-                (group.send([t], 1, 0) if rank == 0 else group.recv([t], 0, 0)).wait()
-            groups[(peer, role, backend)] = group
+                (made[0].send([t], 1, 0) if rank == 0 else made[0].recv([t], 0, 0)).wait()
         return groups
 
     def close(self) -> None:

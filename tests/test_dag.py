@@ -461,7 +461,7 @@ def test_tensors_both_ways_between_two_actors_pipelined(env):
 def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_graph(al):
     """A value of 1 MiB or more over gloo goes into receives posted for it beforehand: the first one after its
     receiver's word, waited for by a thread of the sending channel's own, which ends at teardown; the next ones
-    into receives posted ahead for them (shapes that change too)."""
+    into receives posted ahead for them (shapes that change too). From 8 MiB, split across two connections."""
     a, b = StageActor.remote("a", "cpu"), StageActor.remote("b", "cpu")
     try:
         with InputNode() as inp:
@@ -469,12 +469,18 @@ def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_grap
         compiled = dag.compile(max_inflight=2)
         try:
             # 1 MiB four times (the first after the word, then into receives posted ahead), 3 MiB (past them),
-            # 1 MiB as int32 (the same bytes, another dtype), 1.5 MiB (past them again)
+            # 1 MiB as int32 (the same bytes, another dtype), 1.5 MiB (past them again); then, split across the
+            # channel's two connections, 9 MiB twice (past them, then into them), 6 MiB (into them: split as they
+            # are), 17 MiB
             specs = [[[1 << 18], "float32", i] for i in range(4)] + [
                 [[3, 1 << 17], "float64"],
                 [[3, 1 << 17], "float64", 1],
                 [[1 << 18], "int32", 5],
                 [[3, 1 << 17], "float32", 2],
+                [[9, 1 << 18], "float32", 3],
+                [[9, 1 << 18], "float32", 4],
+                [[6, 1 << 18], "float32", 6],
+                [[17, 1 << 18], "float32", 7],
             ]
             got = actorlib.get([compiled.execute(spec) for spec in specs], timeout=60)
             here = Stage("here", "cpu")  # the same methods, run in this process

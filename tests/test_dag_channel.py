@@ -3,6 +3,7 @@
 What the graph tests cannot see from outside: a big value goes into
 receives posted for it beforehand (ahead of it, or before the receiver's
 word), in order, while smaller ones go at once and never take a big one's receives;
+split across a channel's connections, its bytes land where they belong;
 and a closed channel takes no more sends and lets its poster thread end.
 """
 
@@ -33,20 +34,46 @@ from .conftest import wait_for
 TIMEOUT_S = 60.0  # every gloo wait here fails after this, instead of hanging
 
 
-@pytest.fixture
-def ends():
-    """A gloo channel's two ends: (sender, receiver), on a two-rank group made for this test."""
+class Counted:
+    """A process group whose sends and receives are counted, with their bytes: which connection carried what."""
+
+    def __init__(self, group):
+        self._group = group
+        self.nbytes = 0
+
+    def send(self, tensors, peer, tag):
+        self.nbytes += sum(t.nbytes for t in tensors)
+        return self._group.send(tensors, peer, tag)
+
+    def recv(self, tensors, peer, tag):
+        self.nbytes += sum(t.nbytes for t in tensors)
+        return self._group.recv(tensors, peer, tag)
+
+
+@pytest.fixture(params=[1, 2], ids=["one-connection", "striped"])
+def ends(request):
+    """A gloo channel's two ends: (sender, receiver), on two-rank groups made for this test: one, or two
+    connections across which big values' tensors (here from 1 MiB) are split."""
     store = dist.HashStore()
+
+    def groups(rank):
+        return [
+            Counted(make_group("gloo", dist.PrefixStore(f"t{stripe}/", store), rank, "127.0.0.1", TIMEOUT_S))
+            for stripe in range(request.param)
+        ]
+
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each rank's group waits for the other's
-        made = [pool.submit(make_group, "gloo", dist.PrefixStore("t/", store), rank, "127.0.0.1", TIMEOUT_S) for rank in (0, 1)]
+        made = [pool.submit(groups, rank) for rank in (0, 1)]
         g0, g1 = (f.result(timeout=TIMEOUT_S) for f in made)
     buffers = BufferPool(per_size=4)
-    sender = Channel(g0, "gloo", 1, "send-test-gloo", buffers, role="send", slots=0, max_inflight=4)
-    receiver = Channel(g1, "gloo", 0, "recv-test-gloo", buffers, role="recv", slots=2, max_inflight=4)
-    yield sender, receiver
-    sender.close()
-    receiver.close()
-    wait_for(lambda: not posters(), timeout=TIMEOUT_S, what="the poster thread to end")
+    with pytest.MonkeyPatch.context() as patch:  # (apart from the tests' own monkeypatch, which they undo)
+        patch.setattr(dag_channel, "STRIPE_MIN_BYTES", HANDSHAKE_MIN_BYTES)
+        sender = Channel(g0[0], "gloo", 1, "send-test-gloo", buffers, role="send", slots=0, max_inflight=4, stripes=g0[1:])
+        receiver = Channel(g1[0], "gloo", 0, "recv-test-gloo", buffers, role="recv", slots=2, max_inflight=4, stripes=g1[1:])
+        yield sender, receiver
+        sender.close()
+        receiver.close()
+        wait_for(lambda: not posters(), timeout=TIMEOUT_S, what="the poster thread to end")
 
 
 def posters() -> list[threading.Thread]:
@@ -99,6 +126,10 @@ def test_big_values_go_into_receives_posted_beforehand_in_order_with_the_others(
     assert works and not any(isinstance(w, _Handshake) for w in works)
     receive(receiver, same_shapes)
     wait_all(works, sender.name)
+    # split: every connection carried a share of the big tensors (each end counts what it posted)
+    for end in (sender, receiver):
+        big = sum(g.nbytes for g in end._groups) // len(end._groups) // 4
+        assert all(g.nbytes > big for g in end._groups), [g.nbytes for g in end._groups]
 
 
 def test_receives_ahead_are_as_large_as_the_last_value_rounded_up():
