@@ -95,6 +95,20 @@ class Call:
             self.sink._set_message(msg)
 
 
+class _Answers:
+    """The endpoint's sink for one sent call's answers: one small object per call (a closure would be eight for
+    the garbage collector, with its cells)."""
+
+    __slots__ = ("_conn", "_call")
+
+    def __init__(self, conn: ActorConnection, call: Call) -> None:
+        self._conn = conn
+        self._call = call
+
+    def __call__(self, msg: Any) -> None:
+        self._conn.on_answer(self._call, msg)
+
+
 OFFER_SLOT_AFTER = 3  # the sync call from a thread that has the connection offer its slot (try_slot)
 MAX_SLOTS_PER_PROCESS = 64  # connections of one process with a slot of their own
 
@@ -296,24 +310,23 @@ class ActorConnection:
         self.lock.release()
         return False
 
-    def _sink(self, call: Call) -> Any:
-        inflight = self._inflight
-        rt, actor_id = self.rt, self.actor_id
+    def _sink(self, call: Call) -> _Answers:
+        return _Answers(self, call)
+
+    def on_answer(self, call: Call, msg: Any) -> None:
+        """An answer to ``call`` (a stream's item, its end, a result or an error), on the thread that read it."""
+        if msg.kind != Kind.STREAM_ITEM:
+            self._inflight.pop(msg.req_id, None)
+            if self._close_barrier and msg.req_id > self._close_barrier:
+                self._close_barrier = 0
+        rt = self.rt
         drain = None if rt.direct_answers else rt.drain_output  # in a notebook, with the head in this process
-
-        def sink(msg: Any) -> None:
-            if msg.kind != Kind.STREAM_ITEM:
-                inflight.pop(msg.req_id, None)
-                if self._close_barrier and msg.req_id > self._close_barrier:
-                    self._close_barrier = 0
-            if drain is not None and rt.in_loop():
-                try:
-                    drain(actor_id)  # what the worker printed before this answer shows first
-                except Exception:  # (its log file full ...): the answer must still arrive
-                    log.exception("could not show the output of actor %s", actor_id[:8])
-            call.deliver(msg)
-
-        return sink
+        if drain is not None and rt.in_loop():
+            try:
+                drain(self.actor_id)  # what the worker printed before this answer shows first
+            except Exception:  # (its log file full ...): the answer must still arrive
+                log.exception("could not show the output of actor %s", self.actor_id[:8])
+        call.deliver(msg)
 
     async def _resolve(self, generation: int) -> None:
         try:

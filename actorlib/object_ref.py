@@ -15,6 +15,7 @@ generator (or dropping it) tells the producer to stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import select
@@ -486,12 +487,13 @@ def _loop_future(cf: Completion) -> tuple[asyncio.Future[None], Callable[[Comple
     """
     loop = asyncio.get_running_loop()
     afut: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: Completion) -> None:
-        _waker.wake(loop, afut)
-
+    wake = functools.partial(_wake_loop, loop, afut)  # (a closure would be two more objects per await)
     cf.add_done_callback(wake)
     return afut, wake
+
+
+def _wake_loop(loop: asyncio.AbstractEventLoop, afut: asyncio.Future[None], _: Completion) -> None:
+    _waker.wake(loop, afut)
 
 
 def _set_done(afuts: list[asyncio.Future[None]]) -> None:

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
+import functools
 import logging
 import os
 import sys
@@ -335,7 +336,7 @@ class Runtime:
     ) -> ObjectRef | ObjectRefGenerator:
         """Call ``method`` on one actor; returns its ObjectRef (or ObjectRefGenerator). ``sync``: a sync method,
         which may go through the connection's shared-memory slot (see ``ActorConnection.try_slot``)."""
-        deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
+        deps = _has_refs(args, kwargs)
         options = None if stream_window is None else {"window": stream_window}
         call = Call(method, args, kwargs, options, None if deps else encode_call(method, args, kwargs, options), None, deps)
         result = self._sink(actor_id, class_name, call, stream_window)
@@ -357,7 +358,7 @@ class Runtime:
         ``broadcast``: a worker group's shared-memory slots and each target's slot, for a sync method's
         call (see :mod:`actorlib.broadcast`); the call goes through them when every target is ready for it.
         """
-        deps = any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values())
+        deps = _has_refs(args, kwargs)
         options = None if stream_window is None else {"window": stream_window}
         frames = None if deps else encode_call(method, args, kwargs, options)
         calls = [Call(method, args, kwargs, options, frames, None, deps) for _ in targets]
@@ -376,7 +377,7 @@ class Runtime:
     def _sink(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
         """The call's ObjectRef (or, for a stream, its ObjectRefGenerator), set as its sink."""
         if stream_window is None:
-            call.sink = ObjectRef((class_name, call.method, actor_id), cancel=lambda: self._cancel(actor_id, call))
+            call.sink = ObjectRef((class_name, call.method, actor_id), cancel=functools.partial(self._cancel, actor_id, call))
             return call.sink
         call.sink = StreamState(
             f"{class_name}.{call.method}()",
@@ -507,3 +508,15 @@ def encode_payload(obj: Any) -> bytes:
         return pickle_dumps(obj)
     except Exception as exc:
         raise SerializationError(f"could not serialize the actor's class or constructor arguments: {exc}") from None
+
+
+def _has_refs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """An ObjectRef among a call's top-level arguments (a plain loop: this runs on every call, and a generator
+    expression is one more object for the garbage collector each time)."""
+    for a in args:
+        if type(a) is ObjectRef:
+            return True
+    for v in kwargs.values():
+        if type(v) is ObjectRef:
+            return True
+    return False
