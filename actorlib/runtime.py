@@ -24,7 +24,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
-import functools
 import logging
 import os
 import sys
@@ -377,7 +376,7 @@ class Runtime:
     def _sink(self, actor_id: str, class_name: str, call: Call, stream_window: int | None) -> Any:
         """The call's ObjectRef (or, for a stream, its ObjectRefGenerator), set as its sink."""
         if stream_window is None:
-            call.sink = ObjectRef((class_name, call.method, actor_id), cancel=functools.partial(self._cancel, actor_id, call))
+            call.sink = ObjectRef((class_name, call.method, actor_id), cancel=_Cancel(self, actor_id, call))
             return call.sink
         call.sink = StreamState(
             f"{class_name}.{call.method}()",
@@ -510,6 +509,20 @@ def encode_payload(obj: Any) -> bytes:
         raise SerializationError(f"could not serialize the actor's class or constructor arguments: {exc}") from None
 
 
+
+class _Cancel:
+    """A call's ``cancel()``, kept by its ObjectRef: one object (a partial of a bound method is three, each
+    alive for as long as the call is out)."""
+
+    __slots__ = ("_rt", "_actor_id", "_call")
+
+    def __init__(self, rt: Runtime, actor_id: str, call: Call) -> None:
+        self._rt = rt
+        self._actor_id = actor_id
+        self._call = call
+
+    def __call__(self) -> None:
+        self._rt._cancel(self._actor_id, self._call)
 def _has_refs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """An ObjectRef among a call's top-level arguments (a plain loop: this runs on every call, and a generator
     expression is one more object for the garbage collector each time)."""
