@@ -99,14 +99,15 @@ class _Answers:
     """The endpoint's sink for one sent call's answers: one small object per call (a closure would be eight for
     the garbage collector, with its cells)."""
 
-    __slots__ = ("_conn", "_call")
+    __slots__ = ("_conn", "_call", "_inflight")
 
     def __init__(self, conn: ActorConnection, call: Call) -> None:
         self._conn = conn
         self._call = call
+        self._inflight = conn._inflight  # this connection's: a restart makes a new one, whose ids start again
 
     def __call__(self, msg: Any) -> None:
-        self._conn.on_answer(self._call, msg)
+        self._conn.on_answer(self._call, msg, self._inflight)
 
 
 OFFER_SLOT_AFTER = 3  # the sync call from a thread that has the connection offer its slot (try_slot)
@@ -313,10 +314,11 @@ class ActorConnection:
     def _sink(self, call: Call) -> _Answers:
         return _Answers(self, call)
 
-    def on_answer(self, call: Call, msg: Any) -> None:
-        """An answer to ``call`` (a stream's item, its end, a result or an error), on the thread that read it."""
+    def on_answer(self, call: Call, msg: Any, inflight: dict[int, Call]) -> None:
+        """An answer to ``call`` (a stream's item, its end, a result or an error), on the thread that read it.
+        ``inflight``: the calls out on the connection it came by (not the next one's, after a restart)."""
         if msg.kind != Kind.STREAM_ITEM:
-            self._inflight.pop(msg.req_id, None)
+            inflight.pop(msg.req_id, None)
             if self._close_barrier and msg.req_id > self._close_barrier:
                 self._close_barrier = 0
         rt = self.rt

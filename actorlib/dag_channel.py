@@ -491,7 +491,7 @@ class Channel:
         return [self._start(self.group.send, flat, i) for i, flat in out.flats]
 
     def _post_big(self, flats: list[tuple[int, Any]]) -> list[Any]:
-        """A big value's sends: into the receives posted ahead if it fits them, else after the receiver's word
+        """A big value's sends: into the receives posted ahead if it fits them, else after the receiver's words
         (see the class). Nothing is queued for a poster told to end, nor for one made after."""
         sizes = [(i, flat.numel()) for i, flat in flats]
         with self._post_lock:
@@ -506,7 +506,7 @@ class Channel:
                 caps = dict(ahead)  # each tensor is split as the receive it goes into was
                 return self._send_or_queue([], self._big_sends(flats, caps))
             works = self._send_or_queue([], self._big_sends([(i, self._nothing) for i, _ in ahead], dict(ahead))) if ahead else []
-            words = [self._start(g.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG) for g in self._groups]
+            words = self._start_all([(g.recv, self._torch.empty(1, dtype=self._torch.uint8), READY_TAG) for g in self._groups])
             return works + self._send_or_queue(words, self._big_sends(flats, dict(sizes)))
 
     def _big_sends(self, flats: list[tuple[int, Any]], bases: dict[int, int]) -> list[tuple[Any, Any, int]]:
@@ -536,7 +536,7 @@ class Channel:
         behind (under ``_post_lock``; words are awaited only once the poster exists)."""
         poster = self._poster
         if poster is None or (not words and not poster.pending):
-            return [self._start(g.send, part, tag) for g, part, tag in sends]
+            return self._start_all([(g.send, part, tag) for g, part, tag in sends])
         return [poster.post(words, sends)]
 
     def close(self) -> None:
@@ -610,7 +610,7 @@ class Channel:
 
     def _post_recv_big(self, metas: list[TensorMeta], dtypes: list[Any], posted: list[Any]) -> tuple[Any, list[Any]]:
         """A big value: into the receives posted ahead if it fits them; else into new ones, after which the
-        word goes (the ones ahead get nothing: their transfers are waited for with this value's). Then the
+        words go (one per connection; the ones ahead get nothing: their transfers are waited for with this value's). Then the
         receives ahead for the next one. See the class."""
         torch = self._torch
         shapes = [meta[0] for meta in metas]
@@ -633,18 +633,36 @@ class Channel:
         if not fits:
             for i, t in enumerate(tensors):
                 if t.numel():
-                    posted.extend(self._big_recvs(t.reshape(-1).view(torch.uint8), i, t.numel() * t.element_size()))
-            posted.extend(self._start(g.send, self._ready_word, READY_TAG) for g in self._groups)
+                    self._big_recvs(t.reshape(-1).view(torch.uint8), i, t.numel() * t.element_size(), posted)
+            for g in self._groups:  # the word, on each connection after its receives
+                posted.append(self._start(g.send, self._ready_word, READY_TAG))
         works = list(posted)
         ahead_recvs: list[tuple[Any, list[Any]]] = []
         for (i, n), buf in zip(next_sizes, next_bufs, strict=True):
-            ahead_recvs.append((buf, self._big_recvs(buf, i, n)))
-            posted.extend(ahead_recvs[-1][1])
+            ahead_recvs.append((buf, self._big_recvs(buf, i, n, posted)))
         self._ahead_sizes, self._ahead_recvs = next_sizes, ahead_recvs
         return tensors, works
 
-    def _big_recvs(self, flat: Any, position: int, basis: int) -> list[Any]:
-        return [self._start(g.recv, part, HANDSHAKE_TAG + position) for g, part in self._stripes(flat, basis)]
+    def _big_recvs(self, flat: Any, position: int, basis: int, posted: list[Any]) -> list[Any]:
+        """Post the receives of one big tensor's parts (see :meth:`_stripes`); each goes into ``posted`` as
+        it starts, so one that fails leaves those started before it there (gloo still writes into them)."""
+        works = []
+        for g, part in self._stripes(flat, basis):
+            works.append(self._start(g.recv, part, HANDSHAKE_TAG + position))
+            posted.append(works[-1])
+        return works
+
+    def _start_all(self, ops: list[tuple[Callable[..., Any], Any, int]]) -> list[Any]:
+        """Start each ``(op, bytes, tag)`` in order. If one fails, those started before it are kept until the
+        channel goes (gloo still moves their bytes), and its failure is raised."""
+        works: list[Any] = []
+        try:
+            for op, flat, tag in ops:
+                works.append(self._start(op, flat, tag))
+        except ConnectionError:
+            self._orphans.extend(works)
+            raise
+        return works
 
     def _refuse_if_broken(self) -> None:
         if self._broken is not None:
@@ -705,7 +723,7 @@ def _fits(sizes: list[tuple[int, int]], ahead: list[tuple[int, int]] | None) -> 
 
 
 class _Poster:
-    """A gloo channel's thread that posts sends queued behind a receiver's word, in order."""
+    """A gloo channel's thread that posts sends queued behind a receiver's words (one per connection), in order."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
@@ -731,7 +749,7 @@ class _Poster:
             try:
                 wait_all(shake.words, channel.name)
                 # (nothing is posted at once meanwhile: pending counts this one until it is posted)
-                shake.sends = [channel._start(g.send, part, tag) for g, part, tag in shake.ops]
+                shake.sends = channel._start_all([(g.send, part, tag) for g, part, tag in shake.ops])
             except ConnectionError as exc:
                 shake.error = exc
             except Exception as exc:  # a bug of ours: that value fails, and whoever waits for it is told
@@ -744,7 +762,7 @@ class _Poster:
 
 
 class _Handshake:
-    """One value's sends waiting for the receiver's word; waited for like the transfer it stands for."""
+    """One value's sends waiting for the receiver's words; waited for like the transfer it stands for."""
 
     __slots__ = ("error", "ops", "posted", "sends", "words")
 

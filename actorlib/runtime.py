@@ -509,7 +509,6 @@ def encode_payload(obj: Any) -> bytes:
         raise SerializationError(f"could not serialize the actor's class or constructor arguments: {exc}") from None
 
 
-
 class _Cancel:
     """A call's ``cancel()``, kept by its ObjectRef: one object (a partial of a bound method is three, each
     alive for as long as the call is out)."""
@@ -523,6 +522,8 @@ class _Cancel:
 
     def __call__(self) -> None:
         self._rt._cancel(self._actor_id, self._call)
+
+
 def _has_refs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """An ObjectRef among a call's top-level arguments (a plain loop: this runs on every call, and a generator
     expression is one more object for the garbage collector each time)."""

@@ -118,7 +118,10 @@ class Stage:
         return torch.ones(4, device=self.device).as_subclass(CopyFails) if spec == "broken" else self.make(spec)
 
     def check(self, t):
-        return list(t.shape), str(t.dtype).removeprefix("torch."), float(t.to(torch.float64).sum()), t.device.type
+        """What arrived: shape, dtype, sum, a sum weighted by position (bytes in the wrong place change it), device."""
+        flat = t.to(torch.float64).flatten().cpu()  # (integers: both sums are exact, in any order)
+        weighted = float((flat * torch.arange(flat.numel(), dtype=torch.float64)).sum())
+        return list(t.shape), str(t.dtype).removeprefix("torch."), float(flat.sum()), weighted, t.device.type
 
     def keep(self, t):
         """Hold on to what arrived: later executions must not change what is held."""
@@ -471,7 +474,7 @@ def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_grap
             # 1 MiB four times (the first after the word, then into receives posted ahead), 3 MiB (past them),
             # 1 MiB as int32 (the same bytes, another dtype), 1.5 MiB (past them again); then, split across the
             # channel's two connections, 9 MiB twice (past them, then into them), 6 MiB (into them: split as they
-            # are), 17 MiB
+            # are), 17 MiB (past them), 6 MiB (past the 17 MiB ones ahead: zero bytes into each of their parts)
             specs = [[[1 << 18], "float32", i] for i in range(4)] + [
                 [[3, 1 << 17], "float64"],
                 [[3, 1 << 17], "float64", 1],
@@ -481,6 +484,7 @@ def test_big_gloo_values_wait_for_their_receiver_whose_poster_ends_with_the_grap
                 [[9, 1 << 18], "float32", 4],
                 [[6, 1 << 18], "float32", 6],
                 [[17, 1 << 18], "float32", 7],
+                [[6, 1 << 18], "float32", 8],
             ]
             got = actorlib.get([compiled.execute(spec) for spec in specs], timeout=60)
             here = Stage("here", "cpu")  # the same methods, run in this process
