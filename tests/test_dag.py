@@ -441,22 +441,24 @@ def test_pipelined_executions_return_in_order(env):
         compiled.teardown()
 
 
-def test_tensors_both_ways_between_two_actors_pipelined(env):
-    """a -> b -> a with tensors too big for a packed slot: every send completes only once its receiver has posted
-    the receive. Pipelined, each actor's sync thread waits for its last sends while the other's may wait for its
-    own; both must go on reading what arrives meanwhile."""
+@pytest.mark.parametrize("n, count", [(SLOT_BYTES // 4 + 1, 16), ((9 << 20) // 4, 6)], ids=["past-a-slot", "split-9MiB"])
+def test_tensors_both_ways_between_two_actors_pipelined(env, n, count):
+    """a -> b -> a with tensors too big for a packed slot (float32: one element over it; or 9 MiB, split across
+    a gloo channel's two connections): every send completes only once its receiver has posted the receive.
+    Pipelined, each actor's sync thread waits for its last sends while the other's may wait for its own; both
+    must go on reading what arrives meanwhile."""
     transport, (a, b, _) = env
-    n = SLOT_BYTES // 4 + 1  # float32: one element over a slot
     with InputNode() as inp:
         x = a.add.bind(inp, 1).with_tensor_transport(transport)
         y = b.mul.bind(x, 2).with_tensor_transport(transport)
         dag = a.to_host.bind(a.add.bind(y, 0))
     compiled = dag.compile(max_inflight=4)
     try:
-        refs = [compiled.execute(torch.full((n,), float(i))) for i in range(16)]
-        assert [float(v[0]) for v in actorlib.get(refs, timeout=60)] == [(i + 1) * 2.0 for i in range(16)]
+        refs = [compiled.execute(torch.full((n,), float(i))) for i in range(count)]
+        got = actorlib.get(refs, timeout=120)
+        assert [(float(v[0]), float(v[-1])) for v in got] == [((i + 1) * 2.0, (i + 1) * 2.0) for i in range(count)]
         backend = "nccl" if transport == "nccl" else "gloo"
-        assert channel_bytes(b, compiled)[f"send to {a._actor_id} ({backend})"] == {"transfers": 16, "bytes": 16 * 4 * n}
+        assert channel_bytes(b, compiled)[f"send to {a._actor_id} ({backend})"] == {"transfers": count, "bytes": count * 4 * n}
     finally:
         compiled.teardown()
 
