@@ -282,7 +282,7 @@ class ActorConnection:
         assert ep is not None
         req_id = call.req_id = ep.next_id()
         self._inflight[req_id] = call
-        ep.pending[req_id] = self._sink(call)
+        ep.pending[req_id] = _Answers(self, call)
         if type(call.sink) is ObjectRef and self.rt.direct_answers:
             call.sink._source = ((ep, req_id, False),)  # a thread blocking on it reads the socket itself
         return req_id
@@ -310,9 +310,6 @@ class ActorConnection:
             return True
         self.lock.release()
         return False
-
-    def _sink(self, call: Call) -> _Answers:
-        return _Answers(self, call)
 
     def on_answer(self, call: Call, msg: Any, inflight: dict[int, Call]) -> None:
         """An answer to ``call`` (a stream's item, its end, a result or an error), on the thread that read it.

@@ -644,12 +644,9 @@ class Channel:
         return tensors, works
 
     def _big_recvs(self, flat: Any, position: int, basis: int, posted: list[Any]) -> list[Any]:
-        """Post the receives of one big tensor's parts (see :meth:`_stripes`); each goes into ``posted`` as
-        it starts, so one that fails leaves those started before it there (gloo still writes into them)."""
-        works = []
-        for g, part in self._stripes(flat, basis):
-            works.append(self._start(g.recv, part, HANDSHAKE_TAG + position))
-            posted.append(works[-1])
+        """Post the receives of one big tensor's parts (see :meth:`_stripes`), added to ``posted`` too."""
+        works = self._start_all([(g.recv, part, HANDSHAKE_TAG + position) for g, part in self._stripes(flat, basis)])
+        posted.extend(works)
         return works
 
     def _start_all(self, ops: list[tuple[Callable[..., Any], Any, int]]) -> list[Any]:
