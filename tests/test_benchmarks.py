@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,7 +119,9 @@ def test_compare_runs_every_system_side_by_side(tmp_path):
     else:
         assert not any(s == "ray" for s, _, _ in figures)
         assert "Ray is not installed" in out.stdout
-    assert all(r["value"] > 0 for r in rows if "value" in r)
+    # every figure is positive but W7's overhead_ms: a difference of medians, below zero when W7 beats raw gloo
+    assert all(r["value"] > 0 for r in rows if "value" in r and r.get("metric") != "overhead_ms")
+    assert all(math.isfinite(r["value"]) for r in rows if "value" in r)
     table = md.read_text()
     assert (
         "| W1 sync call p50 |" in table

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -953,4 +954,6 @@ def test_benchmark_workloads_run(tmp_path):
         ("DAG", "p50_us_between_only"),
         ("DAG", "ratio_to_w1_between_only"),
     }
-    assert all(r["value"] > 0 for r in rows if "workload" in r)
+    # every figure is positive but overhead_ms: a difference of medians, below zero when W7 beats raw gloo
+    assert all(r["value"] > 0 for r in rows if "workload" in r and r["metric"] != "overhead_ms")
+    assert all(math.isfinite(r["value"]) for r in rows if "workload" in r)
